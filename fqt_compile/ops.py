@@ -1,0 +1,271 @@
+"""The ``fqt`` op library: ``torch.library`` custom ops that quantized graphs contain.
+
+Each op takes its configuration as plain arguments (ints, strings), has a fake (meta)
+implementation for tracing, and a reference implementation in :mod:`fqt_compile.quantizers`.
+
+==========================  ======================================================================
+op                          meaning
+==========================  ======================================================================
+fqt::quantize               forward quantizer Q_f / Q_w -> (codes int8, scale, offset)
+fqt::dequantize             codes * scale + offset
+fqt::fake_quant             dequantize(quantize(x)); straight-through gradient
+fqt::sr_quantize            stochastic rounding of an (N, D) view, per tensor/row/column
+fqt::bhq_plan               BHQ grouping -> (group, v, s) per row
+fqt::bhq_transform          T x = H_n diag(s) x per group;  fqt::bhq_inverse: T^-1 y
+fqt::hadamard               block Hadamard mix of rows (padded); fqt::hadamard_inverse
+fqt::grad_quant             identity forward; backward returns Q(grad) for a configured Q
+==========================  ======================================================================
+
+``sr_quantize`` takes its seed as a 0-d int64 tensor, so a compiled graph draws a new one
+every call (``fqt_compile.rng.new_seed``) instead of baking a constant in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import quantizers as Q
+from .rng import new_seed
+
+__all__ = ["estimate_grad", "fqt_ops"]
+
+_LIB = "fqt"
+
+
+def _forward_range_shape(x: Tensor, granularity: str, axis: int) -> list[int]:
+    if granularity == "tensor":
+        return []
+    if granularity == "channel":
+        shape = [1] * x.dim()
+        shape[axis % x.dim()] = x.shape[axis % x.dim()]
+        return shape
+    raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+
+
+# --- forward quantizers -----------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_LIB}::quantize", mutates_args=())
+def quantize(x: Tensor, bits: int, scheme: str, granularity: str, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward quantizer (round to nearest). Returns ``(codes, scale, offset)``."""
+    q = Q.quantize_forward(x, bits, scheme, granularity, axis)
+    shape = _forward_range_shape(x, granularity, axis)
+    return q.codes, q.scale.reshape(shape).contiguous(), q.offset.reshape(shape).contiguous()
+
+
+@quantize.register_fake
+def _(x, bits, scheme, granularity, axis):
+    Q.check_bits(bits)
+    shape = _forward_range_shape(x, granularity, axis)
+    return (
+        torch.empty_like(x, dtype=torch.int8),
+        x.new_empty(shape, dtype=torch.float32),
+        x.new_empty(shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
+    """``codes * scale + offset`` in ``dtype``."""
+    return Q.dequantize(codes, scale, offset, dtype)
+
+
+@dequantize.register_fake
+def _(codes, scale, offset, dtype):
+    return torch.empty_like(codes, dtype=dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::fake_quant", mutates_args=())
+def fake_quant(x: Tensor, bits: int, scheme: str, granularity: str, axis: int) -> Tensor:
+    """``dequantize(quantize(x))`` in ``x.dtype``; the gradient passes straight through."""
+    return Q.fake_quantize_forward(x, bits, scheme, granularity, axis)
+
+
+@fake_quant.register_fake
+def _(x, bits, scheme, granularity, axis):
+    Q.check_bits(bits)
+    return torch.empty_like(x)
+
+
+def _fake_quant_backward(ctx, grad: Tensor):
+    return grad, None, None, None, None
+
+
+fake_quant.register_autograd(_fake_quant_backward)
+
+
+# --- gradient quantizers ----------------------------------------------------------------------
+
+
+def _sr_range_shape(x2d: Tensor, granularity: str) -> list[int]:
+    if granularity == "tensor":
+        return []
+    if granularity == "row":
+        return [x2d.shape[0], 1]
+    if granularity == "column":
+        return [1, x2d.shape[1]]
+    raise ValueError(f"granularity must be 'tensor', 'row' or 'column', got {granularity!r}")
+
+
+@torch.library.custom_op(f"{_LIB}::sr_quantize", mutates_args=())
+def sr_quantize(x2d: Tensor, seed: Tensor, bits: int, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Unbiased stochastic rounding of an (N, D) tensor. Returns ``(codes, scale, offset)``."""
+    q = Q.stochastic_quantize(x2d, bits, granularity, seed)  # type: ignore[arg-type]
+    shape = _sr_range_shape(x2d, granularity)
+    return q.codes, q.scale.reshape(shape).contiguous(), q.offset.reshape(shape).contiguous()
+
+
+@sr_quantize.register_fake
+def _(x2d, seed, bits, granularity):
+    Q.check_bits(bits)
+    torch._check(x2d.dim() == 2, lambda: "fqt::sr_quantize expects a 2-D tensor")
+    shape = _sr_range_shape(x2d, granularity)
+    return (
+        torch.empty_like(x2d, dtype=torch.int8),
+        x2d.new_empty(shape, dtype=torch.float32),
+        x2d.new_empty(shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op(f"{_LIB}::bhq_plan", mutates_args=())
+def bhq_plan(x2d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """BHQ grouping of the rows of ``x2d``: ``(group, v, s)``, one entry per row."""
+    plan = Q.bhq_plan(x2d)
+    return plan.group, plan.v, plan.s
+
+
+@bhq_plan.register_fake
+def _(x2d):
+    n = x2d.shape[0]
+    return (
+        x2d.new_empty((n,), dtype=torch.int64),
+        x2d.new_empty((n,), dtype=torch.float32),
+        x2d.new_empty((n,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op(f"{_LIB}::bhq_transform", mutates_args=())
+def bhq_transform(x2d: Tensor, group: Tensor, v: Tensor, s: Tensor) -> Tensor:
+    """``T x``: per group, ``H_n diag(s) x`` (float32 out)."""
+    return Q.bhq_transform(x2d, Q.BHQPlan(group, v, s))[0]
+
+
+@bhq_transform.register_fake
+def _(x2d, group, v, s):
+    return torch.empty_like(x2d, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::bhq_inverse", mutates_args=())
+def bhq_inverse(y2d: Tensor, group: Tensor, v: Tensor, s: Tensor) -> Tensor:
+    """``T^-1 y = diag(1/s) H_n y`` per group (float32 out)."""
+    return Q.bhq_inverse(y2d, Q.BHQPlan(group, v, s))
+
+
+@bhq_inverse.register_fake
+def _(y2d, group, v, s):
+    return torch.empty_like(y2d, dtype=torch.float32)
+
+
+def _padded_rows(n_rows: int, block: int) -> int:
+    b = Q._hadamard_block(n_rows, block)
+    return n_rows + (-n_rows) % b
+
+
+@torch.library.custom_op(f"{_LIB}::hadamard", mutates_args=())
+def hadamard(x2d: Tensor, block: int) -> Tensor:
+    """Normalized block Hadamard mix of rows; rows zero-padded to a multiple of the block."""
+    return Q.hadamard_transform(x2d, block)
+
+
+@hadamard.register_fake
+def _(x2d, block):
+    return x2d.new_empty((_padded_rows(x2d.shape[0], block), x2d.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::hadamard_inverse", mutates_args=())
+def hadamard_inverse(y2d: Tensor, n_rows: int, block: int) -> Tensor:
+    """Inverse of ``fqt::hadamard``, cut back to ``n_rows`` rows."""
+    return Q.hadamard_inverse(y2d, n_rows, block)
+
+
+@hadamard_inverse.register_fake
+def _(y2d, n_rows, block):
+    return y2d.new_empty((n_rows, y2d.shape[1]), dtype=torch.float32)
+
+
+def estimate_grad(
+    grad: Tensor, kind: str, bits: int, *, row_dims: int = -1, block: int = 16, seed: Tensor | None = None
+) -> Tensor:
+    """One unbiased quantized estimate of ``grad`` (same shape and dtype), written with the
+    ``fqt`` ops so that, traced into a backward graph, every step is a visible node:
+
+    ``psq``:  sr_quantize(rows) -> dequantize
+    ``bhq``:  bhq_plan -> bhq_transform -> sr_quantize(rows) -> dequantize -> bhq_inverse
+    ``hadamard``: hadamard -> sr_quantize(rows) -> dequantize -> hadamard_inverse
+    ``none`` returns ``grad`` itself.
+    """
+    if kind == "none":
+        return grad
+    if kind not in Q.GRAD_KINDS:
+        raise ValueError(f"gradient quantizer kind must be one of {Q.GRAD_KINDS + ('none',)}, got {kind!r}")
+    if seed is None:
+        seed = new_seed(grad.device)
+    g2d = Q.as_rows(grad, row_dims)
+    ops = torch.ops.fqt
+    if kind in ("ptq", "psq", "column"):
+        gran = {"ptq": "tensor", "psq": "row", "column": "column"}[kind]
+        codes, scale, offset = ops.sr_quantize(g2d, seed, bits, gran)
+        est = ops.dequantize(codes, scale, offset, torch.float32)
+    elif kind == "bhq":
+        group, v, s = ops.bhq_plan(g2d)
+        y = ops.bhq_transform(g2d, group, v, s)
+        codes, scale, offset = ops.sr_quantize(y, seed, bits, "row")
+        est = ops.bhq_inverse(ops.dequantize(codes, scale, offset, torch.float32), group, v, s)
+    else:
+        y = ops.hadamard(g2d, block)
+        codes, scale, offset = ops.sr_quantize(y, seed, bits, "row")
+        est = ops.hadamard_inverse(ops.dequantize(codes, scale, offset, torch.float32), g2d.shape[0], block)
+    return est.reshape(grad.shape).to(grad.dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::grad_quant", mutates_args=())
+def grad_quant(x: Tensor, kind: str, bits: int, row_dims: int, block: int) -> Tensor:
+    """Identity in forward (a copy); in backward the gradient is replaced by one unbiased
+    quantized estimate ``Q(grad)`` with quantizer ``kind`` at ``bits`` bits."""
+    if kind not in Q.GRAD_KINDS + ("none",):
+        raise ValueError(f"gradient quantizer kind must be one of {Q.GRAD_KINDS + ('none',)}, got {kind!r}")
+    Q.check_bits(bits)
+    return x.clone()
+
+
+@grad_quant.register_fake
+def _(x, kind, bits, row_dims, block):
+    Q.check_bits(bits)
+    return torch.empty_like(x)
+
+
+def _grad_quant_setup(ctx, inputs, output):
+    _, ctx.kind, ctx.bits, ctx.row_dims, ctx.block = inputs
+
+
+def _grad_quant_backward(ctx, grad: Tensor):
+    est = estimate_grad(grad, ctx.kind, ctx.bits, row_dims=ctx.row_dims, block=ctx.block)
+    return est, None, None, None, None
+
+
+grad_quant.register_autograd(_grad_quant_backward, setup_context=_grad_quant_setup)
+
+
+fqt_ops = (
+    quantize,
+    dequantize,
+    fake_quant,
+    sr_quantize,
+    bhq_plan,
+    bhq_transform,
+    bhq_inverse,
+    hadamard,
+    hadamard_inverse,
+    grad_quant,
+)
