@@ -22,6 +22,8 @@ from .config import (
     Override,
     SdpaPolicy,
 )
+from .backend import FQTBackend, GraphRecord
+from .frontend import FQTTraceError, compile, prepare, records
 from .quantizers import (
     dequantize_grad,
     fake_quantize_forward,
@@ -45,6 +47,14 @@ __all__ = [
     "InnerCompiler",
     "SdpaPolicy",
     "RECIPES",
+    # entry points
+    "compile",
+    "prepare",
+    "FQTBackend",
+    # tools
+    "records",
+    "GraphRecord",
+    "FQTTraceError",
     # quantizers
     "quantize_forward",
     "fake_quantize_forward",

@@ -1,0 +1,186 @@
+"""The ``fqt`` torch.compile backend.
+
+For each graph TorchDynamo captures:
+
+1. ``passes.insert_qdq`` replaces every covered product by its FQT form (torch level);
+2. AOTAutograd traces forward and backward: the autograd formulas of the FQT products expand
+   into the backward graph, so the gradient quantizers (``fqt::sr_quantize`` ...) are nodes
+   there;
+3. the aten forward/backward graphs are recorded (for tests and ``inspect``), the aten-level
+   passes run, and the inner compiler (inductor, or eager) compiles them.
+
+Registered as ``fqt`` and ``fqt_eager`` (eager inner compiler), also through the
+``torch_dynamo_backends`` entry point so ``torch.compile(m, backend="fqt")`` works without
+importing this package first. Options: ``torch.compile(m, backend="fqt",
+options={"config": cfg})`` where ``cfg`` is an :class:`FQTConfig`, a recipe name, or a dict
+for :meth:`FQTConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .config import FQTConfig, InnerCompiler, Mode
+from .passes.insert_qdq import InsertResult, insert_qdq
+
+__all__ = ["FQTBackend", "GraphRecord", "fqt_backend", "fqt_eager_backend", "resolve_config"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GraphRecord:
+    """Everything the backend did with one dynamo graph."""
+
+    config: FQTConfig
+    torch_graph: fx.GraphModule  # after insert_qdq
+    insert: InsertResult
+    forward: fx.GraphModule | None = None  # aten forward graph (training)
+    backward: fx.GraphModule | None = None  # aten backward graph
+    inference: fx.GraphModule | None = None  # aten graph under no_grad / eval
+    aten_passes: dict[str, list[Any]] = field(default_factory=dict)  # graph kind -> pass results
+
+
+def resolve_config(config: Any) -> FQTConfig:
+    """An :class:`FQTConfig` from a config, a recipe name, a dict, or None (defaults)."""
+    if config is None:
+        return FQTConfig()
+    if isinstance(config, FQTConfig):
+        return config
+    if isinstance(config, str):
+        return FQTConfig.recipe(config)
+    if isinstance(config, dict):
+        return FQTConfig.from_dict(config)
+    raise TypeError(
+        f"fqt backend: config must be an FQTConfig, a recipe name or a dict, got {type(config).__name__}"
+    )
+
+
+def _config_from_options(options: dict[str, Any] | None, default: FQTConfig) -> FQTConfig:
+    if not options:
+        return default
+    options = dict(options)
+    unknown = sorted(set(options) - {"config", "recipe", "compiler"})
+    if unknown:
+        raise ValueError(f"fqt backend: unknown option(s) {unknown}; valid options: ['compiler', 'config', 'recipe']")
+    cfg = resolve_config(options.get("config", options.get("recipe", default)))
+    if "compiler" in options:
+        cfg = dataclasses.replace(cfg, compiler=options["compiler"])
+    return cfg
+
+
+AtenPass = Callable[[fx.GraphModule, FQTConfig, str], Any]
+
+
+class FQTBackend:
+    """A torch.compile backend applying FQT with a fixed config.
+
+    ``records`` lists a :class:`GraphRecord` per compiled dynamo graph (graph breaks and
+    recompiles each add one), newest last, at most ``max_records``.
+    """
+
+    #: aten-level passes run on each forward/backward/inference graph before the inner
+    #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
+    aten_passes: list[tuple[str, AtenPass]] = []
+
+    def __init__(self, config: FQTConfig | str | dict | None = None, *, max_records: int = 64) -> None:
+        self.config = resolve_config(config)
+        self.records: list[GraphRecord] = []
+        self.max_records = max_records
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"FQTBackend({self.config.describe()}, compiler={self.config.compiler.value})"
+
+    # torch.compile calls backend(gm, example_inputs, **kwargs) with mode=/options= if given
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
+        cfg = _config_from_options(kwargs.get("options"), self.config)
+        insert = insert_qdq(gm, cfg) if cfg.mode is not Mode.OFF else InsertResult()
+        record = GraphRecord(cfg, gm, insert)
+        with self._lock:
+            self.records.append(record)
+            del self.records[: -self.max_records]
+        if cfg.compiler is InnerCompiler.INDUCTOR:
+            return self._compile_inductor(gm, example_inputs, record)
+        return self._compile_eager(gm, example_inputs, record)
+
+    def _run_aten_passes(self, gm: fx.GraphModule, record: GraphRecord, kind: str) -> None:
+        setattr(record, kind, gm)
+        results = record.aten_passes.setdefault(kind, [])
+        for name, fn in self.aten_passes:
+            try:
+                results.append((name, fn(gm, record.config, kind)))
+            except Exception as e:
+                raise RuntimeError(f"fqt backend: aten pass {name!r} failed on the {kind} graph: {e}") from e
+
+    def _compile_inductor(self, gm: fx.GraphModule, example_inputs: Sequence[Any], record: GraphRecord):
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        def inner_compile(agm: fx.GraphModule, inputs: Sequence[Any], *args: Any, **kw: Any):
+            if kw.get("is_backward", False):
+                kind = "backward"
+            elif kw.get("is_inference", False):
+                kind = "inference"
+            else:
+                kind = "forward"
+            self._run_aten_passes(agm, record, kind)
+            return compile_fx_inner(agm, inputs, *args, **kw)
+
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+    def _compile_eager(self, gm: fx.GraphModule, example_inputs: Sequence[Any], record: GraphRecord):
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        def compiler(kind: str):
+            def compile_graph(agm: fx.GraphModule, inputs: Sequence[Any]):
+                self._run_aten_passes(agm, record, kind)
+                return make_boxed_func(agm.forward)
+
+            return compile_graph
+
+        return aot_autograd(
+            fw_compiler=compiler("forward"),
+            bw_compiler=compiler("backward"),
+            inference_compiler=compiler("inference"),
+        )(gm, example_inputs)
+
+
+_DEFAULT = FQTBackend()
+_DEFAULT_EAGER = FQTBackend(FQTConfig(compiler=InnerCompiler.EAGER))
+
+
+def fqt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """``backend="fqt"``: default config (or ``options={"config": ...}``), inductor."""
+    return _DEFAULT(gm, example_inputs, **kwargs)
+
+
+def fqt_eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """``backend="fqt_eager"``: as ``fqt`` with the eager inner compiler."""
+    options = dict(kwargs.pop("options", None) or {})
+    options.setdefault("compiler", "eager")
+    return _DEFAULT_EAGER(gm, example_inputs, options=options, **kwargs)
+
+
+def default_records(eager: bool = False) -> list[GraphRecord]:
+    """Records of the string-registered backends (``fqt`` / ``fqt_eager``)."""
+    return (_DEFAULT_EAGER if eager else _DEFAULT).records
+
+
+def _register() -> None:
+    from torch._dynamo.backends import registry
+
+    for name, fn in (("fqt", fqt_backend), ("fqt_eager", fqt_eager_backend)):
+        # When torch found our entry point, it registers the backend itself after loading it.
+        if name not in registry._COMPILER_FNS and registry._BACKENDS.get(name) is None:
+            registry.register_backend(compiler_fn=fn, name=name)
+
+
+_register()

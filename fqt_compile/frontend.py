@@ -1,0 +1,116 @@
+"""Entry points: :func:`compile` (TorchDynamo capture) and :func:`prepare` (symbolic trace).
+
+``compile`` keeps the module itself (``nn.Module.compile``), so ``state_dict()`` keys are the
+original ones and checkpoints load either way. ``prepare`` returns an ``fx.GraphModule`` with
+the FQT products in it, which trains in eager mode (no compiler needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch._dynamo.external_utils import wrap_inline
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .backend import FQTBackend, GraphRecord, resolve_config
+from .config import FQTConfig
+from .passes.insert_qdq import InsertResult, insert_qdq
+
+__all__ = ["compile", "prepare", "records", "FQTTraceError", "check_overrides"]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Callable[..., Any])
+
+
+class FQTTraceError(TypeError):
+    """``prepare`` could not trace the model with ``torch.fx.symbolic_trace``."""
+
+
+def check_overrides(model: nn.Module, cfg: FQTConfig) -> list[str]:
+    """Warn about override patterns that match no module path of ``model``; returns them."""
+    paths = [name for name, _ in model.named_modules()]
+    unmatched = [o.pattern for o in cfg.overrides if not any(o.matches(p) for p in paths)]
+    for pattern in unmatched:
+        msg = (
+            f"fqt_compile: override pattern {pattern!r} matches no module of "
+            f"{type(model).__name__} (module paths look like {paths[1:4]})"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning(msg)
+    return unmatched
+
+
+def compile(
+    model: M,
+    config: FQTConfig | str | dict | None = None,
+    *,
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+) -> M:
+    """Compile ``model`` with the ``fqt`` backend and ``config`` (an :class:`FQTConfig`, a
+    recipe name such as ``"bhq5"``, or a dict). An ``nn.Module`` is compiled in place and
+    returned (same object, same ``state_dict``); a function is wrapped with ``torch.compile``.
+    What was compiled is available through :func:`records`."""
+    cfg = resolve_config(config)
+    backend = FQTBackend(cfg)
+    if isinstance(model, nn.Module):
+        check_overrides(model, cfg)
+        # Like nn.Module.compile (the module stays the same object, so state_dict keys are
+        # unchanged), but through wrap_inline: torch 2.13 skips a bare _call_impl frame.
+        model._compiled_call_impl = torch.compile(
+            wrap_inline(model._call_impl), backend=backend, dynamic=dynamic, fullgraph=fullgraph
+        )
+        model.__dict__["_fqt_backend"] = backend
+        return model
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    compiled.__dict__["_fqt_backend"] = backend
+    return compiled  # type: ignore[return-value]
+
+
+def records(compiled: Any) -> list[GraphRecord]:
+    """The :class:`GraphRecord` of each graph compiled for a model from :func:`compile`."""
+    backend = getattr(compiled, "_fqt_backend", None)
+    if backend is None:
+        raise ValueError("records(): the object was not compiled by fqt_compile.compile")
+    return backend.records
+
+
+def prepare(
+    model: nn.Module,
+    config: FQTConfig | str | dict | None = None,
+    *,
+    example_inputs: Sequence[Any] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Trace ``model`` with ``torch.fx.symbolic_trace`` and insert FQT products.
+
+    The result is an ``nn.Module`` (``fx.GraphModule``) that trains in eager mode.
+    ``example_inputs`` (optional) propagate shapes so the decisions record shapes and FLOPs.
+    The pass result is at ``gm.meta["fqt_insert"]``.
+    Raises :class:`FQTTraceError` naming the cause when the model cannot be traced (e.g.
+    data-dependent control flow); :func:`compile` captures such models with TorchDynamo.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare() takes an nn.Module, got {type(model).__name__}")
+    cfg = resolve_config(config)
+    check_overrides(model, cfg)
+    try:
+        gm = fx.symbolic_trace(model, concrete_args=concrete_args)
+    except Exception as e:  # TraceError, TypeError from Proxy.__bool__/__iter__, ...
+        raise FQTTraceError(
+            f"fqt_compile.prepare: torch.fx.symbolic_trace cannot trace {type(model).__name__}: "
+            f"{type(e).__name__}: {e}. Models with data-dependent control flow need TorchDynamo "
+            "capture: use fqt_compile.compile(model, config) or torch.compile(model, backend='fqt')."
+        ) from e
+    if example_inputs is not None:
+        ShapeProp(gm).propagate(*example_inputs)
+    result: InsertResult = insert_qdq(gm, cfg)
+    gm.meta["fqt_insert"] = result
+    gm.meta["fqt_config"] = cfg
+    return gm

@@ -1,0 +1,325 @@
+"""Quantized products with the paper's backward: what ``passes.insert_qdq`` puts in graphs.
+
+Layer ``H = F(Q_f(X), Q_w(W))`` with ``G = dL/dH``::
+
+    output      : H      = F(X~, W~)                    X~ = Q_f(X), W~ = Q_w(W)  (round to nearest)
+    grad_input  : dL/dX  = J_X^T Q_b1(G)                 e.g. linear: Q_b1(G) @ W~
+    grad_weight : dL/dW  = J_W^T Q_b2(G)                 e.g. linear: Q_b2(G)^T @ X~
+
+Q_b1 and Q_b2 are independent unbiased stochastic quantizers of the same G, so the expected
+FQT gradient equals the QAT gradient (straight-through Q_f, Q_w). With both set to ``"none"``
+this is QAT.
+
+Each product is a ``torch.autograd.Function`` whose forward and backward are written with the
+``fqt::`` ops: traced by AOTAutograd, the forward quantizers land in the forward graph and the
+gradient quantizers (``fqt::sr_quantize`` and friends) in the backward graph, where passes and
+tests can see them. The backward keeps int8 codes (plus scales) of the operands, not float
+copies. Every option is a plain value (:class:`QSpec` is a tuple of ints and strings) so that
+FX graphs holding these calls print, pickle and hash.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import FQTConfig, Mode
+from .ops import estimate_grad
+
+__all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa"]
+
+
+class QSpec(NamedTuple):
+    """Plain-value quantizer settings of one product (see :class:`fqt_compile.FQTConfig`).
+
+    ``a_*``: the first operand (``input``); ``b_*``: the second (``weight`` for linear and
+    conv; for a product of two activations the ``input`` quantizer again). ``gi_*``: Q_b1,
+    reaching the first operand's gradient; ``gw_*``: Q_b2, reaching the second operand's.
+    ``*_gran``: ``"tensor"`` or ``"channel"``; ``*_kind``: a gradient quantizer or ``"none"``.
+    """
+
+    a_bits: int = 8
+    a_scheme: str = "affine_zero"
+    a_gran: str = "tensor"
+    b_bits: int = 8
+    b_scheme: str = "affine_zero"
+    b_gran: str = "tensor"
+    gi_kind: str = "psq"
+    gi_bits: int = 8
+    gi_block: int = 16
+    gw_kind: str = "column"
+    gw_bits: int = 8
+    gw_block: int = 16
+
+    def describe(self) -> str:
+        s = f"a={self.a_bits}b/{self.a_gran} b={self.b_bits}b/{self.b_gran}"
+        if self.gi_kind == "none" and self.gw_kind == "none":
+            return s + " (qat: exact gradients)"
+        return s + f" Q_b1={self.gi_kind}{self.gi_bits} Q_b2={self.gw_kind}{self.gw_bits}"
+
+
+def qspec_from_config(cfg: FQTConfig, *, second_is_weight: bool = True) -> QSpec:
+    """The :class:`QSpec` of a product under a resolved config (``mode`` fqt or qat)."""
+    if cfg.mode is Mode.OFF:
+        raise ValueError("qspec_from_config: mode 'off' has no quantizers")
+    a = cfg.input
+    b = cfg.weight if second_is_weight else cfg.input
+    fqt = cfg.mode is Mode.FQT
+    gi, gw = cfg.grad_input, cfg.grad_weight
+    return QSpec(
+        a.bits, a.scheme, a.granularity.value,
+        b.bits, b.scheme, b.granularity.value,
+        gi.kind.value if fqt else "none", gi.bits, gi.hadamard_block,
+        gw.kind.value if fqt else "none", gw.bits, gw.hadamard_block,
+    )  # fmt: skip
+
+
+def _quantize(x: Tensor, bits: int, scheme: str, gran: str, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.fqt.quantize(x, bits, scheme, gran, axis)
+
+
+def _dequantize(codes: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.ops.fqt.dequantize(codes, scale, offset, dtype)
+
+
+def _fake_operand(x: Tensor, bits: int, scheme: str, gran: str, axis: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``(X~, saved)``: the dequantized operand and the int8 codes + scales kept for backward."""
+    codes, scale, offset = _quantize(x, bits, scheme, gran, axis)
+    return _dequantize(codes, scale, offset, x.dtype), (codes, scale, offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------------------------
+
+
+class _FQTLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: QSpec) -> Tensor:  # type: ignore[override]
+        p = spec
+        # per-channel input ranges are per input feature (last dim); weight: per output row
+        x_t, x_saved = _fake_operand(x, p.a_bits, p.a_scheme, p.a_gran, -1)
+        w_t, w_saved = _fake_operand(weight, p.b_bits, p.b_scheme, p.b_gran, 0)
+        # output = X~ @ W~^T + b        contraction over in_features
+        out = F.linear(x_t, w_t, bias)
+        ctx.save_for_backward(*x_saved, *w_saved)
+        ctx.spec = spec
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        p: QSpec = ctx.spec
+        xc, xs, xo, wc, ws, wo = ctx.saved_tensors
+        out_features = grad_output.shape[-1]
+        grad_x = grad_w = grad_b = None
+        g2d = grad_output.reshape(-1, out_features)  # (N, out), a row per token
+        if ctx.needs_input_grad[0]:
+            w_t = _dequantize(wc, ws, wo, ctx.w_dtype)
+            g1 = estimate_grad(g2d, p.gi_kind, p.gi_bits, block=p.gi_block)  # Q_b1(G)
+            # grad_input = Q_b1(G) @ W~        contraction over out_features
+            grad_x = (g1 @ w_t).reshape(*grad_output.shape[:-1], w_t.shape[1])
+        if ctx.needs_input_grad[1]:
+            x_t = _dequantize(xc, xs, xo, ctx.x_dtype)
+            g2 = estimate_grad(g2d, p.gw_kind, p.gw_bits, block=p.gw_block)  # Q_b2(G)
+            # grad_weight = Q_b2(G)^T @ X~     contraction over samples (tokens)
+            grad_w = g2.t() @ x_t.reshape(-1, x_t.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2d.sum(0)  # not a GEMM: exact
+        return grad_x, grad_w, grad_b, None
+
+
+def fqt_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, spec: QSpec = QSpec()) -> Tensor:
+    """``F.linear`` with FQT numerics (see module docstring)."""
+    return _FQTLinear.apply(x, weight, bias, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution (1d/2d/3d, zero padding, groups, stride, dilation)
+# ---------------------------------------------------------------------------------------------
+
+
+class _FQTConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, spec: QSpec):  # type: ignore[override]
+        p = spec
+        x_t, x_saved = _fake_operand(x, p.a_bits, p.a_scheme, p.a_gran, 1)
+        w_t, w_saved = _fake_operand(weight, p.b_bits, p.b_scheme, p.b_gran, 0)
+        n = weight.dim() - 2
+        out_pad = [0] * n
+        # output = conv(X~, W~) + b        contraction over in_channels x kernel window
+        out = torch.ops.aten.convolution(x_t, w_t, bias, stride, padding, dilation, False, out_pad, groups)
+        ctx.save_for_backward(*x_saved, *w_saved)
+        ctx.conf = (stride, padding, dilation, groups, spec)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        stride, padding, dilation, groups, p = ctx.conf
+        xc, xs, xo, wc, ws, wo = ctx.saved_tensors
+        x_t = _dequantize(xc, xs, xo, ctx.x_dtype)
+        w_t = _dequantize(wc, ws, wo, ctx.w_dtype)
+        out_pad = [0] * (w_t.dim() - 2)
+        grad_x = grad_w = grad_b = None
+        # Gradient rows are samples: G viewed as (batch, C_out * spatial).
+        if ctx.needs_input_grad[0]:
+            g1 = estimate_grad(grad_output, p.gi_kind, p.gi_bits, row_dims=1, block=p.gi_block)
+            # grad_input = conv_transpose(Q_b1(G), W~)
+            grad_x = torch.ops.aten.convolution_backward(
+                g1, x_t, w_t, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
+            )[0]
+        if ctx.needs_input_grad[1]:
+            g2 = estimate_grad(grad_output, p.gw_kind, p.gw_bits, row_dims=1, block=p.gw_block)
+            # grad_weight = correlate(X~, Q_b2(G))   contraction over batch x output positions
+            grad_w = torch.ops.aten.convolution_backward(
+                g2, x_t, w_t, None, stride, padding, dilation, False, out_pad, groups, [False, True, False]
+            )[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _tuple(v: int | Sequence[int], n: int) -> list[int]:
+    return [int(v)] * n if isinstance(v, int) else [int(i) for i in v]
+
+
+def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[int] | None:
+    """Symmetric padding equal to ``padding='same'`` for stride 1, or None if it would need
+    asymmetric padding (even effective kernel)."""
+    pads = []
+    for k, d in zip(kernel, dilation):
+        total = d * (k - 1)
+        if total % 2:
+            return None
+        pads.append(total // 2)
+    return pads
+
+
+def fqt_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    spec: QSpec = QSpec(),
+) -> Tensor:
+    """``F.conv{1,2,3}d`` (zero padding) with FQT numerics."""
+    n = weight.dim() - 2
+    stride_l, dilation_l = _tuple(stride, n), _tuple(dilation, n)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding_l = [0] * n
+        elif padding == "same":
+            pads = same_padding(weight.shape[2:], dilation_l)
+            if pads is None:
+                raise NotImplementedError("fqt_conv: padding='same' with an even kernel needs asymmetric padding")
+            padding_l = pads
+        else:
+            raise ValueError(f"fqt_conv: padding must be 'same', 'valid' or ints, got {padding!r}")
+    else:
+        padding_l = _tuple(padding, n)
+    return _FQTConv.apply(x, weight, bias, stride_l, padding_l, dilation_l, int(groups), spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul between activations (or activation x parameter without a Linear module)
+# ---------------------------------------------------------------------------------------------
+
+
+class _FQTMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, spec: QSpec) -> Tensor:  # type: ignore[override]
+        p = spec
+        a_t, a_saved = _fake_operand(a, p.a_bits, p.a_scheme, p.a_gran, -1)
+        b_t, b_saved = _fake_operand(b, p.b_bits, p.b_scheme, p.b_gran, -1)
+        # output = A~ @ B~     contraction over the last dim of A
+        out = torch.matmul(a_t, b_t)
+        ctx.save_for_backward(*a_saved, *b_saved)
+        ctx.spec = spec
+        ctx.shapes = (a.shape, b.shape, a.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        p: QSpec = ctx.spec
+        a_shape, b_shape, a_dtype, b_dtype = ctx.shapes
+        ac, as_, ao, bc, bs, bo = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            b_t = _dequantize(bc, bs, bo, b_dtype)
+            g1 = estimate_grad(grad_output, p.gi_kind, p.gi_bits, block=p.gi_block)  # rows: (..., M)
+            # grad_a = Q_b1(G) @ B~^T      contraction over N
+            grad_a = torch.matmul(g1, b_t.mT).sum_to_size(a_shape)
+        if ctx.needs_input_grad[1]:
+            a_t = _dequantize(ac, as_, ao, a_dtype)
+            g2 = estimate_grad(grad_output, p.gw_kind, p.gw_bits, block=p.gw_block)  # columns: N
+            # grad_b = A~^T @ Q_b2(G)      contraction over M
+            grad_b = torch.matmul(a_t.mT, g2).sum_to_size(b_shape)
+        return grad_a, grad_b, None
+
+
+def fqt_matmul(a: Tensor, b: Tensor, *, spec: QSpec = QSpec()) -> Tensor:
+    """``torch.matmul`` for operands with at least 2 dims, with FQT numerics."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise NotImplementedError("fqt_matmul: 1-D operands (vector products) are not covered")
+    return _FQTMatmul.apply(a, b, spec)
+
+
+def fqt_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: float = 1, spec: QSpec = QSpec()) -> Tensor:
+    """``torch.addmm``/``baddbmm``: ``beta * bias + alpha * (a @ b)``; the product is FQT, the
+    scaled add stays in full precision."""
+    out = fqt_matmul(a, b, spec=spec)
+    if alpha != 1:
+        out = out * alpha
+    if beta == 0:
+        return out
+    return out + (bias if beta == 1 else beta * bias)
+
+
+def fqt_sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    spec: QSpec = QSpec(),
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` decomposed so both products are FQT::
+
+        scores = (Q @ K^T) * scale + mask;  P = softmax(scores);  out = P @ V
+
+    softmax, masking and dropout stay in full precision.
+    """
+    L, S = query.shape[-2], key.shape[-2]
+    scale_f = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = fqt_matmul(query, key.transpose(-2, -1), spec=spec) * scale_f
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    attn = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p, training=True)
+    return fqt_matmul(attn, value, spec=spec)

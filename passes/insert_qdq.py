@@ -1,0 +1,422 @@
+"""insert_qdq: replace every covered matmul-like node of a torch-level FX graph by its FQT form.
+
+Works on graphs from TorchDynamo (``torch._C._nn.linear``, ``torch.conv2d``, ``operator.matmul``,
+parameters as placeholders, module paths in ``node.meta["nn_module_stack"]``) and from
+``torch.fx.symbolic_trace`` (``call_module`` nodes, parameters as ``get_attr``).
+
+A covered node becomes a call of :mod:`fqt_compile.functional` (``fqt_linear``, ``fqt_conv``,
+``fqt_matmul``, ``fqt_addmm``, ``fqt_sdpa``): forward quantizers on its operands and the two
+gradient quantizers on its output path. Every decision, quantized or skipped and why, is
+recorded in ``node.meta["fqt"]`` (a :class:`NodeDecision`) and returned in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import FQTConfig, Mode, OpKind, SdpaPolicy
+from ..functional import (
+    QSpec,
+    fqt_addmm,
+    fqt_conv,
+    fqt_linear,
+    fqt_matmul,
+    fqt_sdpa,
+    qspec_from_config,
+    same_padding,
+)
+
+__all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "module_path_of"]
+
+log = logging.getLogger(__name__)
+
+FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_matmul, fqt_addmm, fqt_sdpa)
+
+_LINEAR_FNS = {F.linear, torch._C._nn.linear}
+_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.mm}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+_ADDMM_FNS = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
+_ADDMM_METHODS = {"addmm", "baddbmm"}
+_SDPA_FNS = {F.scaled_dot_product_attention}
+# Ops that are noted in the report as staying in full precision.
+_FULL_PRECISION_FNS: dict[Any, str] = {
+    F.embedding: "embedding (a lookup, not a matmul)",
+    F.layer_norm: "normalization",
+    F.batch_norm: "normalization",
+    F.group_norm: "normalization",
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
+    torch.einsum: "einsum is not covered",
+    F.conv_transpose1d: "transposed convolution is not covered",
+    F.conv_transpose2d: "transposed convolution is not covered",
+    F.conv_transpose3d: "transposed convolution is not covered",
+}
+_FULL_PRECISION_MODULES: dict[type, str] = {
+    nn.Embedding: "embedding (a lookup, not a matmul)",
+    nn.LayerNorm: "normalization",
+    nn.BatchNorm1d: "normalization",
+    nn.BatchNorm2d: "normalization",
+    nn.BatchNorm3d: "normalization",
+    nn.GroupNorm: "normalization",
+    nn.ConvTranspose1d: "transposed convolution is not covered",
+    nn.ConvTranspose2d: "transposed convolution is not covered",
+    nn.ConvTranspose3d: "transposed convolution is not covered",
+}
+
+
+@dataclass
+class NodeDecision:
+    """What the pass did with one node (stored in ``node.meta["fqt"]``)."""
+
+    node: str  # node name in the torch-level graph
+    module: str  # module path ("" for the root)
+    op: str  # "linear", "conv2d", "matmul", "bmm", "addmm", "sdpa", "embedding", ...
+    kind: str | None  # OpKind value for covered kinds, None otherwise
+    quantized: bool
+    reason: str  # why skipped, or "quantized"
+    mode: str = "off"
+    spec: QSpec | None = None
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    out_shape: tuple[int, ...] | None = None
+    flops: int = 0  # forward multiply-adds x 2
+    overrides: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "spec"}
+        d["spec"] = self.spec._asdict() if self.spec is not None else None
+        d["shapes"] = [list(s) for s in self.shapes]
+        d["out_shape"] = list(self.out_shape) if self.out_shape is not None else None
+        return d
+
+
+@dataclass
+class InsertResult:
+    decisions: list[NodeDecision] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[NodeDecision]:
+        return [d for d in self.decisions if d.quantized]
+
+    @property
+    def skipped(self) -> list[NodeDecision]:
+        return [d for d in self.decisions if not d.quantized]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.quantized:
+            out[d.op] = out.get(d.op, 0) + 1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+_DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+
+
+def _normalize_path(path: str) -> str:
+    # "L['self'].layers[0]._modules['attn']" -> "layers.0.attn"
+    path = _DYNAMO_PREFIX.sub("", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
+    return path.strip(".")
+
+
+def module_path_of(node: fx.Node) -> str:
+    """Module path of the module whose forward created ``node``."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return _normalize_path(list(stack.values())[-1][0])
+    for arg in node.all_input_nodes:  # symbolic_trace: F.linear(x, self.weight)
+        if arg.op == "get_attr" and "." in str(arg.target):
+            return str(arg.target).rsplit(".", 1)[0]
+    return ""
+
+
+def _val(node: Any) -> Any:
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val", node.meta.get("tensor_meta")))
+    return None
+
+
+def _is_param(gm: fx.GraphModule, node: Any) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        try:
+            obj = gm.get_parameter(str(node.target))
+        except AttributeError:
+            return False
+        return isinstance(obj, nn.Parameter)
+    if node.op == "placeholder":
+        return isinstance(_val(node), nn.Parameter)
+    return False
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    v = _val(node)
+    if isinstance(v, torch.Tensor) or type(v).__name__ == "TensorMetadata":
+        try:
+            return tuple(int(s) for s in v.shape)
+        except (TypeError, ValueError):  # symbolic sizes
+            return tuple(-1 for _ in v.shape)
+    return None
+
+
+def _numel(shape: tuple[int, ...] | None) -> int:
+    n = 1
+    for s in shape or ():
+        n *= max(int(s), 0)
+    return n
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+@dataclass
+class _Match:
+    op: str
+    kind: OpKind
+    build: Callable[[fx.Graph, QSpec], fx.Node] | None  # None: cannot be covered
+    second_is_weight: bool
+    reason: str = "quantized"
+    operands: tuple[Any, ...] = ()
+    flops: int = 0
+
+
+def _linear_flops(x_shape, w_shape) -> int:
+    if not x_shape or not w_shape:
+        return 0
+    return 2 * _numel(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+def _matmul_flops(a_shape, b_shape, out_shape) -> int:
+    if not a_shape or not out_shape:
+        return 0
+    return 2 * _numel(out_shape) * a_shape[-1]
+
+
+def _conv_flops(w_shape, out_shape, groups: int) -> int:
+    if not w_shape or not out_shape:
+        return 0
+    # each output element: in_channels/groups * kernel multiply-adds
+    return 2 * _numel(out_shape) * _numel(w_shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# matching
+# ---------------------------------------------------------------------------------------------
+
+
+def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
+    """A :class:`_Match` for a matmul-like node, a full-precision reason string for a noted
+    op, or None for anything else."""
+    target = node.target
+    out_shape = _shape(node)
+
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(target))
+        if isinstance(mod, nn.Linear):
+            x = node.args[0]
+
+            def build_linear(graph: fx.Graph, spec: QSpec, path=str(target), x=x) -> fx.Node:
+                wn = graph.get_attr(f"{path}.weight")
+                bn = graph.get_attr(f"{path}.bias") if mod.bias is not None else None
+                return graph.call_function(fqt_linear, (x, wn, bn), {"spec": spec})
+
+            return _Match("linear", OpKind.LINEAR, build_linear, True,
+                          operands=(x,), flops=_linear_flops(_shape(x), tuple(mod.weight.shape)))
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            x = node.args[0]
+            if mod.padding_mode != "zeros":
+                return _Match(f"conv{mod.weight.dim() - 2}d", OpKind.CONV, None, True,
+                              reason=f"padding_mode={mod.padding_mode!r} is not covered (only 'zeros')")
+            padding = mod.padding
+            if isinstance(padding, str):
+                padding = [0] * (mod.weight.dim() - 2) if padding == "valid" else same_padding(mod.kernel_size, mod.dilation)
+                if padding is None:
+                    return _Match(f"conv{mod.weight.dim() - 2}d", OpKind.CONV, None, True,
+                                  reason="padding='same' with an even kernel (asymmetric padding) is not covered")
+
+            def build_conv(graph: fx.Graph, spec: QSpec, path=str(target), x=x, padding=list(padding)) -> fx.Node:
+                wn = graph.get_attr(f"{path}.weight")
+                bn = graph.get_attr(f"{path}.bias") if mod.bias is not None else None
+                return graph.call_function(
+                    fqt_conv, (x, wn, bn, list(mod.stride), padding, list(mod.dilation), mod.groups), {"spec": spec}
+                )
+
+            return _Match(f"conv{mod.weight.dim() - 2}d", OpKind.CONV, build_conv, True, operands=(x,),
+                          flops=_conv_flops(tuple(mod.weight.shape), out_shape, mod.groups))
+        if isinstance(mod, nn.MultiheadAttention):
+            return "nn.MultiheadAttention module is opaque to symbolic_trace: use torch.compile (dynamo) capture"
+        for cls, why in _FULL_PRECISION_MODULES.items():
+            if isinstance(mod, cls):
+                return why
+        return None
+
+    if node.op == "call_function" and target in _LINEAR_FNS:
+        x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+
+        def build_lin(graph: fx.Graph, spec: QSpec) -> fx.Node:
+            return graph.call_function(fqt_linear, (x, w, b), {"spec": spec})
+
+        return _Match("linear", OpKind.LINEAR, build_lin, True, operands=(x, w),
+                      flops=_linear_flops(_shape(x), _shape(w)))
+
+    if node.op == "call_function" and target in _CONV_FNS:
+        x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
+        b = _arg(node, 2, "bias")
+        stride, padding = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0)
+        dilation, groups = _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)
+        op = f"conv{_CONV_FNS[target]}d"
+        if padding == "same":
+            ws = _shape(w)
+            n = len(ws) - 2 if ws else 0
+            dil = [dilation] * n if isinstance(dilation, int) else list(dilation)
+            if ws is None or same_padding(ws[2:], dil) is None:
+                return _Match(op, OpKind.CONV, None, True,
+                              reason="padding='same' with an even kernel (asymmetric padding) is not covered")
+
+        def build_fconv(graph: fx.Graph, spec: QSpec) -> fx.Node:
+            return graph.call_function(fqt_conv, (x, w, b, stride, padding, dilation, groups), {"spec": spec})
+
+        return _Match(op, OpKind.CONV, build_fconv, True, operands=(x, w),
+                      flops=_conv_flops(_shape(w), out_shape, 1))
+
+    is_matmul = (node.op == "call_function" and target in _MATMUL_FNS) or (
+        node.op == "call_method" and target in _MATMUL_METHODS
+    )
+    if is_matmul:
+        a, b = node.args[0], node.args[1]
+        op = {"__matmul__": "matmul"}.get(getattr(target, "__name__", str(target)), getattr(target, "__name__", str(target)))
+        sa, sb = _shape(a), _shape(b)
+        if sa is not None and sb is not None and (len(sa) < 2 or len(sb) < 2):
+            return _Match(op, OpKind.MATMUL, None, False, reason="1-D operand (vector product) is not covered")
+        b_param = _is_param(gm, b)
+        kind = OpKind.LINEAR if b_param else OpKind.MATMUL
+
+        def build_mm(graph: fx.Graph, spec: QSpec) -> fx.Node:
+            return graph.call_function(fqt_matmul, (a, b), {"spec": spec})
+
+        return _Match(op, kind, build_mm, b_param, operands=(a, b), flops=_matmul_flops(sa, sb, out_shape))
+
+    is_addmm = (node.op == "call_function" and target in _ADDMM_FNS) or (
+        node.op == "call_method" and target in _ADDMM_METHODS
+    )
+    if is_addmm:
+        bias, a, b = node.args[0], _arg(node, 1, "mat1", _arg(node, 1, "batch1")), _arg(node, 2, "mat2", _arg(node, 2, "batch2"))
+        if a is None:
+            a = node.kwargs.get("batch1")
+            b = node.kwargs.get("batch2")
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        op = getattr(target, "__name__", str(target))
+        b_param = _is_param(gm, b)
+        kind = OpKind.LINEAR if b_param else OpKind.MATMUL
+
+        def build_addmm(graph: fx.Graph, spec: QSpec) -> fx.Node:
+            return graph.call_function(fqt_addmm, (bias, a, b), {"beta": beta, "alpha": alpha, "spec": spec})
+
+        return _Match(op, kind, build_addmm, b_param, operands=(a, b),
+                      flops=_matmul_flops(_shape(a), _shape(b), out_shape))
+
+    if node.op == "call_function" and target in _SDPA_FNS:
+        q, k, v = node.args[:3]
+        rest = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]))
+        rest.update(node.kwargs)
+        sq, sk = _shape(q), _shape(k)
+        flops = 0
+        if sq and sk:
+            flops = 2 * 2 * _numel(sq[:-1]) * sk[-2] * sq[-1]
+
+        def build_sdpa(graph: fx.Graph, spec: QSpec) -> fx.Node:
+            return graph.call_function(fqt_sdpa, (q, k, v), {**rest, "spec": spec})
+
+        return _Match("sdpa", OpKind.MATMUL, build_sdpa, False, operands=(q, k, v), flops=flops)
+
+    if node.op == "call_function" and target in _FULL_PRECISION_FNS:
+        return _FULL_PRECISION_FNS[target]
+    if node.op == "call_method" and target == "softmax":
+        return "softmax"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------------------------
+
+
+def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
+    """Quantize every covered matmul-like node of ``gm`` in place (see module docstring)."""
+    result = InsertResult()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        try:
+            m = _match(gm, node)
+        except Exception as e:  # re-raise with the node attached (STYLE 7)
+            raise RuntimeError(f"fqt insert_qdq failed on node {node.format_node()}: {e}") from e
+        if m is None:
+            continue
+        path = module_path_of(node)
+        if isinstance(m, str):
+            d = NodeDecision(node.name, path, _op_name(node), None, False, f"full precision: {m}",
+                             shapes=[s for s in (_shape(a) for a in node.args) if s is not None],
+                             out_shape=_shape(node))
+            node.meta["fqt"] = d
+            result.decisions.append(d)
+            continue
+        local = cfg.for_module(path)
+        d = NodeDecision(
+            node.name, path, m.op, m.kind.value, False, m.reason, mode=local.mode.value,
+            shapes=[s for s in (_shape(a) for a in m.operands) if s is not None],
+            out_shape=_shape(node), flops=m.flops, overrides=cfg.matching_overrides(path),
+        )
+        if m.build is None:
+            pass
+        elif local.mode is Mode.OFF:
+            d.reason = "mode 'off'" + (f" (override {d.overrides[-1]!r})" if d.overrides else "")
+        elif m.kind not in local.ops:
+            d.reason = f"op kind {m.kind.value!r} not in config.ops"
+        elif m.op == "sdpa" and local.sdpa is SdpaPolicy.FULL_PRECISION:
+            d.reason = "scaled_dot_product_attention kept in full precision (config.sdpa='full_precision')"
+        else:
+            spec = qspec_from_config(local, second_is_weight=m.second_is_weight)
+            with graph.inserting_before(node):
+                new = m.build(graph, spec)
+            new.meta.update({k: v for k, v in node.meta.items() if k != "fqt"})
+            d.quantized, d.reason, d.spec = True, "quantized", spec
+            new.meta["fqt"] = d
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            log.debug("insert_qdq: %s (%s at %r) -> %s", node.name, m.op, path, spec.describe())
+            result.decisions.append(d)
+            continue
+        node.meta["fqt"] = d
+        result.decisions.append(d)
+    graph.lint()
+    gm.recompile()
+    log.info("insert_qdq: %d quantized, %d kept in full precision", len(result.quantized), len(result.skipped))
+    return result
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(str(node.target))).__name__
+    return getattr(node.target, "__name__", str(node.target))
