@@ -128,6 +128,7 @@ _DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
 def _normalize_path(path: str) -> str:
     # "L['self'].layers[0]._modules['attn']" -> "layers.0.attn"
     path = _DYNAMO_PREFIX.sub("", path)
+    path = re.sub(r"^__self__\.?", "", path)  # fqt_compile.compile traces model._call_impl
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
     return path.strip(".")
