@@ -7,14 +7,16 @@ the FQT products in it, which trains in eager mode (no compiler needed).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import re
 import warnings
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch._dynamo.external_utils import wrap_inline
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .backend import FQTBackend, GraphRecord, resolve_config
@@ -46,6 +48,20 @@ def check_overrides(model: nn.Module, cfg: FQTConfig) -> list[str]:
     return unmatched
 
 
+_ENTRY_COUNTER = itertools.count()
+
+
+def _entry_frame(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A wrapper of ``fn`` with a code object of its own (so its own dynamo cache)."""
+
+    def fqt_entry(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    tag = re.sub(r"\W", "_", name)
+    fqt_entry.__code__ = fqt_entry.__code__.replace(co_name=f"fqt_entry_{tag}_{next(_ENTRY_COUNTER)}")
+    return functools.wraps(fn)(fqt_entry)
+
+
 def compile(
     model: M,
     config: FQTConfig | str | dict | None = None,
@@ -62,9 +78,12 @@ def compile(
     if isinstance(model, nn.Module):
         check_overrides(model, cfg)
         # Like nn.Module.compile (the module stays the same object, so state_dict keys are
-        # unchanged), but through wrap_inline: torch 2.13 skips a bare _call_impl frame.
+        # unchanged), but through an entry frame of our own: torch 2.13 skips a bare
+        # _call_impl frame, and a shared wrapper (dynamo's wrap_inline) would put every
+        # compiled model in one code object's cache, whose recompile limit (8) silently sends
+        # the ninth model to eager, unquantized.
         model._compiled_call_impl = torch.compile(
-            wrap_inline(model._call_impl), backend=backend, dynamic=dynamic, fullgraph=fullgraph
+            _entry_frame(model._call_impl, type(model).__name__), backend=backend, dynamic=dynamic, fullgraph=fullgraph
         )
         model.__dict__["_fqt_backend"] = backend
         return model

@@ -1,0 +1,187 @@
+"""Graph structure: what passes.insert_qdq put in the torch-level graph and what AOTAutograd
+made of it (forward quantizers in the forward graph, gradient quantizers in the backward)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.fx as fx
+
+import fqt_compile
+from fqt_compile import FQTConfig, GradSpec, Override
+from fqt_compile.functional import fqt_conv, fqt_linear, fqt_matmul, fqt_sdpa
+from fqt_compile.models import MLP, SmallCNN, TransformerBlock
+from fqt_compile.passes.insert_qdq import NodeDecision, insert_qdq, module_path_of
+
+
+def fqt_counts(gm: fx.GraphModule) -> Counter:
+    """Counts of fqt:: op nodes by op name, plus sr_quantize by granularity."""
+    c: Counter = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and str(n.target).startswith("fqt."):
+            name = str(n.target).split(".")[1]
+            c[name] += 1
+            if name == "sr_quantize":
+                c[f"sr_quantize:{n.args[3]}"] += 1
+    return c
+
+
+def compile_and_step(model, x, cfg):
+    fqt_compile.compile(model, cfg)
+    out = model(x)
+    out.float().square().mean().backward()
+    recs = fqt_compile.records(model)
+    assert len(recs) == 1, "one graph expected (no graph breaks)"
+    return recs[0]
+
+
+# (model, input, products, products whose first operand needs no gradient)
+CASES = {
+    "mlp": (lambda: MLP(64, 32, 10, depth=2), lambda: torch.randn(8, 64), 3, 1),
+    "cnn": (lambda: SmallCNN(width=8), lambda: torch.randn(4, 1, 8, 8), 5, 1),
+    "block": (lambda: TransformerBlock(32, 4), lambda: torch.randn(2, 8, 32), 6, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_and_backward_graphs_hold_the_expected_quantizers(name):
+    make, make_x, products, no_input_grad = CASES[name]
+    torch.manual_seed(0)
+    rec = compile_and_step(make(), make_x(), FQTConfig.recipe("psq8", compiler="eager"))
+    assert len(rec.insert.quantized) == (products if name != "block" else products - 1)  # sdpa = 2 products
+    fw, bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
+    # forward: Q_f on the input and Q_w on the weight (or Q_f on both activations) per product
+    assert fw["quantize"] == 2 * products and fw["dequantize"] == 2 * products
+    assert fw["sr_quantize"] == 0
+    # backward: Q_b1 (per-row, PSQ) per product whose input needs a gradient, Q_b2 (per-column)
+    # per product
+    assert bw["sr_quantize:row"] == products - no_input_grad
+    assert bw["sr_quantize:column"] == products
+    assert bw["sr_quantize"] == 2 * products - no_input_grad
+    assert bw["quantize"] == 0  # forward quantizers are not re-run: codes are saved
+
+
+def test_bhq_backward_graph_has_the_transform_nodes():
+    torch.manual_seed(0)
+    rec = compile_and_step(TransformerBlock(32, 4), torch.randn(2, 8, 32), FQTConfig.recipe("bhq5", compiler="eager"))
+    bw = fqt_counts(rec.backward)
+    assert bw["bhq_plan"] == bw["bhq_transform"] == bw["bhq_inverse"] == 6
+    assert bw["sr_quantize:row"] == 6 and bw["sr_quantize:column"] == 6
+    bits = sorted(n.args[2] for n in rec.backward.graph.nodes if str(n.target) == "fqt.sr_quantize.default")
+    assert bits == [5] * 6 + [8] * 6
+
+
+def test_qat_mode_has_no_gradient_quantizers():
+    torch.manual_seed(0)
+    rec = compile_and_step(MLP(16, 16, 4), torch.randn(4, 16), FQTConfig.recipe("qat8", compiler="eager"))
+    assert fqt_counts(rec.forward)["quantize"] == 6
+    assert fqt_counts(rec.backward)["sr_quantize"] == 0
+
+
+def test_decisions_are_recorded_in_node_meta_with_module_paths():
+    torch.manual_seed(0)
+    rec = compile_and_step(SmallCNN(width=8), torch.randn(2, 1, 8, 8), FQTConfig.recipe("psq8", compiler="eager"))
+    by_module = {d.module: d for d in rec.insert.decisions}
+    assert set(by_module) >= {"stem", "blocks.0.conv1", "blocks.0.conv2", "down", "fc", "bn", "blocks.0.bn1"}
+    assert by_module["fc"].quantized and by_module["fc"].kind == "linear"
+    assert by_module["down"].op == "conv2d" and by_module["down"].spec.gi_kind == "psq"
+    assert by_module["down"].flops == 2 * (2 * 16 * 4 * 4) * (8 * 9)  # out elems x (C_in x k x k) x 2
+    assert not by_module["bn"].quantized and "normalization" in by_module["bn"].reason
+    for n in rec.torch_graph.graph.nodes:
+        d = n.meta.get("fqt")
+        if n.target in (fqt_conv, fqt_linear):
+            assert isinstance(d, NodeDecision) and d.quantized
+
+
+def test_overrides_keep_layers_in_full_precision_and_change_quantizers():
+    torch.manual_seed(0)
+    cfg = FQTConfig(
+        compiler="eager",
+        overrides=(Override("stem", mode="off"), Override("fc", grad_input=GradSpec("bhq", 4))),
+    )
+    rec = compile_and_step(SmallCNN(width=8), torch.randn(2, 1, 8, 8), cfg)
+    by_module = {d.module: d for d in rec.insert.decisions}
+    assert not by_module["stem"].quantized
+    assert by_module["stem"].reason == "mode 'off' (override 'stem')"
+    assert by_module["fc"].spec.gi_kind == "bhq" and by_module["fc"].spec.gi_bits == 4
+    assert by_module["down"].spec.gi_kind == "psq"
+    bw = fqt_counts(rec.backward)
+    assert bw["bhq_plan"] == 1
+    assert bw["sr_quantize"] == 2 * 4  # stem is off: 4 products, all with input gradients
+
+
+def test_unmatched_override_warns():
+    with pytest.warns(UserWarning, match="'nonexistent' matches no module"):
+        fqt_compile.compile(MLP(8, 8, 2), FQTConfig(overrides=(Override("nonexistent", mode="off"),)))
+
+
+def test_op_kinds_outside_config_ops_are_skipped_with_reason():
+    torch.manual_seed(0)
+    rec = compile_and_step(SmallCNN(width=8), torch.randn(2, 1, 8, 8), FQTConfig(ops=("linear",), compiler="eager"))
+    convs = [d for d in rec.insert.decisions if d.op == "conv2d"]
+    assert len(convs) == 4 and not any(d.quantized for d in convs)
+    assert convs[0].reason == "op kind 'conv' not in config.ops"
+    assert [d.module for d in rec.insert.quantized] == ["fc"]
+
+
+def test_sdpa_full_precision_policy():
+    torch.manual_seed(0)
+    rec = compile_and_step(TransformerBlock(32, 4), torch.randn(2, 8, 32),
+                           FQTConfig(sdpa="full_precision", compiler="eager"))
+    (d,) = [d for d in rec.insert.decisions if d.op == "sdpa"]
+    assert not d.quantized and "full precision" in d.reason
+    assert fqt_counts(rec.backward)["sr_quantize"] == 8
+
+
+def test_symbolic_trace_graph_gets_fqt_calls():
+    torch.manual_seed(0)
+    gm = fqt_compile.prepare(TransformerBlock(32, 4), "psq8", example_inputs=(torch.randn(2, 8, 32),))
+    targets = Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+    assert targets[fqt_linear] == 4 and targets[fqt_sdpa] == 1
+    assert not any(n.op == "call_module" and "fc" in str(n.target) for n in gm.graph.nodes)
+    res = gm.meta["fqt_insert"]
+    assert {d.module for d in res.quantized} == {"qkv", "proj", "fc1", "fc2", ""}
+    assert next(d for d in res.quantized if d.op == "linear").shapes[0] == (2, 8, 32)
+
+
+def test_matmul_with_parameter_is_linear_kind_and_activation_products_are_matmul():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            h = x @ self.w
+            return torch.bmm(h, h.transpose(1, 2))
+
+    gm = fx.symbolic_trace(M())
+    res = insert_qdq(gm, FQTConfig())
+    kinds = sorted((d.op, d.kind) for d in res.quantized)
+    assert kinds == [("bmm", "matmul"), ("matmul", "linear")]
+    assert sum(n.target is fqt_matmul for n in gm.graph.nodes) == 2
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    gm(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_vector_products_are_skipped_with_reason():
+    def f(a, b):
+        return torch.matmul(a, b)
+
+    gm = fx.symbolic_trace(f)
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(torch.randn(4, 3), torch.randn(3))
+    res = insert_qdq(gm, FQTConfig())
+    assert res.quantized == [] and "1-D operand" in res.skipped[0].reason
+
+
+def test_module_path_normalization():
+    class N:
+        op = "call_function"
+        meta = {"nn_module_stack": {"k": ("L['self'].layers[0]._modules['attn']", None)}}
+        all_input_nodes: list = []
+
+    assert module_path_of(N()) == "layers.0.attn"
