@@ -12,6 +12,7 @@ import itertools
 import logging
 import re
 import warnings
+import weakref
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -49,6 +50,9 @@ def check_overrides(model: nn.Module, cfg: FQTConfig) -> list[str]:
 
 
 _ENTRY_COUNTER = itertools.count()
+# compiled model -> its backend. Kept outside the module so that copies (deepcopy, pickle;
+# nn.Module drops _compiled_call_impl there) are plain uncompiled modules, not aliases.
+_BACKENDS: weakref.WeakKeyDictionary[Any, FQTBackend] = weakref.WeakKeyDictionary()
 
 
 def _entry_frame(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -85,16 +89,19 @@ def compile(
         model._compiled_call_impl = torch.compile(
             _entry_frame(model._call_impl, type(model).__name__), backend=backend, dynamic=dynamic, fullgraph=fullgraph
         )
-        model.__dict__["_fqt_backend"] = backend
+        _BACKENDS[model] = backend
         return model
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
-    compiled.__dict__["_fqt_backend"] = backend
+    _BACKENDS[compiled] = backend
     return compiled  # type: ignore[return-value]
 
 
 def records(compiled: Any) -> list[GraphRecord]:
     """The :class:`GraphRecord` of each graph compiled for a model from :func:`compile`."""
-    backend = getattr(compiled, "_fqt_backend", None)
+    try:
+        backend = _BACKENDS.get(compiled)
+    except TypeError:  # unhashable / not weak-referenceable
+        backend = None
     if backend is None:
         raise ValueError("records(): the object was not compiled by fqt_compile.compile")
     return backend.records

@@ -170,11 +170,14 @@ def _is_param(gm: fx.GraphModule, node: Any) -> bool:
 def _shape(node: Any) -> tuple[int, ...] | None:
     v = _val(node)
     if isinstance(v, torch.Tensor) or type(v).__name__ == "TensorMetadata":
-        try:
-            return tuple(int(s) for s in v.shape)
-        except (TypeError, ValueError):  # symbolic sizes
-            return tuple(-1 for _ in v.shape)
+        # int() on a SymInt would add a guard and specialize a dynamic graph: record the hint
+        return tuple(s if isinstance(s, int) else _size_hint(s) for s in v.shape)
     return None
+
+
+def _size_hint(s: Any) -> int:
+    hint = getattr(getattr(s, "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) else -1
 
 
 def _numel(shape: tuple[int, ...] | None) -> int:
