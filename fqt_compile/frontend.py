@@ -131,8 +131,10 @@ def prepare(
     except Exception as e:  # TraceError, TypeError from Proxy.__bool__/__iter__, ...
         raise FQTTraceError(
             f"fqt_compile.prepare: torch.fx.symbolic_trace cannot trace {type(model).__name__}: "
-            f"{type(e).__name__}: {e}. Models with data-dependent control flow need TorchDynamo "
-            "capture: use fqt_compile.compile(model, config) or torch.compile(model, backend='fqt')."
+            f"{type(e).__name__}: {e}. Models symbolic tracing cannot handle (data-dependent "
+            "control flow, forwards wrapped by decorators that take *args/**kwargs, in-place "
+            "item assignment on tensors) need TorchDynamo capture: use "
+            "fqt_compile.compile(model, config) or torch.compile(model, backend='fqt')."
         ) from e
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
