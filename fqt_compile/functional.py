@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FQTConfig, Mode
+from . import gemm as _gemm  # noqa: F401  (registers fqt::qmm, fqt::int_mm)
 from .ops import estimate_grad
+from .rng import new_seed
 
 __all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa"]
 
@@ -54,6 +56,7 @@ class QSpec(NamedTuple):
     gw_kind: str = "column"
     gw_bits: int = 8
     gw_block: int = 16
+    name: str = ""  # module path, for GEMM tags ("<name>:output" ...)
 
     def describe(self) -> str:
         s = f"a={self.a_bits}b/{self.a_gran} b={self.b_bits}b/{self.b_gran}"
@@ -62,7 +65,7 @@ class QSpec(NamedTuple):
         return s + f" Q_b1={self.gi_kind}{self.gi_bits} Q_b2={self.gw_kind}{self.gw_bits}"
 
 
-def qspec_from_config(cfg: FQTConfig, *, second_is_weight: bool = True) -> QSpec:
+def qspec_from_config(cfg: FQTConfig, *, second_is_weight: bool = True, name: str = "") -> QSpec:
     """The :class:`QSpec` of a product under a resolved config (``mode`` fqt or qat)."""
     if cfg.mode is Mode.OFF:
         raise ValueError("qspec_from_config: mode 'off' has no quantizers")
@@ -74,7 +77,7 @@ def qspec_from_config(cfg: FQTConfig, *, second_is_weight: bool = True) -> QSpec
         a.bits, a.scheme, a.granularity.value,
         b.bits, b.scheme, b.granularity.value,
         gi.kind.value if fqt else "none", gi.bits, gi.hadamard_block,
-        gw.kind.value if fqt else "none", gw.bits, gw.hadamard_block,
+        gw.kind.value if fqt else "none", gw.bits, gw.hadamard_block, name,
     )  # fmt: skip
 
 
@@ -92,6 +95,61 @@ def _fake_operand(x: Tensor, bits: int, scheme: str, gran: str, axis: int) -> tu
     return _dequantize(codes, scale, offset, x.dtype), (codes, scale, offset)
 
 
+def _qmm(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor], a_bits: int, b_bits: int, tag: str) -> Tensor:
+    return torch.ops.fqt.qmm(*a, *b, a_bits, b_bits, tag)
+
+
+def _scale_2d(t: Tensor) -> Tensor:
+    """A forward-quantizer scale/offset as a 2-D broadcastable tensor: () stays (); a
+    per-channel one (ones but one axis) becomes a row (1, C)."""
+    return t if t.dim() == 0 else t.reshape(1, -1)
+
+
+_IDENTITY = None
+
+
+def _grad_codes(g2d: Tensor, kind: str, bits: int, block: int):
+    """Q(G) as GEMM operand: ``((codes, scale, offset), post)``.
+
+    ``post`` maps the product's rows back (BHQ: T^-1, Hadamard: its inverse), applied to the
+    GEMM *result* (``T^-1 (Q(T G) @ W~) = (T^-1 Q(T G)) @ W~``), or None. ``kind`` "none"
+    (QAT) gives the float gradient itself as operand (scale 1, offset 0).
+    """
+    ops = torch.ops.fqt
+    one = g2d.new_ones((), dtype=torch.float32)
+    zero = g2d.new_zeros((), dtype=torch.float32)
+    if kind == "none":
+        return (g2d.to(torch.float32), one, zero), _IDENTITY
+    seed = new_seed(g2d.device)
+    if kind in ("ptq", "psq", "column"):
+        gran = {"ptq": "tensor", "psq": "row", "column": "column"}[kind]
+        return ops.sr_quantize(g2d, seed, bits, gran), _IDENTITY
+    if kind == "bhq":
+        group, v, s = ops.bhq_plan(g2d)
+        codes = ops.sr_quantize(ops.bhq_transform(g2d, group, v, s), seed, bits, "row")
+        return codes, lambda y: ops.bhq_inverse(y, group, v, s)
+    if kind == "hadamard":
+        n_rows = g2d.shape[0]
+        codes = ops.sr_quantize(ops.hadamard(g2d, block), seed, bits, "row")
+        return codes, lambda y: ops.hadamard_inverse(y, n_rows, block)
+    raise ValueError(f"unknown gradient quantizer kind {kind!r}")
+
+
+def _grad_operand_t(g2d: Tensor, kind: str, bits: int, block: int) -> tuple[tuple[Tensor, Tensor, Tensor], int]:
+    """Q(G)^T as the left operand of a grad_weight GEMM (contraction over G's rows), and the
+    operand's bit-width (0 when it is a float estimate, not codes). A transform that mixes
+    G's rows (BHQ, Hadamard) acts on the contracted axis, so its estimate is formed in float:
+    such a GEMM stays simulated."""
+    (codes, scale, offset), post = _grad_codes(g2d, kind, bits, block)
+    if post is None and codes.dtype == torch.int8:
+        return (codes.t(), scale.t() if scale.dim() else scale, offset.t() if offset.dim() else offset), bits
+    est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
+    if post is not None:
+        est = post(est)
+    one = est.new_ones(())
+    return (est.t(), one, one * 0), 0
+
+
 # ---------------------------------------------------------------------------------------------
 # linear
 # ---------------------------------------------------------------------------------------------
@@ -102,33 +160,44 @@ class _FQTLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: QSpec) -> Tensor:  # type: ignore[override]
         p = spec
         # per-channel input ranges are per input feature (last dim); weight: per output row
-        x_t, x_saved = _fake_operand(x, p.a_bits, p.a_scheme, p.a_gran, -1)
-        w_t, w_saved = _fake_operand(weight, p.b_bits, p.b_scheme, p.b_gran, 0)
-        # output = X~ @ W~^T + b        contraction over in_features
-        out = F.linear(x_t, w_t, bias)
-        ctx.save_for_backward(*x_saved, *w_saved)
+        xc, xs, xo = _quantize(x, p.a_bits, p.a_scheme, p.a_gran, -1)
+        wc, ws, wo = _quantize(weight, p.b_bits, p.b_scheme, p.b_gran, 0)
+        in_f = weight.shape[1]
+        # output = X~ @ W~^T (+ b)        (N, in) @ (in, out), contraction over in_features
+        out = _qmm(
+            (xc.reshape(-1, in_f), _scale_2d(xs), _scale_2d(xo)),
+            (wc.t(), _scale_2d(ws), _scale_2d(wo)),
+            p.a_bits, p.b_bits, f"{p.name}:output",
+        )
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(xc, xs, xo, wc, ws, wo)
         ctx.spec = spec
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
-        return out
+        return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         p: QSpec = ctx.spec
         xc, xs, xo, wc, ws, wo = ctx.saved_tensors
-        out_features = grad_output.shape[-1]
+        out_f, in_f = wc.shape
         grad_x = grad_w = grad_b = None
-        g2d = grad_output.reshape(-1, out_features)  # (N, out), a row per token
+        g2d = grad_output.reshape(-1, out_f)  # (N, out), a row per token
         if ctx.needs_input_grad[0]:
-            w_t = _dequantize(wc, ws, wo, ctx.w_dtype)
-            g1 = estimate_grad(g2d, p.gi_kind, p.gi_bits, block=p.gi_block)  # Q_b1(G)
-            # grad_input = Q_b1(G) @ W~        contraction over out_features
-            grad_x = (g1 @ w_t).reshape(*grad_output.shape[:-1], w_t.shape[1])
+            g1, post = _grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
+            g_bits = p.gi_bits if g1[0].dtype == torch.int8 else 0
+            # grad_input = Q_b1(G) @ W~        (N, out) @ (out, in), contraction over out_features
+            gx = _qmm(g1, (wc, ws.reshape(-1, 1) if ws.dim() else ws, wo.reshape(-1, 1) if wo.dim() else wo),
+                      g_bits, p.b_bits, f"{p.name}:grad_input")
+            if post is not None:
+                gx = post(gx)
+            grad_x = gx.reshape(*grad_output.shape[:-1], in_f).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            x_t = _dequantize(xc, xs, xo, ctx.x_dtype)
-            g2 = estimate_grad(g2d, p.gw_kind, p.gw_bits, block=p.gw_block)  # Q_b2(G)
-            # grad_weight = Q_b2(G)^T @ X~     contraction over samples (tokens)
-            grad_w = g2.t() @ x_t.reshape(-1, x_t.shape[-1])
+            g2t, g_bits = _grad_operand_t(g2d, p.gw_kind, p.gw_bits, p.gw_block)  # Q_b2(G)^T
+            # grad_weight = Q_b2(G)^T @ X~     (out, N) @ (N, in), contraction over tokens
+            grad_w = _qmm(g2t, (xc.reshape(-1, in_f), _scale_2d(xs), _scale_2d(xo)),
+                          g_bits, p.a_bits, f"{p.name}:grad_weight").to(grad_output.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(0)  # not a GEMM: exact
         return grad_x, grad_w, grad_b, None
@@ -236,35 +305,98 @@ def fqt_conv(
 # ---------------------------------------------------------------------------------------------
 
 
+def _scale_nd(t: Tensor, nd: int) -> Tensor:
+    return t if t.dim() == 0 else t.reshape(*([1] * (nd - 1)), -1)
+
+
+def _rows_to(t: Tensor, batch: int) -> Tensor:
+    """A per-row scale/offset of a 2-D (batch*M, N) view as (batch, M, 1) (or () / (1, 1, N))."""
+    if t.dim() == 0:
+        return t
+    if t.shape[0] == 1:  # per column: (1, N)
+        return t.reshape(1, 1, -1)
+    return t.reshape(batch, -1, 1)
+
+
 class _FQTMatmul(torch.autograd.Function):
+    """``A @ B`` with both operands quantized. Two layouts reach the GEMM op:
+    ``B`` 2-D (``A`` flattened to rows, as in a linear layer) or batched 3-D after
+    broadcasting the batch dims (attention: scores Q @ K^T and values P @ V)."""
+
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, spec: QSpec) -> Tensor:  # type: ignore[override]
         p = spec
-        a_t, a_saved = _fake_operand(a, p.a_bits, p.a_scheme, p.a_gran, -1)
-        b_t, b_saved = _fake_operand(b, p.b_bits, p.b_scheme, p.b_gran, -1)
-        # output = A~ @ B~     contraction over the last dim of A
-        out = torch.matmul(a_t, b_t)
-        ctx.save_for_backward(*a_saved, *b_saved)
+        ac, as_, ao = _quantize(a, p.a_bits, p.a_scheme, p.a_gran, -1)
+        bc, bs, bo = _quantize(b, p.b_bits, p.b_scheme, p.b_gran, -1)
+        k, n = b.shape[-2], b.shape[-1]
+        if b.dim() == 2:
+            lead = a.shape[:-1]
+            a_op = (ac.reshape(-1, k), _scale_nd(as_, 2), _scale_nd(ao, 2))
+            b_op = (bc, _scale_nd(bs, 2), _scale_nd(bo, 2))
+            out_shape = (*lead, n)
+            batch = None
+        else:
+            batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+            ac3 = ac.expand(*batch, *a.shape[-2:]).reshape(-1, a.shape[-2], k)
+            bc3 = bc.expand(*batch, k, n).reshape(-1, k, n)
+            a_op = (ac3, _scale_nd(as_, 3), _scale_nd(ao, 3))
+            b_op = (bc3, _scale_nd(bs, 3), _scale_nd(bo, 3))
+            out_shape = (*batch, a.shape[-2], n)
+        # output = A~ @ B~     contraction over K
+        out = _qmm(a_op, b_op, p.a_bits, p.b_bits, f"{p.name}:output")
+        ctx.save_for_backward(*a_op, *b_op)
         ctx.spec = spec
-        ctx.shapes = (a.shape, b.shape, a.dtype, b.dtype)
-        return out
+        ctx.meta = (a.shape, b.shape, a.dtype, b.dtype, batch)
+        return out.reshape(out_shape).to(a.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         p: QSpec = ctx.spec
-        a_shape, b_shape, a_dtype, b_dtype = ctx.shapes
+        a_shape, b_shape, a_dtype, b_dtype, batch = ctx.meta
         ac, as_, ao, bc, bs, bo = ctx.saved_tensors
+        n = b_shape[-1]
+        g2d = grad_output.reshape(-1, n)  # a row per output row of every batch
         grad_a = grad_b = None
+        nb = ac.shape[0] if batch is not None else 1
         if ctx.needs_input_grad[0]:
-            b_t = _dequantize(bc, bs, bo, b_dtype)
-            g1 = estimate_grad(grad_output, p.gi_kind, p.gi_bits, block=p.gi_block)  # rows: (..., M)
+            if batch is not None and p.gi_kind in ("bhq", "hadamard"):
+                # The transform mixes rows of different batch entries, which meet different
+                # right operands: T^-1 does not commute with the batched product. Form the
+                # float estimate first (this GEMM stays simulated).
+                g = estimate_grad(g2d, p.gi_kind, p.gi_bits, block=p.gi_block)
+                g1, post = (g, g.new_ones(()), g.new_zeros(())), None
+            else:
+                g1, post = _grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
+            g_bits = p.gi_bits if g1[0].dtype == torch.int8 else 0
+            if batch is None:
+                b_t = (bc.t(), bs.t() if bs.dim() else bs, bo.t() if bo.dim() else bo)
+            else:
+                g1 = (g1[0].reshape(nb, -1, n), _rows_to(g1[1], nb), _rows_to(g1[2], nb))
+                b_t = (bc.transpose(1, 2), bs.transpose(1, 2) if bs.dim() else bs, bo.transpose(1, 2) if bo.dim() else bo)
             # grad_a = Q_b1(G) @ B~^T      contraction over N
-            grad_a = torch.matmul(g1, b_t.mT).sum_to_size(a_shape)
+            ga = _qmm(g1, b_t, g_bits, p.b_bits, f"{p.name}:grad_input")
+            if post is not None:
+                ga = post(ga.reshape(-1, ga.shape[-1]))
+            grad_a = ga.reshape(*(a_shape[:-2] if batch is None else batch), a_shape[-2], a_shape[-1])
+            grad_a = grad_a.sum_to_size(a_shape).to(a_dtype)
         if ctx.needs_input_grad[1]:
-            a_t = _dequantize(ac, as_, ao, a_dtype)
-            g2 = estimate_grad(grad_output, p.gw_kind, p.gw_bits, block=p.gw_block)  # columns: N
-            # grad_b = A~^T @ Q_b2(G)      contraction over M
-            grad_b = torch.matmul(a_t.mT, g2).sum_to_size(b_shape)
+            if batch is None:
+                g2, g_bits = _grad_operand_t(g2d, p.gw_kind, p.gw_bits, p.gw_block)
+                # grad_b = A~^T @ Q_b2(G)  computed as (Q_b2(G)^T @ A~)^T, contraction over rows
+                gb = _qmm(g2, (ac, as_, ao), g_bits, p.a_bits, f"{p.name}:grad_weight").t()
+            else:
+                (codes, scale, offset), post = _grad_codes(g2d, p.gw_kind, p.gw_bits, p.gw_block)
+                g_bits = p.gw_bits
+                if post is not None or codes.dtype != torch.int8 or codes.shape[0] != g2d.shape[0]:
+                    est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
+                    est = post(est) if post is not None else est
+                    codes, scale, offset, g_bits = est, est.new_ones(()), est.new_zeros(()), 0
+                g2 = (codes.reshape(nb, -1, n), _rows_to(scale, nb), _rows_to(offset, nb))
+                a_t = (ac.transpose(1, 2), as_.transpose(1, 2) if as_.dim() else as_, ao.transpose(1, 2) if ao.dim() else ao)
+                # grad_b = A~^T @ Q_b2(G)      contraction over M
+                gb = _qmm(a_t, g2, p.a_bits, g_bits, f"{p.name}:grad_weight")
+                gb = gb.reshape(*batch, b_shape[-2], n)
+            grad_b = gb.sum_to_size(b_shape).to(b_dtype)
         return grad_a, grad_b, None
 
 
@@ -310,7 +442,7 @@ def fqt_sdpa(
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
-    scores = fqt_matmul(query, key.transpose(-2, -1), spec=spec) * scale_f
+    scores = fqt_matmul(query, key.transpose(-2, -1), spec=spec._replace(name=spec.name + "[q@k]")) * scale_f
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -322,4 +454,4 @@ def fqt_sdpa(
     attn = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p, training=True)
-    return fqt_matmul(attn, value, spec=spec)
+    return fqt_matmul(attn, value, spec=spec._replace(name=spec.name + "[p@v]"))

@@ -401,7 +401,7 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
         elif m.op == "sdpa" and local.sdpa is SdpaPolicy.FULL_PRECISION:
             d.reason = "scaled_dot_product_attention kept in full precision (config.sdpa='full_precision')"
         else:
-            spec = qspec_from_config(local, second_is_weight=m.second_is_weight)
+            spec = qspec_from_config(local, second_is_weight=m.second_is_weight, name=path)
             with graph.inserting_before(node):
                 new = m.build(graph, spec)
             new.meta.update({k: v for k, v in node.meta.items() if k != "fqt"})

@@ -138,3 +138,62 @@ def test_conv_grouped_strided_dilated_and_same_padding():
     assert fqt_conv(torch.randn(1, 4, 5, 5), w, padding="same").shape == (1, 4, 5, 5)
     with pytest.raises(NotImplementedError, match="asymmetric"):
         fqt_conv(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 2, 2), padding="same")
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape",
+    [((5, 8), (8, 3)), ((2, 5, 8), (8, 3)), ((2, 3, 5, 8), (2, 3, 8, 4)), ((2, 3, 5, 8), (3, 8, 4)), ((5, 8), (2, 8, 4))],
+)
+def test_matmul_layouts_qat_gradients_are_straight_through(a_shape, b_shape):
+    """With exact gradients (QAT) every layout reaching the GEMM op (2-D, flattened rows,
+    batched, broadcast batch dims) gives the straight-through gradients of A~ @ B~."""
+    torch.manual_seed(7)
+    a = torch.randn(a_shape, requires_grad=True)
+    b = torch.randn(b_shape, requires_grad=True)
+    spec = QSpec(gi_kind="none", gw_kind="none")
+    out = fqt_matmul(a, b, spec=spec)
+    w = torch.randn(out.shape)
+    (out * w).sum().backward()
+    a_t = a.detach().clone().requires_grad_()
+    b_t = b.detach().clone().requires_grad_()
+    from fqt_compile.quantizers import fake_quantize_forward as fq
+
+    ref = torch.matmul(a_t + (fq(a_t) - a_t).detach(), b_t + (fq(b_t) - b_t).detach())
+    (ref * w).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad, a_t.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, b_t.grad, rtol=1e-5, atol=1e-5)
+    for kind in ("psq", "bhq", "hadamard", "ptq"):  # and FQT runs with the right shapes
+        a.grad = b.grad = None
+        fqt_matmul(a, b, spec=QSpec(gi_kind=kind, gi_bits=4, gw_kind="column")).sum().backward()
+        assert a.grad.shape == a.shape and b.grad.shape == b.shape
+
+
+@pytest.mark.parametrize("kind", ["ptq", "psq", "bhq", "hadamard"])
+@pytest.mark.parametrize(
+    "fn, shapes",
+    [(fqt_linear, [(16, 8), (6, 8)]), (fqt_matmul, [(2, 16, 8), (2, 8, 6)]), (fqt_matmul, [(2, 16, 8), (8, 6)])],
+    ids=["linear", "bmm", "matmul2d"],
+)
+def test_every_layout_gives_unbiased_gradients(fn, shapes, kind):
+    """Mean of K=100 FQT gradients vs the exact (QAT) gradient. For an unbiased estimator the
+    error of the mean is ~ (error of one draw) / sqrt(K) = 0.1x; a bias stays at its size.
+    Tolerance 0.25x one draw's error (2.5 standard errors on the norm). The upstream
+    gradient has rows of very different ranges, where BHQ's transform matters."""
+    torch.manual_seed(11)
+    ins = [torch.randn(s) for s in shapes]
+    exact = QSpec(gi_kind="none", gw_kind="none")
+    w = torch.randn(fn(*ins, spec=exact).shape) * torch.logspace(-2, 1, 16)[:, None]
+
+    def grads(spec):
+        ts = [t.clone().requires_grad_() for t in ins]
+        (fn(*ts, spec=spec) * w).sum().backward()
+        return [t.grad for t in ts]
+
+    ref = grads(exact)
+    spec = QSpec(gi_kind=kind, gi_bits=4, gw_kind="column", gw_bits=4)
+    draws = [grads(spec) for _ in range(100)]
+    for i, name in enumerate(("first", "second")):
+        one = torch.stack([(d[i] - ref[i]).norm() for d in draws]).mean()
+        mean_err = (torch.stack([d[i] for d in draws]).mean(0) - ref[i]).norm()
+        assert mean_err < 0.25 * one, f"{name} operand: mean error {mean_err:.4g} vs one draw {one:.4g}"

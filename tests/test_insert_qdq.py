@@ -37,24 +37,28 @@ def compile_and_step(model, x, cfg):
     return recs[0]
 
 
-# (model, input, products, products whose first operand needs no gradient)
+# (model, input, products, products whose first operand needs no gradient, convolutions)
 CASES = {
-    "mlp": (lambda: MLP(64, 32, 10, depth=2), lambda: torch.randn(8, 64), 3, 1),
-    "cnn": (lambda: SmallCNN(width=8), lambda: torch.randn(4, 1, 8, 8), 5, 1),
-    "block": (lambda: TransformerBlock(32, 4), lambda: torch.randn(2, 8, 32), 6, 0),
+    "mlp": (lambda: MLP(64, 32, 10, depth=2), lambda: torch.randn(8, 64), 3, 1, 0),
+    "cnn": (lambda: SmallCNN(width=8), lambda: torch.randn(4, 1, 8, 8), 5, 1, 4),
+    "block": (lambda: TransformerBlock(32, 4), lambda: torch.randn(2, 8, 32), 6, 0, 0),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_forward_and_backward_graphs_hold_the_expected_quantizers(name):
-    make, make_x, products, no_input_grad = CASES[name]
+    make, make_x, products, no_input_grad, convs = CASES[name]
     torch.manual_seed(0)
     rec = compile_and_step(make(), make_x(), FQTConfig.recipe("psq8", compiler="eager"))
     assert len(rec.insert.quantized) == (products if name != "block" else products - 1)  # sdpa = 2 products
     fw, bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
-    # forward: Q_f on the input and Q_w on the weight (or Q_f on both activations) per product
-    assert fw["quantize"] == 2 * products and fw["dequantize"] == 2 * products
+    # forward: Q_f on the input and Q_w on the weight (or Q_f on both activations) per product;
+    # matmul-like products run as one fqt::qmm on the codes, convolutions on dequantized codes
+    assert fw["quantize"] == 2 * products
+    assert fw["qmm"] == products - convs and fw["dequantize"] == 2 * convs
     assert fw["sr_quantize"] == 0
+    # backward: one fqt::qmm per GEMM path (grad_input where needed, grad_weight always)
+    assert bw["qmm"] == 2 * (products - convs) - (no_input_grad if convs == 0 else 0)
     # backward: Q_b1 (per-row, PSQ) per product whose input needs a gradient, Q_b2 (per-column)
     # per product
     assert bw["sr_quantize:row"] == products - no_input_grad

@@ -1,0 +1,116 @@
+"""GEMM ops of the ``fqt`` library: the simulated quantized product and the integer kernel.
+
+``fqt::qmm`` is the form in which every GEMM of a covered product appears in the aten
+forward and backward graphs::
+
+    qmm(a_codes, a_scale, a_offset, b_codes, b_scale, b_offset, a_bits, b_bits, tag)
+        = (a_codes * a_scale + a_offset) @ (b_codes * b_scale + b_offset)      (float32)
+
+with ``a`` of shape (M, K) or (B, M, K), ``b`` (K, N) or (B, K, N), scales and offsets
+broadcastable to their codes. Its implementation is the *simulated* product (dequantize, float
+matmul). ``tag`` is ``"<module path>:<gemm>"`` with gemm ``output``, ``grad_input`` or
+``grad_weight``, so passes and the inspection report know which GEMM a node is.
+``a_codes`` may also be a float tensor (scale 1, offset 0): an operand that is not integer
+codes, e.g. a BHQ estimate whose inverse transform mixes the contracted axis. Such a node can
+never be lowered, and the lowering pass says why.
+
+``fqt::int_mm`` is the integer kernel the lowering pass uses where ``aten._int_mm`` alone does
+not fit: batched operands, or a contraction long enough to overflow int32 accumulation
+(split into chunks whose int32 sums are exact), or CUDA shapes cuBLASLt rejects (padded).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["qmm", "int_mm", "int32_safe_k"]
+
+
+def int32_safe_k(a_bits: int, b_bits: int) -> int:
+    """Largest K with K * max|a| * max|b| <= 2^31 - 1 for codes of these bit-widths
+    (|code| <= 2^(bits-1))."""
+    return (2**31 - 1) // (2 ** (a_bits - 1) * 2 ** (b_bits - 1))
+
+
+def _check_gemm(a: Tensor, b: Tensor, what: str) -> None:
+    torch._check(a.dim() in (2, 3) and b.dim() == a.dim(), lambda: f"{what}: operands must both be 2-D or 3-D")
+    torch._check(a.shape[-1] == b.shape[-2], lambda: f"{what}: contraction sizes differ: {a.shape} @ {b.shape}")
+
+
+@torch.library.custom_op("fqt::qmm", mutates_args=())
+def qmm(
+    a_codes: Tensor,
+    a_scale: Tensor,
+    a_offset: Tensor,
+    b_codes: Tensor,
+    b_scale: Tensor,
+    b_offset: Tensor,
+    a_bits: int,
+    b_bits: int,
+    tag: str,
+) -> Tensor:
+    """Simulated quantized GEMM (see module docstring)."""
+    _check_gemm(a_codes, b_codes, f"fqt::qmm[{tag}]")
+    a = a_codes.to(torch.float32) * a_scale + a_offset
+    b = b_codes.to(torch.float32) * b_scale + b_offset
+    return torch.matmul(a, b)
+
+
+@qmm.register_fake
+def _(a_codes, a_scale, a_offset, b_codes, b_scale, b_offset, a_bits, b_bits, tag):
+    _check_gemm(a_codes, b_codes, f"fqt::qmm[{tag}]")
+    shape = (*a_codes.shape[:-1], b_codes.shape[-1])
+    return a_codes.new_empty(shape, dtype=torch.float32)
+
+
+def _pad_to(x: Tensor, dim: int, multiple: int) -> Tensor:
+    pad = (-x.shape[dim]) % multiple
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _int_mm_2d(a: Tensor, b: Tensor) -> Tensor:
+    if a.is_cuda:
+        # cuBLASLt int8 GEMM: M > 16, K and N multiples of 8. Zero padding is exact.
+        m, n = a.shape[0], b.shape[1]
+        a = _pad_to(_pad_to(a, 1, 8), 0, 8)
+        if a.shape[0] <= 16:
+            a = torch.cat([a, a.new_zeros(24 - a.shape[0], a.shape[1])])
+        b = _pad_to(_pad_to(b, 0, 8), 1, 8)
+        return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
+    return torch._int_mm(a.contiguous(), b.contiguous())
+
+
+@torch.library.custom_op("fqt::int_mm", mutates_args=())
+def int_mm(a_codes: Tensor, b_codes: Tensor, max_k: int) -> Tensor:
+    """Exact integer GEMM of int8 codes, returned as float32: ``a @ b`` with int32
+    accumulation over chunks of at most ``max_k`` (see :func:`int32_safe_k`), each chunk's
+    exact int32 sum converted to float32 and added. (M, K) @ (K, N) or batched (B, M, K) @
+    (B, K, N)."""
+    _check_gemm(a_codes, b_codes, "fqt::int_mm")
+    if max_k < 1:
+        raise ValueError(f"fqt::int_mm: max_k must be >= 1, got {max_k}")
+    k = a_codes.shape[-1]
+
+    def one(a: Tensor, b: Tensor) -> Tensor:
+        if k <= max_k:
+            return _int_mm_2d(a, b).to(torch.float32)
+        out = None
+        for start in range(0, k, max_k):
+            part = _int_mm_2d(a[:, start:start + max_k], b[start:start + max_k]).to(torch.float32)
+            out = part if out is None else out + part
+        return out
+
+    if a_codes.dim() == 2:
+        return one(a_codes, b_codes)
+    return torch.stack([one(a, b) for a, b in zip(a_codes.unbind(0), b_codes.unbind(0))])
+
+
+@int_mm.register_fake
+def _(a_codes, b_codes, max_k):
+    _check_gemm(a_codes, b_codes, "fqt::int_mm")
+    return a_codes.new_empty((*a_codes.shape[:-1], b_codes.shape[-1]), dtype=torch.float32)
