@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
+from .passes.lower_int_gemm import lower_int_gemm
 
 __all__ = ["FQTBackend", "GraphRecord", "fqt_backend", "fqt_eager_backend", "resolve_config"]
 
@@ -88,7 +89,7 @@ class FQTBackend:
 
     #: aten-level passes run on each forward/backward/inference graph before the inner
     #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
-    aten_passes: list[tuple[str, AtenPass]] = []
+    aten_passes: list[tuple[str, AtenPass]] = [("lower_int_gemm", lower_int_gemm)]
 
     def __init__(self, config: FQTConfig | str | dict | None = None, *, max_records: int = 64) -> None:
         self.config = resolve_config(config)

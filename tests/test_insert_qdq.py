@@ -20,11 +20,14 @@ def fqt_counts(gm: fx.GraphModule) -> Counter:
     """Counts of fqt:: op nodes by op name, plus sr_quantize by granularity."""
     c: Counter = Counter()
     for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten._int_mm.default:
+            c["aten_int_mm"] += 1
         if n.op == "call_function" and str(n.target).startswith("fqt."):
             name = str(n.target).split(".")[1]
             c[name] += 1
             if name == "sr_quantize":
                 c[f"sr_quantize:{n.args[3]}"] += 1
+    c["gemm"] = c["qmm"] + c["int_mm"] + c["aten_int_mm"]  # simulated + lowered
     return c
 
 
@@ -55,10 +58,10 @@ def test_forward_and_backward_graphs_hold_the_expected_quantizers(name):
     # forward: Q_f on the input and Q_w on the weight (or Q_f on both activations) per product;
     # matmul-like products run as one fqt::qmm on the codes, convolutions on dequantized codes
     assert fw["quantize"] == 2 * products
-    assert fw["qmm"] == products - convs and fw["dequantize"] == 2 * convs
+    assert fw["gemm"] == products - convs and fw["dequantize"] == 2 * convs
     assert fw["sr_quantize"] == 0
     # backward: one fqt::qmm per GEMM path (grad_input where needed, grad_weight always)
-    assert bw["qmm"] == 2 * (products - convs) - (no_input_grad if convs == 0 else 0)
+    assert bw["gemm"] == 2 * (products - convs) - (no_input_grad if convs == 0 else 0)
     # backward: Q_b1 (per-row, PSQ) per product whose input needs a gradient, Q_b2 (per-column)
     # per product
     assert bw["sr_quantize:row"] == products - no_input_grad

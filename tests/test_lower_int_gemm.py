@@ -1,0 +1,202 @@
+"""passes.lower_int_gemm: the lowered graph computes what the simulated graph computes.
+
+Each pattern runs the same model twice, lowering on and off (``lower_int_gemm``), from the same
+seed: the codes are identical, the integer GEMM is exact, so outputs and gradients agree to
+float rounding. Tolerance: relative 1e-5 of the tensor's scale (float32 epilogue vs a float32
+matmul of dequantized codes, both accumulating ~K products with ~1e-7 relative rounding each).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fqt_compile
+from fqt_compile import FQTConfig, ForwardSpec, GradSpec
+from fqt_compile.gemm import int32_safe_k
+from fqt_compile.models import MLP, SmallCNN, TransformerBlock
+from fqt_compile.passes.lower_int_gemm import LowerResult, lower_int_gemm
+
+from test_insert_qdq import fqt_counts
+
+
+def _lowering(rec, kind) -> LowerResult:
+    (name, res), = [(n, r) for n, r in rec.aten_passes[kind] if n == "lower_int_gemm"]
+    return res
+
+
+def _run(model, x, cfg, seed=5):
+    fqt_compile.compile(model, cfg)
+    torch.manual_seed(seed)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), grads, fqt_compile.records(model)[-1]
+
+
+def _close(a, b, what):
+    scale = b.abs().max().clamp(min=1e-12)
+    assert ((a - b).abs().max() / scale) < 1e-5, f"{what}: max rel diff {((a - b).abs().max() / scale):.3g}"
+
+
+class Bmm(nn.Module):
+    """One batched product: (2, 8, 16) @ (2, 16, 12)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(2, 16, 12))
+
+    def forward(self, x):
+        return torch.matmul(x, self.p)
+
+
+FORWARD = {
+    "affine8": ForwardSpec(8),
+    "symmetric8": ForwardSpec(8, symmetric=True),
+    "affine4": ForwardSpec(4, zero_aligned=False),
+    "symmetric4": ForwardSpec(4, symmetric=True),
+}
+
+
+@pytest.mark.parametrize("fwd", sorted(FORWARD))
+@pytest.mark.parametrize("gi_kind, gw_kind", [("ptq", "ptq"), ("psq", "column"), ("bhq", "column"), ("hadamard", "psq"), ("column", "bhq")])
+@pytest.mark.parametrize("model", ["linear", "bmm"])
+def test_lowered_equals_simulated_with_the_same_draws(model, gi_kind, gw_kind, fwd):
+    """One product per graph, so both runs see the same upstream gradient G and draw the same
+    codes; in a deeper network a float-rounding difference upstream can move a stochastic
+    rounding decision by one level, which is not what this test is about."""
+    bits = FORWARD[fwd].bits
+    torch.manual_seed(0)
+    if model == "linear":
+        base, x = nn.Linear(24, 40), torch.randn(12, 24, requires_grad=True)
+    else:
+        base, x = Bmm(), torch.randn(2, 8, 16, requires_grad=True)
+    cfg = FQTConfig(
+        input=FORWARD[fwd], weight=FORWARD[fwd], grad_input=GradSpec(gi_kind, bits),
+        grad_weight=GradSpec(gw_kind, bits), compiler="eager",
+    )  # fmt: skip
+    import dataclasses
+
+    out_l, g_l, rec_l = _run(copy.deepcopy(base), x, cfg)
+    gx_l, x.grad = x.grad, None
+    out_s, g_s, rec_s = _run(copy.deepcopy(base), x, dataclasses.replace(cfg, lower_int_gemm=False))
+    _close(out_l, out_s, "output")
+    _close(gx_l, x.grad, "grad_input")
+    for n in g_s:
+        _close(g_l[n], g_s[n], n)
+    fw, bw = _lowering(rec_l, "forward"), _lowering(rec_l, "backward")
+    assert fw.lowered and len(fw.lowered) == len(fw.decisions), "every output GEMM lowers"
+    by_gemm = {(d.gemm, model): {d.lowered} for d in bw.decisions}
+    # grad_input: per-row / per-tensor Q_b1 lowers (BHQ/Hadamard apply their inverse to the
+    # result) except in batched products, where the transform mixes batch entries; per-column
+    # Q_b1 puts a scale on the contracted axis.
+    gi_mm = {"ptq": True, "psq": True, "bhq": True, "hadamard": True, "column": False}[gi_kind]
+    gi_bmm = gi_mm and gi_kind not in ("bhq", "hadamard")
+    if model == "linear":
+        assert by_gemm[("grad_input", "linear")] == {gi_mm}
+    # grad_weight: per-tensor / per-column Q_b2 lowers; per-row (psq) scales the contracted
+    # axis; BHQ's inverse mixes it.
+    gw = {"ptq": True, "column": True, "psq": False, "bhq": False}[gw_kind]
+    assert by_gemm[("grad_weight", model)] == {gw}
+    if model == "bmm":
+        assert by_gemm[("grad_input", "bmm")] == {gi_bmm}
+    assert all(not d.lowered for d in _lowering(rec_s, "backward").decisions)
+    for d in bw.simulated:
+        assert d.reason and d.kernel == "simulated"
+
+
+def test_lowered_gemm_counts_in_training_graphs():
+    torch.manual_seed(0)
+    cases = [
+        (MLP(64, 32, 10, depth=2), torch.randn(8, 64), (3, 5), (0, 0)),
+        (SmallCNN(width=8), torch.randn(4, 1, 8, 8), (1, 2), (4, 7)),  # convs reported simulated
+        (TransformerBlock(32, 4), torch.randn(2, 8, 32), (6, 12), (0, 0)),
+    ]
+    for model, x, (fw_low, bw_low), (fw_sim, bw_sim) in cases:
+        _, _, rec = _run(model, x, FQTConfig.recipe("psq8", compiler="eager"))
+        fw, bw = _lowering(rec, "forward"), _lowering(rec, "backward")
+        assert (len(fw.lowered), len(bw.lowered)) == (fw_low, bw_low), type(model).__name__
+        assert (len(fw.simulated), len(bw.simulated)) == (fw_sim, bw_sim), type(model).__name__
+        c_fw, c_bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
+        assert c_fw["qmm"] == 0 and c_bw["qmm"] == 0
+        assert c_fw["aten_int_mm"] + c_fw["int_mm"] == fw_low
+        assert c_bw["aten_int_mm"] + c_bw["int_mm"] == bw_low
+    conv = next(d for d in _lowering(rec, "forward").decisions if d.module == "qkv")
+    assert conv.kernel == "aten._int_mm" and conv.mkn == (16, 32, 96)
+
+
+def test_per_channel_weights_keep_grad_input_simulated_with_reason():
+    torch.manual_seed(0)
+    cfg = FQTConfig(weight=ForwardSpec(8, "channel"), compiler="eager")
+    _, _, rec = _run(MLP(16, 16, 4, depth=1), torch.randn(4, 16), cfg)
+    fw, bw = _lowering(rec, "forward"), _lowering(rec, "backward")
+    assert len(fw.lowered) == 2  # per-output-channel scale is on N of the output GEMM
+    gi = [d for d in bw.decisions if d.gemm == "grad_input"]
+    assert gi and not any(d.lowered for d in gi)
+    assert "b_scale varies along the contracted axis K" in gi[0].reason
+
+
+def _qmm_graph(a, b, a_bits=8, b_bits=8):
+    one, zero = torch.ones(()), torch.zeros(())
+
+    def f(a, b):
+        return torch.ops.fqt.qmm(a, one * 0.5, zero + 0.25, b, one * 2.0, zero - 1.0, a_bits, b_bits, "m:output")
+
+    return make_fx(f, tracing_mode="fake")(a, b)
+
+
+def test_int32_overflow_is_split_and_exact():
+    """K * 128 * 128 > 2^31 - 1: a single int32 accumulation would wrap. The pass uses
+    fqt::int_mm, which sums int32-safe chunks; the result matches a float64 reference."""
+    k = int32_safe_k(8, 8) + 1000
+    assert k * 128 * 128 > 2**31 - 1
+    a = torch.full((2, k), -128, dtype=torch.int8)
+    b = torch.full((k, 3), -128, dtype=torch.int8)
+    gm = _qmm_graph(a, b)
+    res = lower_int_gemm(gm, FQTConfig())
+    (d,) = res.decisions
+    assert d.lowered and d.kernel == "fqt.int_mm" and "int32-safe chunks" in d.reason
+    ref = ((a.double() * 0.5 + 0.25) @ (b.double() * 2.0 - 1.0)).float()
+    torch.testing.assert_close(gm(a, b), ref, rtol=1e-6, atol=0)
+    wrapped = torch._int_mm(a[:, :k], b).double()  # what one int32 accumulation gives
+    assert not torch.allclose(wrapped, a.double() @ b.double())
+
+
+def test_int_mm_chunks_are_exact():
+    torch.manual_seed(0)
+    a = torch.randint(-128, 128, (5, 37), dtype=torch.int8)
+    b = torch.randint(-128, 128, (37, 6), dtype=torch.int8)
+    exact = (a.long() @ b.long()).float()
+    for max_k in (1, 7, 37, 1000):
+        assert torch.equal(torch.ops.fqt.int_mm(a, b, max_k), exact)
+    a3, b3 = a.reshape(1, 5, 37).repeat(3, 1, 1), b.reshape(1, 37, 6).repeat(3, 1, 1)
+    assert torch.equal(torch.ops.fqt.int_mm(a3, b3, 10), exact.expand(3, 5, 6))
+    with pytest.raises(RuntimeError, match="contraction sizes differ"):
+        torch.ops.fqt.int_mm(a, a, 8)
+
+
+def test_small_k_uses_aten_int_mm_and_symmetric_offsets_drop_corrections():
+    a = torch.randint(-8, 8, (4, 16), dtype=torch.int8)
+    b = torch.randint(-8, 8, (16, 5), dtype=torch.int8)
+    gm = _qmm_graph(a, b, 4, 4)
+    (d,) = lower_int_gemm(gm, FQTConfig()).decisions
+    assert d.kernel == "aten._int_mm"
+    ref = (a.float() * 0.5 + 0.25) @ (b.float() * 2.0 - 1.0)
+    torch.testing.assert_close(gm(a, b), ref)
+    # a symmetric forward quantizer: its offset is zero and the correction terms vanish
+    x = torch.randn(6, 16)
+
+    def f(x, b):
+        ca, sa, oa = torch.ops.fqt.quantize(x, 8, "symmetric", "tensor", 0)
+        return torch.ops.fqt.qmm(ca, sa, oa, b, sa, oa, 8, 8, "m:output")
+
+    gm2 = make_fx(f, tracing_mode="fake")(x, b)
+    lower_int_gemm(gm2, FQTConfig())
+    targets = [str(n.target) for n in gm2.graph.nodes]
+    assert "aten.sum.dim_IntList" not in targets
+    ca, sa, _ = torch.ops.fqt.quantize(x, 8, "symmetric", "tensor", 0)
+    torch.testing.assert_close(gm2(x, b), (ca.float() * sa) @ (b.float() * sa))
