@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
+from .passes.decompose_fqt import decompose_fqt
 from .passes.lower_int_gemm import lower_int_gemm
 
 __all__ = ["FQTBackend", "GraphRecord", "fqt_backend", "fqt_eager_backend", "resolve_config"]
@@ -132,7 +133,11 @@ class FQTBackend:
             else:
                 kind = "forward"
             self._run_aten_passes(agm, record, kind)
-            return compile_fx_inner(agm, inputs, *args, **kw)
+            # inductor gets a copy with the quantizer ops inlined, so they fuse; the record
+            # keeps the readable fqt:: form
+            fused, counts = decompose_fqt(agm)
+            record.aten_passes[kind].append(("decompose_fqt", counts))
+            return compile_fx_inner(fused, inputs, *args, **kw)
 
         return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 

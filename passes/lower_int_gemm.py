@@ -33,6 +33,7 @@ from torch._guards import detect_fake_mode
 
 from ..config import FQTConfig
 from ..gemm import int32_safe_k
+from .decompose_fqt import Emitter
 
 __all__ = ["lower_int_gemm", "LowerResult", "GemmDecision"]
 
@@ -108,21 +109,6 @@ def _is_zero_offset(node: Any) -> bool:
         and src.target is torch.ops.fqt.quantize.default
         and src.args[2] == "symmetric"
     )
-
-
-class _Emitter:
-    """Creates call_function nodes with ``meta["val"]`` computed on the fake values."""
-
-    def __init__(self, graph: fx.Graph, fake_mode: Any) -> None:
-        self.graph, self.fake_mode = graph, fake_mode
-
-    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
-        node = self.graph.call_function(target, args, kwargs)
-        if self.fake_mode is not None:
-            vargs, vkwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-            with self.fake_mode:
-                node.meta["val"] = target(*vargs, **vkwargs)
-        return node
 
 
 def _why_not(node: fx.Node, cfg: FQTConfig) -> str | None:
@@ -228,7 +214,7 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision) -> N
     max_k = int32_safe_k(a_bits, b_bits)
     f32 = torch.float32
     with graph.inserting_before(node):
-        e = _Emitter(graph, fake_mode)
+        e = Emitter(graph, fake_mode)
         # acc = cA @ cB, exact integer accumulation
         if va.dim() == 2 and va.device.type == "cpu" and isinstance(k, int) and k <= max_k:
             acc = e(_convert, e(aten._int_mm.default, a_codes, b_codes), f32)

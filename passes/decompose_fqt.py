@@ -1,0 +1,173 @@
+"""decompose_fqt: inline the fqt quantizer ops as aten ops so inductor fuses them.
+
+The op library's custom ops are opaque to inductor: each would run as a separate eager call,
+and ``fqt::sr_quantize`` in eager runs ~15 passes over memory (range, hash rounds, floor,
+cast). Written as aten ops, inductor fuses the range reduction into one kernel and the
+counter-based generator, the rounding and the int8 cast into another, and fuses the forward
+quantizer with the op that produced its input. The aten formulas are those of
+``fqt_compile.quantizers`` (the reference the tests compare against), node for node.
+
+Runs last, on a *copy* of the graph handed to inductor, so that records and the inspection
+report keep the readable ``fqt::`` form. Ops inlined: ``quantize`` (tensor granularity),
+``sr_quantize``, ``dequantize``. BHQ/Hadamard transforms and ``int_mm`` stay calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from ..rng import _MASK32, _MULT
+
+__all__ = ["decompose_fqt"]
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+fqt = torch.ops.fqt
+f32, i64, i8 = torch.float32, torch.int64, torch.int8
+
+
+class Emitter:
+    """Creates call_function nodes before a given node, with ``meta["val"]`` computed by
+    running the op on the fake values of its arguments."""
+
+    def __init__(self, graph: fx.Graph, fake_mode: Any) -> None:
+        self.graph, self.fake_mode = graph, fake_mode
+
+    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        if self.fake_mode is not None:
+            vargs, vkwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+            with self.fake_mode:
+                node.meta["val"] = target(*vargs, **vkwargs)
+        return node
+
+    # small helpers in the vocabulary of the reference implementation
+    def cast(self, x: fx.Node, dtype: torch.dtype) -> fx.Node:
+        return self(prims.convert_element_type.default, x, dtype)
+
+    def minmax(self, x: fx.Node, dims: list[int] | None) -> tuple[fx.Node, fx.Node]:
+        if dims is None:
+            return self(aten.amin.default, x, []), self(aten.amax.default, x, [])
+        return self(aten.amin.default, x, dims, True), self(aten.amax.default, x, dims, True)
+
+    def safe_scale(self, span: fx.Node, levels: int) -> fx.Node:
+        # where(scale > 0, scale, 1) for scale >= 0, without ones_like (no inductor lowering)
+        scale = self(aten.div.Tensor, span, levels)
+        return self(aten.add.Tensor, scale, self.cast(self(aten.le.Scalar, scale, 0), f32))
+
+    def clamp(self, x: fx.Node, lo: float, hi: float) -> fx.Node:
+        return self(aten.clamp_max.default, self(aten.clamp_min.default, x, lo), hi)
+
+    def hash32(self, x: fx.Node) -> fx.Node:
+        x = self(aten.bitwise_and.Scalar, x, _MASK32)
+        for _ in range(2):
+            x = self(aten.bitwise_xor.Tensor, self(aten.bitwise_right_shift.Tensor_Scalar, x, 16), x)
+            x = self(aten.bitwise_and.Scalar, self(aten.mul.Tensor, x, _MULT), _MASK32)
+        return self(aten.bitwise_xor.Tensor, self(aten.bitwise_right_shift.Tensor_Scalar, x, 16), x)
+
+
+def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node) -> fx.Node:
+    # rng.uniform_from_seed for an (N, D) tensor: index i = row * D + col
+    val = x.meta["val"]
+    n, d = e(aten.sym_size.int, x, 0), e(aten.sym_size.int, x, 1)
+    rows = e(aten.arange.start_step, 0, n, 1, dtype=i64, device=val.device)
+    cols = e(aten.arange.start_step, 0, d, 1, dtype=i64, device=val.device)
+    idx = e(aten.add.Tensor, e(aten.mul.Tensor, e(aten.unsqueeze.default, rows, 1), d), e(aten.unsqueeze.default, cols, 0))
+    s_lo = e.hash32(seed)
+    s_hi = e.hash32(e(aten.bitwise_xor.Scalar, e(aten.bitwise_right_shift.Tensor_Scalar, seed, 32), 0x5BD1E995))
+    h = e.hash32(e(aten.bitwise_xor.Tensor, e(aten.bitwise_and.Scalar, idx, _MASK32), s_lo))
+    hi = e(aten.bitwise_and.Scalar, e(aten.add.Tensor, s_hi, e(aten.bitwise_right_shift.Tensor_Scalar, idx, 32)), _MASK32)
+    h = e.hash32(e(aten.bitwise_xor.Tensor, h, hi))
+    return e(aten.mul.Tensor, e.cast(e(aten.bitwise_right_shift.Tensor_Scalar, h, 8), f32), 1.0 / 16777216.0)
+
+
+def _sr_quantize(e: Emitter, x, seed, bits, gran):
+    half, levels = 2 ** (bits - 1), 2**bits - 1
+    xf = e.cast(x, f32)
+    dims = {"tensor": None, "row": [1], "column": [0]}[gran]
+    lo, hi = e.minmax(xf, dims)
+    scale = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
+    y = e(aten.add.Tensor, e(aten.div.Tensor, e(aten.sub.Tensor, xf, lo), scale), _uniform_2d(e, x, seed))
+    codes = e(aten.sub.Tensor, e.clamp(e(aten.floor.default, y), 0, levels), half)
+    offset = e(aten.add.Tensor, lo, e(aten.mul.Tensor, scale, half))
+    return e.cast(codes, i8), scale, offset
+
+
+def _quantize(e: Emitter, x, bits, scheme, gran, axis):
+    half, levels = 2 ** (bits - 1), 2**bits - 1
+    xf = e.cast(x, f32)
+    lo, hi = e.minmax(xf, None)
+    if scheme == "symmetric":
+        qmax = half - 1
+        scale = e.safe_scale(e(aten.maximum.default, e(aten.abs.default, lo), e(aten.abs.default, hi)), qmax)
+        codes = e.clamp(e(aten.round.default, e(aten.div.Tensor, xf, scale)), -qmax, qmax)
+        offset = e(aten.mul.Tensor, scale, 0.0)
+    elif scheme == "affine":
+        scale = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
+        q = e(aten.round.default, e(aten.div.Tensor, e(aten.sub.Tensor, xf, lo), scale))
+        codes = e(aten.sub.Tensor, e.clamp(q, 0, levels), half)
+        offset = e(aten.add.Tensor, lo, e(aten.mul.Tensor, scale, half))
+    else:  # affine_zero
+        lo = e(aten.clamp_max.default, lo, 0.0)
+        hi = e(aten.clamp_min.default, hi, 0.0)
+        scale = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
+        zero = e.clamp(e(aten.round.default, e(aten.div.Tensor, e(aten.neg.default, lo), scale)), 0, levels)
+        q = e(aten.add.Tensor, e(aten.round.default, e(aten.div.Tensor, xf, scale)), zero)
+        codes = e(aten.sub.Tensor, e.clamp(q, 0, levels), half)
+        offset = e(aten.mul.Tensor, e(aten.neg.default, e(aten.sub.Tensor, zero, half)), scale)
+    return e.cast(codes, i8), scale, offset
+
+
+def _dequantize(e: Emitter, codes, scale, offset, dtype):
+    out = e(aten.add.Tensor, e(aten.mul.Tensor, e.cast(codes, f32), scale), offset)
+    return out if dtype == f32 else e.cast(out, dtype)
+
+
+def _replace_multi(node: fx.Node, outs: tuple[fx.Node, ...]) -> None:
+    for user in list(node.users):
+        assert user.target is operator.getitem, user.format_node()
+        user.replace_all_uses_with(outs[user.args[1]])
+        node.graph.erase_node(user)
+    node.graph.erase_node(node)
+
+
+def decompose_fqt(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
+    """A copy of ``gm`` with the fqt quantizer ops inlined; and counts of what was inlined."""
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    rv = graph.graph_copy(gm.graph, val_map)
+    old_out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    graph.output(rv).meta.update(old_out.meta)
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+    counts: dict[str, int] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        t = node.target
+        with graph.inserting_before(node):
+            e = Emitter(graph, fake_mode)
+            if t is fqt.sr_quantize.default:
+                _replace_multi(node, _sr_quantize(e, *node.args))
+            elif t is fqt.quantize.default and node.args[3] == "tensor":
+                _replace_multi(node, _quantize(e, *node.args))
+            elif t is fqt.dequantize.default:
+                new = _dequantize(e, *node.args)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+            else:
+                continue
+        name = str(t).split(".")[1]
+        counts[name] = counts.get(name, 0) + 1
+    graph.eliminate_dead_code()
+    graph.lint()
+    new_gm = fx.GraphModule(gm, graph)
+    log.debug("decompose_fqt: %s", counts)
+    return new_gm, counts
