@@ -105,6 +105,16 @@ def _enum_value(cls: type[enum.Enum], value: Any, where: str) -> Any:
         raise ValueError(f"{where}: invalid value {value!r}; valid choices: {valid}") from None
 
 
+def _from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls(**data)`` for nested plain data, with unknown keys named next to the valid ones
+    (a bare ``cls(**data)`` raises a TypeError that lists neither)."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}; valid fields: {valid}")
+    return cls(**data)
+
+
 def _check_bits(bits: Any, where: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(
@@ -189,7 +199,7 @@ class Override:
                           ("grad_input", GradSpec), ("grad_weight", GradSpec)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                object.__setattr__(self, name, cls(**value))
+                object.__setattr__(self, name, _from_mapping(cls, value, f"Override.{name}"))
             elif value is not None and not isinstance(value, cls):
                 raise TypeError(f"Override.{name} must be a {cls.__name__} or None, got {value!r}")
 
@@ -230,7 +240,7 @@ class FQTConfig:
                           ("grad_input", GradSpec), ("grad_weight", GradSpec)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                object.__setattr__(self, name, cls(**value))
+                object.__setattr__(self, name, _from_mapping(cls, value, f"FQTConfig.{name}"))
             elif not isinstance(value, cls):
                 raise TypeError(f"FQTConfig.{name} must be a {cls.__name__}, got {value!r}")
         ops = self.ops
@@ -240,7 +250,8 @@ class FQTConfig:
             self, "ops", frozenset(_enum_value(OpKind, o, "FQTConfig.ops") for o in ops)
         )
         overrides = tuple(
-            Override(**o) if isinstance(o, dict) else o for o in (self.overrides or ())
+            _from_mapping(Override, o, "FQTConfig.overrides") if isinstance(o, dict) else o
+            for o in (self.overrides or ())
         )
         for o in overrides:
             if not isinstance(o, Override):
@@ -278,7 +289,8 @@ class FQTConfig:
             data["ops"] = frozenset(data["ops"])
         if "overrides" in data:
             data["overrides"] = tuple(
-                Override(**o) if isinstance(o, dict) else o for o in data["overrides"]
+                _from_mapping(Override, o, "FQTConfig.overrides") if isinstance(o, dict) else o
+                for o in data["overrides"]
             )
         if recipe is not None:
             return cls.recipe(recipe, **data)

@@ -51,7 +51,8 @@ def quantize(x: Tensor, bits: int, scheme: str, granularity: str, axis: int) -> 
     """Forward quantizer (round to nearest). Returns ``(codes, scale, offset)``."""
     q = Q.quantize_forward(x, bits, scheme, granularity, axis)
     shape = _forward_range_shape(x, granularity, axis)
-    return q.codes, q.scale.reshape(shape).contiguous(), q.offset.reshape(shape).contiguous()
+    # expand, not reshape: for an empty input the quantizer returns 0-d ranges.
+    return q.codes, q.scale.expand(shape).contiguous(), q.offset.expand(shape).contiguous()
 
 
 @quantize.register_fake
@@ -113,7 +114,8 @@ def sr_quantize(x2d: Tensor, seed: Tensor, bits: int, granularity: str) -> tuple
     """Unbiased stochastic rounding of an (N, D) tensor. Returns ``(codes, scale, offset)``."""
     q = Q.stochastic_quantize(x2d, bits, granularity, seed)  # type: ignore[arg-type]
     shape = _sr_range_shape(x2d, granularity)
-    return q.codes, q.scale.reshape(shape).contiguous(), q.offset.reshape(shape).contiguous()
+    # expand, not reshape: for an empty input the quantizer returns 0-d ranges.
+    return q.codes, q.scale.expand(shape).contiguous(), q.offset.expand(shape).contiguous()
 
 
 @sr_quantize.register_fake

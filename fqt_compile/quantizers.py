@@ -31,6 +31,7 @@ hadamard   (extra) block Hadamard                      per row, after a normaliz
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -105,12 +106,18 @@ def _check_finite_range(lo: torch.Tensor, hi: torch.Tensor, name: str) -> None:
         )
 
 
-def _safe_scale(span: torch.Tensor, levels: int) -> torch.Tensor:
-    # A zero range (all-equal values) gets scale 1: every element then maps exactly to the
-    # offset, which is the value itself. Guarding the span, not the scale, avoids denormal
-    # scales that would make (x - lo) / scale overflow.
+def _safe_scale(span: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, divisor)``: ``scale = span / levels`` is what the representation stores;
+    ``divisor`` is the same with zeros replaced by 1, to map values to levels without 0 / 0.
+
+    A zero range (all-equal values, e.g. a constant row or a row of one element) stores
+    scale 0, so ``codes * scale + offset`` is exactly the offset, i.e. the value itself.
+    (A stored scale of 1 would put the value through ``(value + 2^(b-1)) - 2^(b-1)`` in
+    float32, which rounds it to a multiple of about 2^-16: a deterministic bias, and 0 for
+    gradients below ~1e-5.)
+    """
     scale = span / levels
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _reduce_dims(x: torch.Tensor, granularity: str, axis: int) -> tuple[int, ...] | None:
@@ -159,21 +166,21 @@ def quantize_forward(
     _check_finite_range(lo, hi, name)
     if scheme == "symmetric":
         qmax = half - 1
-        scale = _safe_scale(torch.maximum(lo.abs(), hi.abs()), qmax)
-        codes = torch.clamp(torch.round(xf / scale), -qmax, qmax)
+        scale, div = _safe_scale(torch.maximum(lo.abs(), hi.abs()), qmax)
+        codes = torch.clamp(torch.round(xf / div), -qmax, qmax)
         offset = torch.zeros_like(scale)
     elif scheme == "affine":
         levels = 2**bits - 1
-        scale = _safe_scale(hi - lo, levels)
-        codes = torch.clamp(torch.round((xf - lo) / scale), 0, levels) - half
+        scale, div = _safe_scale(hi - lo, levels)
+        codes = torch.clamp(torch.round((xf - lo) / div), 0, levels) - half
         offset = lo + half * scale
     else:  # affine_zero
         levels = 2**bits - 1
         lo = torch.clamp(lo, max=0.0)
         hi = torch.clamp(hi, min=0.0)
-        scale = _safe_scale(hi - lo, levels)
-        zero = torch.clamp(torch.round(-lo / scale), 0, levels)  # the level of 0.0
-        codes = torch.clamp(torch.round(xf / scale) + zero, 0, levels) - half
+        scale, div = _safe_scale(hi - lo, levels)
+        zero = torch.clamp(torch.round(-lo / div), 0, levels)  # the level of 0.0
+        codes = torch.clamp(torch.round(xf / div) + zero, 0, levels) - half
         offset = -(zero - half) * scale
     return QuantizedTensor(codes.to(torch.int8), scale, offset, bits, x.dtype)
 
@@ -200,8 +207,8 @@ def as_rows(x: torch.Tensor, row_dims: int = -1) -> torch.Tensor:
     k = x.dim() - 1 if row_dims < 0 else row_dims
     if not 1 <= k < x.dim():
         raise ValueError(f"row_dims must be in [1, {x.dim() - 1}] for a {x.dim()}-d tensor, got {row_dims}")
-    n = math.prod(x.shape[:k])
-    return x.reshape(n, -1)
+    # Explicit sizes, not -1: reshape(n, -1) is ambiguous for empty tensors.
+    return x.reshape(math.prod(x.shape[:k]), math.prod(x.shape[k:]))
 
 
 def stochastic_quantize(
@@ -239,9 +246,9 @@ def stochastic_quantize(
     else:
         raise ValueError(f"granularity must be 'tensor', 'row' or 'column', got {granularity!r}")
     _check_finite_range(lo, hi, name)
-    scale = _safe_scale(hi - lo, levels)
+    scale, div = _safe_scale(hi - lo, levels)
     u = uniform_from_seed(seed, xf.shape, device=xf.device)
-    codes = torch.clamp(torch.floor((xf - lo) / scale + u), 0, levels) - half
+    codes = torch.clamp(torch.floor((xf - lo) / div + u), 0, levels) - half
     return QuantizedTensor(codes.to(torch.int8), scale, lo + half * scale, bits, x2d.dtype)
 
 
@@ -462,10 +469,11 @@ def quantize_grad(
         lo, hi = (x2d.amin(), x2d.amax()) if x2d.numel() else (x2d.new_zeros(()),) * 2
         _check_finite_range(lo, hi, name)
         y, plan = bhq_transform(x2d)
-        q = stochastic_quantize(y, bits, "row", seed, name=name)
+        # y is float32; q.dtype records the gradient's dtype, which dequantize_grad returns.
+        q = dataclasses.replace(stochastic_quantize(y, bits, "row", seed, name=name), dtype=x.dtype)
         return GradQuantized(kind, q, x.shape, row_dims, plan=plan)
     y = hadamard_transform(x2d, block)
-    q = stochastic_quantize(y, bits, "row", seed, name=name)
+    q = dataclasses.replace(stochastic_quantize(y, bits, "row", seed, name=name), dtype=x.dtype)
     return GradQuantized(kind, q, x.shape, row_dims, block=block)
 
 

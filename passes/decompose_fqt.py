@@ -58,10 +58,11 @@ class Emitter:
             return self(aten.amin.default, x, []), self(aten.amax.default, x, [])
         return self(aten.amin.default, x, dims, True), self(aten.amax.default, x, dims, True)
 
-    def safe_scale(self, span: fx.Node, levels: int) -> fx.Node:
-        # where(scale > 0, scale, 1) for scale >= 0, without ones_like (no inductor lowering)
+    def safe_scale(self, span: fx.Node, levels: int) -> tuple[fx.Node, fx.Node]:
+        # quantizers._safe_scale: the stored scale (0 for a zero range) and the divisor (the
+        # scale with 0 -> 1), written without ones_like/where (no inductor lowering needed)
         scale = self(aten.div.Tensor, span, levels)
-        return self(aten.add.Tensor, scale, self.cast(self(aten.le.Scalar, scale, 0), f32))
+        return scale, self(aten.add.Tensor, scale, self.cast(self(aten.le.Scalar, scale, 0), f32))
 
     def clamp(self, x: fx.Node, lo: float, hi: float) -> fx.Node:
         return self(aten.clamp_max.default, self(aten.clamp_min.default, x, lo), hi)
@@ -94,8 +95,8 @@ def _sr_quantize(e: Emitter, x, seed, bits, gran):
     xf = e.cast(x, f32)
     dims = {"tensor": None, "row": [1], "column": [0]}[gran]
     lo, hi = e.minmax(xf, dims)
-    scale = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
-    y = e(aten.add.Tensor, e(aten.div.Tensor, e(aten.sub.Tensor, xf, lo), scale), _uniform_2d(e, x, seed))
+    scale, div = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
+    y = e(aten.add.Tensor, e(aten.div.Tensor, e(aten.sub.Tensor, xf, lo), div), _uniform_2d(e, x, seed))
     codes = e(aten.sub.Tensor, e.clamp(e(aten.floor.default, y), 0, levels), half)
     offset = e(aten.add.Tensor, lo, e(aten.mul.Tensor, scale, half))
     return e.cast(codes, i8), scale, offset
@@ -107,20 +108,20 @@ def _quantize(e: Emitter, x, bits, scheme, gran, axis):
     lo, hi = e.minmax(xf, None)
     if scheme == "symmetric":
         qmax = half - 1
-        scale = e.safe_scale(e(aten.maximum.default, e(aten.abs.default, lo), e(aten.abs.default, hi)), qmax)
-        codes = e.clamp(e(aten.round.default, e(aten.div.Tensor, xf, scale)), -qmax, qmax)
+        scale, div = e.safe_scale(e(aten.maximum.default, e(aten.abs.default, lo), e(aten.abs.default, hi)), qmax)
+        codes = e.clamp(e(aten.round.default, e(aten.div.Tensor, xf, div)), -qmax, qmax)
         offset = e(aten.mul.Tensor, scale, 0.0)
     elif scheme == "affine":
-        scale = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
-        q = e(aten.round.default, e(aten.div.Tensor, e(aten.sub.Tensor, xf, lo), scale))
+        scale, div = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
+        q = e(aten.round.default, e(aten.div.Tensor, e(aten.sub.Tensor, xf, lo), div))
         codes = e(aten.sub.Tensor, e.clamp(q, 0, levels), half)
         offset = e(aten.add.Tensor, lo, e(aten.mul.Tensor, scale, half))
     else:  # affine_zero
         lo = e(aten.clamp_max.default, lo, 0.0)
         hi = e(aten.clamp_min.default, hi, 0.0)
-        scale = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
-        zero = e.clamp(e(aten.round.default, e(aten.div.Tensor, e(aten.neg.default, lo), scale)), 0, levels)
-        q = e(aten.add.Tensor, e(aten.round.default, e(aten.div.Tensor, xf, scale)), zero)
+        scale, div = e.safe_scale(e(aten.sub.Tensor, hi, lo), levels)
+        zero = e.clamp(e(aten.round.default, e(aten.div.Tensor, e(aten.neg.default, lo), div)), 0, levels)
+        q = e(aten.add.Tensor, e(aten.round.default, e(aten.div.Tensor, xf, div)), zero)
         codes = e(aten.sub.Tensor, e.clamp(q, 0, levels), half)
         offset = e(aten.mul.Tensor, e(aten.neg.default, e(aten.sub.Tensor, zero, half)), scale)
     return e.cast(codes, i8), scale, offset

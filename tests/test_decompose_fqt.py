@@ -30,6 +30,8 @@ def test_inlined_graph_is_exactly_the_op_library(tracing_mode):
     torch.manual_seed(0)
     x = torch.randn(7, 5) * 3
     g = torch.randn(33, 19) * torch.logspace(-3, 1, 33)[:, None]
+    g[3] = 0.25  # a constant row: scale 0, the value comes back exactly
+    g[5] = 0.0
     seed = torch.tensor(123456789012345, dtype=torch.int64)
     gm = make_fx(_program, tracing_mode=tracing_mode)(x, g, seed)
     fused, counts = decompose_fqt(gm)
@@ -38,6 +40,7 @@ def test_inlined_graph_is_exactly_the_op_library(tracing_mode):
     for a, b in zip(gm(x, g, seed), fused(x, g, seed)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
+    assert torch.zeros(()) in fused(torch.zeros(4, 4), g, seed)[1]  # all-zero input: scale 0
     # a symbolic graph stays symbolic: other shapes run
     if tracing_mode == "symbolic":
         x2, g2 = torch.randn(4, 9), torch.randn(12, 3)

@@ -1,0 +1,125 @@
+"""Tests of :mod:`fqt_compile.rng`, the counter-based generator behind stochastic rounding.
+
+Statistical checks use ``n = 2**20`` draws; for i.i.d. U[0, 1) values each tolerance is five
+standard errors of the statistic, derived next to the assertion.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fqt_compile.rng import hash32, new_seed, uniform_from_seed
+
+N = 2**20
+
+
+def _u(seed: int, n: int = N) -> torch.Tensor:
+    return uniform_from_seed(torch.tensor(seed, dtype=torch.int64), (n,))
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double() - a.double().mean()
+    b = b.double() - b.double().mean()
+    return float((a * b).mean() / (a.std() * b.std()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**40 + 3, 2**62 - 1])
+def test_values_in_unit_interval_on_the_2_pow_minus_24_grid(seed):
+    u = _u(seed)
+    assert u.dtype == torch.float32 and u.shape == (N,)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    k = u * 2**24  # exact in float32
+    assert torch.equal(k, torch.floor(k))
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**33 + 1])
+def test_mean_variance_and_histogram(seed):
+    u = _u(seed).double()
+    # mean: SE = sqrt(1/12 / n) = 2.8e-4 -> 5 SE = 1.4e-3
+    assert abs(float(u.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / N)
+    # variance: Var((u - 1/2)^2) = 1/80 - 1/144 = 1/180, SE = sqrt(1/180 / n) = 7.3e-5
+    assert abs(float(((u - 0.5) ** 2).mean()) - 1 / 12) < 5 * math.sqrt(1 / 180 / N)
+    # 64-bin histogram: chi^2 with 63 degrees of freedom, mean 63, sd sqrt(126) = 11.2
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    chi2 = float(((counts - N / 64) ** 2 / (N / 64)).sum())
+    assert chi2 < 63 + 5 * math.sqrt(2 * 63), chi2
+
+
+@pytest.mark.parametrize("lag", [1, 2, 3, 16, 255, 1024, 65536])
+def test_no_correlation_between_nearby_indices(lag):
+    # Sample correlation of independent pairs: SE = 1 / sqrt(n - lag) ~ 1e-3 -> 5 SE.
+    u = _u(42)
+    r = _corr(u[:-lag], u[lag:])
+    assert abs(r) < 5 / math.sqrt(N - lag), (lag, r)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 99, 2**31 - 1, 2**32 - 1, 2**40])
+def test_seed_and_next_seed_are_unrelated(seed):
+    a, b = _u(seed), _u(seed + 1)
+    assert abs(_corr(a, b)) < 5 / math.sqrt(N)
+    # P(two independent 24-bit draws are equal) = 2^-24: expect ~0.06 equal pairs in 2^20.
+    assert int((a == b).sum()) <= 5
+    # The high seed bits matter too: s and s + 2^32 give different streams.
+    c = _u(seed + 2**32)
+    assert abs(_corr(a, c)) < 5 / math.sqrt(N) and int((a == c).sum()) <= 5
+
+
+def test_same_seed_same_draws_and_shape_handling():
+    s = torch.tensor(2024)
+    a = uniform_from_seed(s, (3, 5, 7))
+    assert a.shape == (3, 5, 7)
+    assert torch.equal(a, uniform_from_seed(s, torch.Size([3, 5, 7])))
+    # Row-major index: a shape is a view of the flat stream.
+    assert torch.equal(a.flatten(), uniform_from_seed(s, (105,)))
+    assert uniform_from_seed(s, ()).shape == ()
+    assert uniform_from_seed(s, (0, 4)).shape == (0, 4)
+
+
+def test_large_index_counts_are_fast_and_distinct():
+    # 4M elements; the stream does not repeat itself at a shift of 2^20 or 2^21 (the
+    # counter index is hashed, not truncated).
+    # (Its speed shows in --durations; tests hold no timing asserts.)
+    n = 2**22
+    u = _u(5, n)
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    assert abs(float(u.double().mean()) - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    for shift in (2**20, 2**21):
+        assert int((u[:shift] == u[shift : 2 * shift]).sum()) <= 5
+
+
+def test_hash32_is_a_32_bit_mixer():
+    x = torch.arange(2**16, dtype=torch.int64)
+    h = hash32(x)
+    assert int(h.min()) >= 0 and int(h.max()) < 2**32
+    assert torch.unique(h).numel() == x.numel()  # a bijection on 32 bits: no collisions
+    # Avalanche: flipping one input bit flips about half of the 32 output bits.
+    flipped = hash32(x ^ 1)
+    diff = h ^ flipped
+    bits = sum(((diff >> b) & 1).sum() for b in range(32)) / x.numel()
+    assert 14 < float(bits) < 18, float(bits)
+
+
+def test_new_seed_draws_from_the_global_generator():
+    s = new_seed()
+    assert s.dtype == torch.int64 and s.shape == () and 0 <= int(s) < 2**62
+    assert int(new_seed()) != int(new_seed())
+    torch.manual_seed(3)
+    a = [int(new_seed()) for _ in range(4)]
+    torch.manual_seed(3)
+    b = [int(new_seed()) for _ in range(4)]
+    assert a == b and len(set(a)) == 4
+
+
+def test_compiled_generator_matches_eager():
+    # One inductor compile (CPU): the hash is int64 elementwise code that must give the same
+    # bits in generated C++ as in eager, for low and high seeds (the s_hi path).
+    def draw(seed: torch.Tensor) -> torch.Tensor:
+        return uniform_from_seed(seed, (8, 1000))
+
+    compiled = torch.compile(draw, backend="inductor", fullgraph=True, dynamic=False)
+    for seed in (0, 123456789, 2**40 + 17, 2**62 - 5):
+        s = torch.tensor(seed, dtype=torch.int64)
+        assert torch.equal(compiled(s), draw(s)), seed
