@@ -19,7 +19,7 @@ setup(
     install_requires=["torch>=2.5"],
     extras_require={
         "dev": ["pytest>=7", "hypothesis>=6", "numpy", "scikit-learn>=1.3", "transformers>=4.40", "build", "wheel"],
-        "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript"],
+        "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript", "pydot"],
         "plots": ["matplotlib>=3.7"],
         "examples": ["numpy", "scikit-learn>=1.3"],
     },

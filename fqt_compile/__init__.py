@@ -24,6 +24,8 @@ from .config import (
 )
 from .backend import FQTBackend, GraphRecord
 from .frontend import FQTTraceError, compile, prepare, records
+from .inspect import Report, inspect
+from .export import export, export_onnx
 from .quantizers import (
     dequantize_grad,
     fake_quantize_forward,
@@ -61,6 +63,11 @@ __all__ = [
     "quantize_grad",
     "dequantize_grad",
     "fake_quantize_grad",
+    # inspection and export
+    "inspect",
+    "Report",
+    "export_onnx",
+    "export",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
