@@ -92,8 +92,16 @@ class FQTBackend:
     #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
     aten_passes: list[tuple[str, AtenPass]] = [("lower_int_gemm", lower_int_gemm)]
 
-    def __init__(self, config: FQTConfig | str | dict | None = None, *, max_records: int = 64) -> None:
+    def __init__(
+        self,
+        config: FQTConfig | str | dict | None = None,
+        *,
+        max_records: int = 64,
+        inductor_config_patches: dict[str, Any] | None = None,
+    ) -> None:
         self.config = resolve_config(config)
+        #: extra ``torch._inductor.config`` settings for this backend's compiles
+        self.inductor_config_patches = dict(inductor_config_patches or {})
         self.records: list[GraphRecord] = []
         self.max_records = max_records
         self._lock = threading.Lock()
@@ -139,7 +147,9 @@ class FQTBackend:
             record.aten_passes[kind].append(("decompose_fqt", counts))
             return compile_fx_inner(fused, inputs, *args, **kw)
 
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+        return compile_fx(
+            gm, example_inputs, inner_compile=inner_compile, config_patches=self.inductor_config_patches or None
+        )
 
     def _compile_eager(self, gm: fx.GraphModule, example_inputs: Sequence[Any], record: GraphRecord):
         from torch._dynamo.backends.common import aot_autograd

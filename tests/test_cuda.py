@@ -1,0 +1,49 @@
+"""CUDA checks (skipped without a GPU): the lowering on cuBLASLt shapes, and a compiled step.
+
+Run on a lent GPU through benchmarks/gpu_check.sh."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import fqt_compile
+from fqt_compile import FQTConfig
+from fqt_compile.models import TransformerBlock
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("m, k, n", [(5, 7, 3), (17, 24, 40), (64, 1000, 24)])
+def test_int_mm_pads_to_cublaslt_shapes_and_is_exact(m, k, n):
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, device="cuda")
+    exact = (a.double() @ b.double()).float()
+    assert torch.equal(torch.ops.fqt.int_mm(a, b, 10**6), exact)
+    assert torch.equal(torch.ops.fqt.int_mm(a, b, 9), exact)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_lowered_step_matches_simulated_on_cuda(compiler):
+    torch.manual_seed(0)
+    base = TransformerBlock(64, 4).cuda()
+    x = torch.randn(2, 16, 64, device="cuda")
+    cfg = FQTConfig.recipe("psq8", compiler=compiler)
+    outs = []
+    for c in (cfg, dataclasses.replace(cfg, lower_int_gemm=False)):
+        m = TransformerBlock(64, 4).cuda()
+        m.load_state_dict(base.state_dict())
+        fqt_compile.compile(m, c)
+        torch.manual_seed(1)
+        y = m(x)
+        y.square().mean().backward()
+        outs.append((y.detach(), m.fc1.weight.grad.clone(), fqt_compile.records(m)[0]))
+    (y_l, g_l, rec), (y_s, g_s, _) = outs
+    torch.testing.assert_close(y_l, y_s, rtol=1e-3, atol=1e-3)
+    assert torch.isfinite(g_l).all() and g_l.norm() > 0
+    low = [r for k in ("forward", "backward") for name, r in rec.aten_passes[k] if name == "lower_int_gemm"]
+    assert sum(len(r.lowered) for r in low) == 6 + 12
+    if compiler == "eager":  # same draws only where the seeds come from the same generator
+        torch.testing.assert_close(g_l, g_s, rtol=1e-3, atol=1e-4)
