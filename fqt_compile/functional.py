@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .config import FQTConfig, Mode
 from . import gemm as _gemm  # noqa: F401  (registers fqt::qmm, fqt::int_mm)
+from . import quantizers as Q
 from .ops import estimate_grad
 from .rng import new_seed
 
@@ -233,8 +234,11 @@ class _FQTConv(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         stride, padding, dilation, groups, p = ctx.conf
         xc, xs, xo, wc, ws, wo = ctx.saved_tensors
-        x_t = _dequantize(xc, xs, xo, ctx.x_dtype)
-        w_t = _dequantize(wc, ws, wo, ctx.w_dtype)
+        # Dequantized with plain aten ops, not the forward's fqt::dequantize: the two would be
+        # merged (CSE) in the joint graph, and the partitioner would then save the float
+        # result instead of the int8 codes.
+        x_t = Q.dequantize(xc, xs, xo, ctx.x_dtype)
+        w_t = Q.dequantize(wc, ws, wo, ctx.w_dtype)
         out_pad = [0] * (w_t.dim() - 2)
         grad_x = grad_w = grad_b = None
         # Gradient rows are samples: G viewed as (batch, C_out * spatial).

@@ -175,10 +175,20 @@ _CONV_REASON = (
 )
 
 
+_DEQUANT_STEPS = _VIEW_OPS | {aten.add.Tensor, aten.mul.Tensor, _convert, aten._to_copy.default}
+
+
 def _from_dequantize(n: Any) -> bool:
-    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in _VIEW_OPS:
+    """True if ``n`` is dequantized int8 codes: fqt::dequantize, or its aten form
+    ``convert(codes) * scale + offset`` (through views)."""
+    while isinstance(n, fx.Node) and n.op == "call_function":
+        if n.target is torch.ops.fqt.dequantize.default:
+            return True
+        if n.target not in _DEQUANT_STEPS:
+            return False
         n = n.args[0]
-    return isinstance(n, fx.Node) and n.target is torch.ops.fqt.dequantize.default
+    val = _val(n)
+    return isinstance(val, torch.Tensor) and val.dtype == torch.int8
 
 
 def _conv_decisions(graph: fx.Graph) -> list[GemmDecision]:

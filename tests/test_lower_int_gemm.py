@@ -200,3 +200,28 @@ def test_small_k_uses_aten_int_mm_and_symmetric_offsets_drop_corrections():
     assert "aten.sum.dim_IntList" not in targets
     ca, sa, _ = torch.ops.fqt.quantize(x, 8, "symmetric", "tensor", 0)
     torch.testing.assert_close(gm2(x, b), (ca.float() * sa) @ (b.float() * sa))
+
+
+def test_inductor_partitioner_saves_int8_codes_for_backward():
+    """The backward keeps int8 codes (+ scalar scales) of the operands, not float copies: the
+    forward graph's saved outputs are int8 for every quantized operand (inductor's min-cut
+    partitioner; conv and linear)."""
+
+    class ConvLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 6 * 6, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    m = ConvLinear()
+    fqt_compile.compile(m, FQTConfig.recipe("psq8"))
+    m(torch.randn(4, 3, 6, 6, requires_grad=True)).sum().backward()
+    rec = fqt_compile.records(m)[0]
+    out = next(n for n in rec.forward.graph.nodes if n.op == "output")
+    saved = [a.meta["val"] for a in out.args[0][1:] if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    big = [t for t in saved if t.numel() > 64]  # skip scalars (scales, offsets, seeds)
+    assert big and all(t.dtype in (torch.int8, torch.bool) for t in big), [(t.dtype, tuple(t.shape)) for t in big]
+    assert sum(t.dtype == torch.int8 for t in big) == 4  # conv input, conv weight, fc input, fc weight
