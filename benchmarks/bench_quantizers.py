@@ -10,7 +10,10 @@ each gradient quantizer (``fake_quantize_grad``: ptq, psq, column, bhq, hadamard
 seed tensor every call. GB/s is the bytes of the float input read (N * D * 4) per second; the
 copy row (``x.clone()``) is the memory-bound reference, so ``vs_copy`` = time / copy time.
 Times are medians of repeated runs after warm-up (the first compiled call compiles). A kind that
-fails to compile is recorded with its error, not raised.
+fails to compile is recorded with its error, not raised. Mode "compiled" is torch.compile of the
+reference functions (they break the graph at the NaN/Inf check); mode "fqt" is the op library
+compiled by the fqt backend, the path training takes: the quantize op (codes only) fused into one
+inductor kernel with the counter-based generator.
 
 The second table is BHQ's cost at N = 1024 and 8192 rows (D = 1024): DESIGN.md section 3 says
 the transform is O(N * D), so time per element should stay about flat as N grows 8x.
@@ -67,6 +70,27 @@ def _variants(x: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor
     return {"copy": copy, "forward": forward, **{k: grad(k) for k in Q.GRAD_KINDS}}
 
 
+def _fqt_variants() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The op-library form, as the fqt backend compiles it: passes.decompose_fqt inlines the
+    ops and inductor fuses range, counter-based generator, rounding and cast (mode "fqt")."""
+    ops = torch.ops.fqt
+
+    def forward(t: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        return ops.quantize(t, 8, "affine_zero", "tensor", 0)[0]
+
+    def grad(gran: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def f(t: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+            return ops.sr_quantize(t, seed, GRAD_BITS, gran)[0]
+
+        return f
+
+    def copy(t: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    return {"copy": copy, "forward(codes)": forward, "ptq(codes)": grad("tensor"),
+            "psq(codes)": grad("row"), "column(codes)": grad("column")}
+
+
 def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) -> list[dict]:
     torch.manual_seed(0)
     # Rows with unequal ranges, as gradients have (BHQ's grouping then does real work).
@@ -74,16 +98,21 @@ def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) 
     nbytes = x.numel() * x.element_size()
     rows = []
     copy_s: dict[str, float] = {}
-    for mode in ("eager", "compiled") if compile_ else ("eager",):
-        for name, fn in _variants(x).items():
+    from fqt_compile.backend import FQTBackend
+
+    for mode in ("eager", "compiled", "fqt") if compile_ else ("eager",):
+        for name, fn in (_fqt_variants() if mode == "fqt" else _variants(x)).items():
             row = {"name": name, "mode": mode, "n": n, "d": d}
             try:
-                f = torch.compile(fn) if mode == "compiled" else fn
+                if mode == "fqt":
+                    f = torch.compile(fn, backend=FQTBackend("psq8"))
+                else:
+                    f = torch.compile(fn) if mode == "compiled" else fn
                 breaks = sum(counters["graph_break"].values())
                 t_compile = time.perf_counter()
                 f(x, torch.tensor(0))  # compiles (compiled mode)
                 row["first_call_s"] = round(time.perf_counter() - t_compile, 3)
-                if mode == "compiled":
+                if mode != "eager":
                     row["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
                 s = _median_seconds(lambda i: f(x, torch.tensor(i + 1)), repeats, warmup)
                 row.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
@@ -123,10 +152,10 @@ def bench_bhq_scaling(d: int, sizes: tuple[int, ...], repeats: int, warmup: int)
 
 def _fmt_row(r: dict) -> str:
     if "error" in r:
-        return f"{r['name']:<10} {r['mode']:<9} {'error: ' + r['error']}"
+        return f"{r['name']:<14} {r['mode']:<9} {'error: ' + r['error']}"
     vs = f"{r['vs_copy']:8.1f}x" if r.get("vs_copy") is not None else f"{'-':>9}"
     gb = f"{r['graph_breaks']:>7}" if "graph_breaks" in r else f"{'-':>7}"
-    return f"{r['name']:<10} {r['mode']:<9} {r['ms']:10.2f} {r['gbps']:8.2f} {vs} {gb}"
+    return f"{r['name']:<14} {r['mode']:<9} {r['ms']:10.2f} {r['gbps']:8.2f} {vs} {gb}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"\n{args.rows} x {args.cols} float32, {GRAD_BITS}-bit gradient quantizers, median of {repeats}")
-    print(f"{'variant':<10} {'mode':<9} {'ms':>10} {'GB/s':>8} {'vs copy':>9} {'breaks':>7}")
+    print(f"{'variant':<14} {'mode':<9} {'ms':>10} {'GB/s':>8} {'vs copy':>9} {'breaks':>7}")
     rows = bench_throughput(args.rows, args.cols, repeats, warmup, not args.no_compile)
 
     scaling = bench_bhq_scaling(args.cols, (1024, 8192), repeats, warmup)
