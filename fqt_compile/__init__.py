@@ -26,6 +26,7 @@ from .backend import FQTBackend, GraphRecord
 from .frontend import FQTTraceError, compile, prepare, records
 from .inspect import Report, inspect
 from .export import export, export_onnx
+from .variance import gradient_variance, variance_vs_bits
 from .quantizers import (
     dequantize_grad,
     fake_quantize_forward,
@@ -57,6 +58,8 @@ __all__ = [
     "records",
     "GraphRecord",
     "FQTTraceError",
+    "gradient_variance",
+    "variance_vs_bits",
     # quantizers
     "quantize_forward",
     "fake_quantize_forward",

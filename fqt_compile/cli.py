@@ -328,6 +328,28 @@ register(Subcommand(
 ))  # fmt: skip
 
 
+def _variance_arguments(parser: argparse.ArgumentParser) -> None:
+    from .variance import add_variance_arguments
+
+    add_variance_arguments(parser)
+
+
+def _variance_run(args: argparse.Namespace) -> int:
+    from .variance import run_variance_command
+
+    return run_variance_command(args)
+
+
+register(Subcommand(
+    "variance", "measure per-layer gradient variance (sampling vs quantization) and the bias check",
+    _variance_arguments, _variance_run,
+    "Measure, per layer and in total, the sampling variance of the QAT weight gradient over "
+    "minibatches, the quantization variance FQT adds over repeated backward passes, their ratio, "
+    "and the bias check (mean FQT gradient vs QAT gradient), for one recipe or a sweep of "
+    "quantizers and bit-widths, with a progress bar.",
+))  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
