@@ -127,18 +127,22 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[], Any]]] 
 # --------------------------------------------------------------------------------------------
 
 
-def saved_bytes(step: Callable[[], float], params: set[int]) -> int:
-    seen: dict[int, int] = {}
+def saved_bytes(step: Callable[[], float], params: set[int]) -> dict[str, int]:
+    """Bytes autograd keeps for the backward, by dtype (one count per storage)."""
+    seen: dict[int, tuple[int, str]] = {}
 
     def pack(t: torch.Tensor):
         if id(t) not in params and t.device.type != "meta":
             st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            seen[st.data_ptr()] = (st.nbytes(), str(t.dtype).replace("torch.", ""))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return sum(seen.values())
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return by_dtype
 
 
 def gemm_share(step: Callable[[], float]) -> float:
@@ -188,9 +192,10 @@ def run_variant(name: str, make, quick: bool, steps: int, warmup: int, profile: 
         "step_s_all": times,
         "warmup_s": warm,
         "units_per_s": units / statistics.median(times),
-        "saved_MB": saved_bytes(step, params) / 2**20,
+        "saved_MB_by_dtype": {k: v / 2**20 for k, v in saved_bytes(step, params).items()},
         "loss_last": losses[-1],
     }
+    res["saved_MB"] = sum(res["saved_MB_by_dtype"].values())
     if profile:
         res["gemm_share"] = gemm_share(step)
     recs = fqt_compile.frontend._BACKENDS.get(model) if isinstance(model, nn.Module) else None

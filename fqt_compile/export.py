@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import warnings
 from typing import Any, Iterator
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from .backend import resolve_config
 from .config import FQTConfig, Mode
-from .functional import QSpec, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_sdpa
+from .functional import QSpec, addmm_with, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_sdpa, sdpa_with
 from .passes.insert_qdq import InsertResult, insert_qdq
 
 __all__ = ["export", "export_onnx", "inference_graph", "ONNX_OPSET", "FQTExportError"]
@@ -86,33 +85,14 @@ def _infer_matmul(a: Tensor, b: Tensor, *, spec: QSpec) -> Tensor:
 
 
 def _infer_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: float = 1, spec: QSpec) -> Tensor:
-    out = _infer_matmul(a, b, spec=spec)
-    if alpha != 1:
-        out = out * alpha
-    if beta == 0:
-        return out
-    return out + (bias if beta == 1 else beta * bias)
+    return addmm_with(lambda x, y: _infer_matmul(x, y, spec=spec), bias, a, b, beta, alpha)
 
 
 def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                 enable_gqa=False, *, spec: QSpec) -> Tensor:
-    # fqt_sdpa without dropout (eval): scores = (Q~ @ K~^T) * scale + mask; out = softmax~ @ V~
-    L, S = query.shape[-2], key.shape[-2]
-    scale_f = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(rep, dim=-3)
-        value = value.repeat_interleave(rep, dim=-3)
-    scores = _infer_matmul(query, key.transpose(-2, -1), spec=spec) * scale_f
-    if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return _infer_matmul(torch.softmax(scores, dim=-1), value, spec=spec)
+    # fqt_sdpa's decomposition in eval (no dropout), on fake-quantized operands
+    return sdpa_with(lambda a, b, which: _infer_matmul(a, b, spec=spec), query, key, value, attn_mask, 0.0,
+                     is_causal, scale, enable_gqa)
 
 
 _INFERENCE_FORMS = {

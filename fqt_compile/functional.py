@@ -21,7 +21,7 @@ FX graphs holding these calls print, pickle and hash.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -411,15 +411,59 @@ def fqt_matmul(a: Tensor, b: Tensor, *, spec: QSpec = QSpec()) -> Tensor:
     return _FQTMatmul.apply(a, b, spec)
 
 
-def fqt_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: float = 1, spec: QSpec = QSpec()) -> Tensor:
-    """``torch.addmm``/``baddbmm``: ``beta * bias + alpha * (a @ b)``; the product is FQT, the
-    scaled add stays in full precision."""
-    out = fqt_matmul(a, b, spec=spec)
+def addmm_with(matmul: Callable[[Tensor, Tensor], Tensor], bias: Tensor, a: Tensor, b: Tensor,
+               beta: float = 1, alpha: float = 1) -> Tensor:
+    """``beta * bias + alpha * matmul(a, b)``: the scaled add stays in full precision."""
+    out = matmul(a, b)
     if alpha != 1:
         out = out * alpha
     if beta == 0:
         return out
     return out + (bias if beta == 1 else beta * bias)
+
+
+def fqt_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: float = 1, spec: QSpec = QSpec()) -> Tensor:
+    """``torch.addmm``/``baddbmm``: ``beta * bias + alpha * (a @ b)``; the product is FQT."""
+    return addmm_with(lambda x, y: fqt_matmul(x, y, spec=spec), bias, a, b, beta, alpha)
+
+
+def sdpa_with(
+    matmul: Callable[[Tensor, Tensor, str], Tensor],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` decomposed around a product ``matmul(a, b, which)``
+    (``which``: ``"q@k"`` or ``"p@v"``)::
+
+        scores = (Q @ K^T) * scale + mask;  P = softmax(scores);  out = P @ V
+
+    softmax, masking and dropout stay in full precision.
+    """
+    L, S = query.shape[-2], key.shape[-2]
+    scale_f = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = matmul(query, key.transpose(-2, -1), "q@k") * scale_f
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    attn = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p, training=True)
+    return matmul(attn, value, "p@v")
 
 
 def fqt_sdpa(
@@ -434,28 +478,10 @@ def fqt_sdpa(
     *,
     spec: QSpec = QSpec(),
 ) -> Tensor:
-    """``F.scaled_dot_product_attention`` decomposed so both products are FQT::
+    """``F.scaled_dot_product_attention`` with both products FQT (see :func:`sdpa_with`); the
+    GEMM tags name them ``<module>[q@k]`` and ``<module>[p@v]``."""
 
-        scores = (Q @ K^T) * scale + mask;  P = softmax(scores);  out = P @ V
+    def matmul(a: Tensor, b: Tensor, which: str) -> Tensor:
+        return fqt_matmul(a, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
 
-    softmax, masking and dropout stay in full precision.
-    """
-    L, S = query.shape[-2], key.shape[-2]
-    scale_f = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(rep, dim=-3)
-        value = value.repeat_interleave(rep, dim=-3)
-    scores = fqt_matmul(query, key.transpose(-2, -1), spec=spec._replace(name=spec.name + "[q@k]")) * scale_f
-    if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    attn = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, dropout_p, training=True)
-    return fqt_matmul(attn, value, spec=spec._replace(name=spec.name + "[p@v]"))
+    return sdpa_with(matmul, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
