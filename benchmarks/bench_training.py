@@ -117,7 +117,9 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[], Any]]] 
     "inductor_fp32": (lambda m: torch.compile(m), _none),
     "fqt_simulated_inductor": (_fqt(FQTConfig(lower_int_gemm=False)), _none),
     "fqt_lowered_eager": (_fqt(FQTConfig(compiler="eager")), _none),
-    "fqt_lowered_inductor": (_fqt(FQTConfig(), INT_MM_PATCHES), _none),
+    "fqt_lowered_inductor": (_fqt(FQTConfig()), _none),
+    # the same with inductor's max-autotune GEMM search (CPP int8 template vs aten._int_mm)
+    "fqt_lowered_inductor_autotune": (_fqt(FQTConfig(), INT_MM_PATCHES), _none),
     "torchao_int8_mp": (_torchao, _none),
 }
 
