@@ -118,6 +118,9 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[], Any]]] 
     "fqt_simulated_inductor": (_fqt(FQTConfig(lower_int_gemm=False)), _none),
     "fqt_lowered_eager": (_fqt(FQTConfig(compiler="eager")), _none),
     "fqt_lowered_inductor": (_fqt(FQTConfig()), _none),
+    # attention (scaled_dot_product_attention) left in full precision: its (B, H, L, L) operands
+    # are the largest tensors the quantizers see
+    "fqt_lowered_inductor_sdpa_fp": (_fqt(FQTConfig(sdpa="full_precision")), _none),
     # the same with inductor's max-autotune GEMM search (CPP int8 template vs aten._int_mm)
     "fqt_lowered_inductor_autotune": (_fqt(FQTConfig(), INT_MM_PATCHES), _none),
     "torchao_int8_mp": (_torchao, _none),

@@ -107,7 +107,15 @@ def int_mm(a_codes: Tensor, b_codes: Tensor, max_k: int) -> Tensor:
 
     if a_codes.dim() == 2:
         return one(a_codes, b_codes)
-    return torch.stack([one(a, b) for a, b in zip(a_codes.unbind(0), b_codes.unbind(0))])
+    if a_codes.is_cuda or k > max_k:
+        return torch.stack([one(a, b) for a, b in zip(a_codes.unbind(0), b_codes.unbind(0))])
+    # batched on CPU: one row-major copy of each operand, int32 results written in place
+    # (per-entry copies and a final stack cost about as much as the GEMMs themselves)
+    a, b = a_codes.contiguous(), b_codes.contiguous()
+    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+    for i in range(a.shape[0]):
+        torch._int_mm(a[i], b[i], out=out[i])
+    return out.to(torch.float32)
 
 
 @int_mm.register_fake
