@@ -393,7 +393,7 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
             out_shape=_shape(node), flops=m.flops, overrides=cfg.matching_overrides(path),
         )
         if m.build is None:
-            pass
+            d.reason = m.reason  # not coverable (e.g. a vector product); the match says why
         elif local.mode is Mode.OFF:
             d.reason = "mode 'off'" + (f" (override {d.overrides[-1]!r})" if d.overrides else "")
         elif m.kind not in local.ops:
