@@ -90,6 +90,10 @@ def main(args: argparse.Namespace) -> None:
         if args.compress:
             print(f"8-bit all-reduce: {hook_state.bytes_sent} bytes sent vs {hook_state.bytes_float32} "
                   f"float32 ({hook_state.ratio:.3f}x), {hook_state.per_rank_bits(world)} bits per rank")
+    # Release DDP's reducer (it holds the process group) while every rank is still here: seen
+    # once, a rank whose reducer was freed after destroy_process_group hung in gloo's destructor.
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
 
 
