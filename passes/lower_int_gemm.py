@@ -171,7 +171,8 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
 
 _CONV_REASON = (
     "convolution: runs as a float convolution on dequantized codes (simulated); an im2col "
-    "integer lowering is not implemented"
+    "integer lowering is not implemented (measured on CPU by benchmarks/bench_conv.py: slower "
+    "than the float convolution for kernels > 1, faster only for 1x1)"
 )
 
 
