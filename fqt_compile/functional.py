@@ -30,8 +30,7 @@ from torch import Tensor
 from .config import FQTConfig, Mode
 from . import gemm as _gemm  # noqa: F401  (registers fqt::qmm, fqt::int_mm)
 from . import quantizers as Q
-from .ops import estimate_grad
-from .rng import new_seed
+from .ops import estimate_grad, grad_codes
 
 __all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa"]
 
@@ -106,42 +105,12 @@ def _scale_2d(t: Tensor) -> Tensor:
     return t if t.dim() == 0 else t.reshape(1, -1)
 
 
-_IDENTITY = None
-
-
-def _grad_codes(g2d: Tensor, kind: str, bits: int, block: int):
-    """Q(G) as GEMM operand: ``((codes, scale, offset), post)``.
-
-    ``post`` maps the product's rows back (BHQ: T^-1, Hadamard: its inverse), applied to the
-    GEMM *result* (``T^-1 (Q(T G) @ W~) = (T^-1 Q(T G)) @ W~``), or None. ``kind`` "none"
-    (QAT) gives the float gradient itself as operand (scale 1, offset 0).
-    """
-    ops = torch.ops.fqt
-    one = g2d.new_ones((), dtype=torch.float32)
-    zero = g2d.new_zeros((), dtype=torch.float32)
-    if kind == "none":
-        return (g2d.to(torch.float32), one, zero), _IDENTITY
-    seed = new_seed(g2d.device)
-    if kind in ("ptq", "psq", "column"):
-        gran = {"ptq": "tensor", "psq": "row", "column": "column"}[kind]
-        return ops.sr_quantize(g2d, seed, bits, gran), _IDENTITY
-    if kind == "bhq":
-        group, v, s = ops.bhq_plan(g2d)
-        codes = ops.sr_quantize(ops.bhq_transform(g2d, group, v, s), seed, bits, "row")
-        return codes, lambda y: ops.bhq_inverse(y, group, v, s)
-    if kind == "hadamard":
-        n_rows = g2d.shape[0]
-        codes = ops.sr_quantize(ops.hadamard(g2d, block), seed, bits, "row")
-        return codes, lambda y: ops.hadamard_inverse(y, n_rows, block)
-    raise ValueError(f"unknown gradient quantizer kind {kind!r}")
-
-
 def _grad_operand_t(g2d: Tensor, kind: str, bits: int, block: int) -> tuple[tuple[Tensor, Tensor, Tensor], int]:
     """Q(G)^T as the left operand of a grad_weight GEMM (contraction over G's rows), and the
     operand's bit-width (0 when it is a float estimate, not codes). A transform that mixes
     G's rows (BHQ, Hadamard) acts on the contracted axis, so its estimate is formed in float:
     such a GEMM stays simulated."""
-    (codes, scale, offset), post = _grad_codes(g2d, kind, bits, block)
+    (codes, scale, offset), post = grad_codes(g2d, kind, bits, block)
     if post is None and codes.dtype == torch.int8:
         return (codes.t(), scale.t() if scale.dim() else scale, offset.t() if offset.dim() else offset), bits
     est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
@@ -186,7 +155,7 @@ class _FQTLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         g2d = grad_output.reshape(-1, out_f)  # (N, out), a row per token
         if ctx.needs_input_grad[0]:
-            g1, post = _grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
+            g1, post = grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
             g_bits = p.gi_bits if g1[0].dtype == torch.int8 else 0
             # grad_input = Q_b1(G) @ W~        (N, out) @ (out, in), contraction over out_features
             gx = _qmm(g1, (wc, ws.reshape(-1, 1) if ws.dim() else ws, wo.reshape(-1, 1) if wo.dim() else wo),
@@ -370,7 +339,7 @@ class _FQTMatmul(torch.autograd.Function):
                 g = estimate_grad(g2d, p.gi_kind, p.gi_bits, block=p.gi_block)
                 g1, post = (g, g.new_ones(()), g.new_zeros(())), None
             else:
-                g1, post = _grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
+                g1, post = grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
             g_bits = p.gi_bits if g1[0].dtype == torch.int8 else 0
             if batch is None:
                 b_t = (bc.t(), bs.t() if bs.dim() else bs, bo.t() if bo.dim() else bo)
@@ -389,7 +358,7 @@ class _FQTMatmul(torch.autograd.Function):
                 # grad_b = A~^T @ Q_b2(G)  computed as (Q_b2(G)^T @ A~)^T, contraction over rows
                 gb = _qmm(g2, (ac, as_, ao), g_bits, p.a_bits, f"{p.name}:grad_weight").t()
             else:
-                (codes, scale, offset), post = _grad_codes(g2d, p.gw_kind, p.gw_bits, p.gw_block)
+                (codes, scale, offset), post = grad_codes(g2d, p.gw_kind, p.gw_bits, p.gw_block)
                 g_bits = p.gw_bits
                 if post is not None or codes.dtype != torch.int8 or codes.shape[0] != g2d.shape[0]:
                     est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)

@@ -28,7 +28,7 @@ from torch import Tensor
 from . import quantizers as Q
 from .rng import new_seed
 
-__all__ = ["estimate_grad", "fqt_ops"]
+__all__ = ["estimate_grad", "grad_codes", "fqt_ops"]
 
 _LIB = "fqt"
 
@@ -196,11 +196,39 @@ def _(y2d, n_rows, block):
     return y2d.new_empty((n_rows, y2d.shape[1]), dtype=torch.float32)
 
 
+def grad_codes(g2d: Tensor, kind: str, bits: int, block: int = 16, seed: Tensor | None = None):
+    """Q(G) of an (N, D) gradient as a GEMM operand: ``((codes, scale, offset), post)``.
+
+    ``post`` maps rows back (BHQ: T^-1, Hadamard: its inverse) and is applied to the GEMM
+    *result* (``T^-1 (Q(T G) @ W~) = (T^-1 Q(T G)) @ W~``), or is None. ``kind`` "none" (QAT)
+    gives the float gradient itself as operand (scale 1, offset 0). Every step is an ``fqt``
+    op, so traced into a backward graph each is a visible node.
+    """
+    if kind == "none":
+        return (g2d.to(torch.float32), g2d.new_ones((), dtype=torch.float32),
+                g2d.new_zeros((), dtype=torch.float32)), None
+    if kind not in Q.GRAD_KINDS:
+        raise ValueError(f"gradient quantizer kind must be one of {Q.GRAD_KINDS + ('none',)}, got {kind!r}")
+    if seed is None:
+        seed = new_seed(g2d.device)
+    ops = torch.ops.fqt
+    if kind in ("ptq", "psq", "column"):
+        gran = {"ptq": "tensor", "psq": "row", "column": "column"}[kind]
+        return ops.sr_quantize(g2d, seed, bits, gran), None
+    if kind == "bhq":
+        group, v, s = ops.bhq_plan(g2d)
+        codes = ops.sr_quantize(ops.bhq_transform(g2d, group, v, s), seed, bits, "row")
+        return codes, lambda y: ops.bhq_inverse(y, group, v, s)
+    n_rows = g2d.shape[0]
+    codes = ops.sr_quantize(ops.hadamard(g2d, block), seed, bits, "row")
+    return codes, lambda y: ops.hadamard_inverse(y, n_rows, block)
+
+
 def estimate_grad(
     grad: Tensor, kind: str, bits: int, *, row_dims: int = -1, block: int = 16, seed: Tensor | None = None
 ) -> Tensor:
-    """One unbiased quantized estimate of ``grad`` (same shape and dtype), written with the
-    ``fqt`` ops so that, traced into a backward graph, every step is a visible node:
+    """One unbiased quantized estimate of ``grad`` (same shape and dtype):
+    :func:`grad_codes`, dequantized, with its row map applied::
 
     ``psq``:  sr_quantize(rows) -> dequantize
     ``bhq``:  bhq_plan -> bhq_transform -> sr_quantize(rows) -> dequantize -> bhq_inverse
@@ -209,25 +237,10 @@ def estimate_grad(
     """
     if kind == "none":
         return grad
-    if kind not in Q.GRAD_KINDS:
-        raise ValueError(f"gradient quantizer kind must be one of {Q.GRAD_KINDS + ('none',)}, got {kind!r}")
-    if seed is None:
-        seed = new_seed(grad.device)
-    g2d = Q.as_rows(grad, row_dims)
-    ops = torch.ops.fqt
-    if kind in ("ptq", "psq", "column"):
-        gran = {"ptq": "tensor", "psq": "row", "column": "column"}[kind]
-        codes, scale, offset = ops.sr_quantize(g2d, seed, bits, gran)
-        est = ops.dequantize(codes, scale, offset, torch.float32)
-    elif kind == "bhq":
-        group, v, s = ops.bhq_plan(g2d)
-        y = ops.bhq_transform(g2d, group, v, s)
-        codes, scale, offset = ops.sr_quantize(y, seed, bits, "row")
-        est = ops.bhq_inverse(ops.dequantize(codes, scale, offset, torch.float32), group, v, s)
-    else:
-        y = ops.hadamard(g2d, block)
-        codes, scale, offset = ops.sr_quantize(y, seed, bits, "row")
-        est = ops.hadamard_inverse(ops.dequantize(codes, scale, offset, torch.float32), g2d.shape[0], block)
+    (codes, scale, offset), post = grad_codes(Q.as_rows(grad, row_dims), kind, bits, block, seed)
+    est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
+    if post is not None:
+        est = post(est)
     return est.reshape(grad.shape).to(grad.dtype)
 
 

@@ -1,5 +1,19 @@
 import os
 import sys
 
+import pytest
+import torch
+
 # tests import helpers (oracle.py) from this folder
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many calls on tiny tensors: on a busy 2-core machine
+    every parallel region (e.g. BHQ's index_add_) waits for the second core, which made BHQ
+    calls 40x slower; one thread keeps the runtime predictable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,14 +23,7 @@ KINDS = Q.GRAD_KINDS
 fqt = torch.ops.fqt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many calls on tiny tensors: one intra-op thread keeps the runtime stable on a busy
-    # 2-core machine (see tests/test_quantizers.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _x(n: int = 12, d: int = 6, seed: int = 0) -> torch.Tensor:

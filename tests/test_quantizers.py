@@ -34,15 +34,7 @@ KINDS = Q.GRAD_KINDS
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The statistical tests make thousands of calls on tiny tensors. On a busy 2-core machine
-    # every intra-op parallel region (BHQ's index_add_ / indexing) waits for a second core,
-    # which made BHQ calls 40x slower; one thread keeps the module's runtime predictable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _unequal_rows(n: int = 24, d: int = 8, seed: int = 0) -> torch.Tensor:
