@@ -1,13 +1,21 @@
-"""Would an im2col integer lowering make the FQT convolutions faster on this CPU?
+"""Where does the im2col integer lowering of the FQT convolutions beat the float convolution?
 
-For each conv shape, times the float convolution the simulated path runs (on dequantized
-codes) against the im2col formulation an integer lowering would run for the output GEMM:
-unfold the int8 input codes into (B*L, C*k*k) columns, one int8 x int8 -> int32 GEMM
-(torch._int_mm) with the (C*k*k, O) weight codes, and the reshape back; the float epilogue is
-not even counted. The lowering rule of issue 4 is "lower where faster than the float
-convolution, keep simulated where not": the JSON and table say which way each shape falls.
+For each conv shape and each of its three GEMMs (``output``, ``grad_input``, ``grad_weight``),
+builds the aten graph of that one ``fqt::qconv*`` op on int8 codes and compiles it with
+inductor twice, as the ``fqt`` backend does:
 
-    python benchmarks/bench_conv.py [--out PATH]
+- ``float``: left simulated, i.e. dequantize + the float convolution (oneDNN);
+- ``lowered``: ``passes.lower_int_gemm`` -> channels-last im2col of the int8 codes, one
+  ``torch._int_mm``, the float epilogue (scales, zero-point and padding corrections) and, for
+  ``grad_input``, the col2im sum back to the input layout.
+
+Both start from the same codes and give the same result (checked); the timings include
+everything each variant does. The lowering rule in ``passes/lower_int_gemm.py``
+(``_conv_rule``) is read off this table. Quantizers: 8-bit per-tensor affine (zero aligned)
+input and weight, Q_b1 = PSQ (per-sample scales), Q_b2 = PTQ (per-tensor; the per-column Q_b2
+of the default config puts a scale on grad_weight's contracted axis, which stays simulated).
+
+    python benchmarks/bench_conv.py [--reps 5] [--out PATH]
 """
 
 from __future__ import annotations
@@ -17,20 +25,30 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import torch
-import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
-SHAPES = [  # (batch, in_ch, out_ch, side, kernel, stride)
-    (128, 32, 32, 28, 3, 1),   # SmallCNN width 32 (bench_training --models cnn)
-    (128, 32, 64, 28, 3, 2),
-    (32, 64, 64, 56, 3, 1),    # a ResNet stage-1 conv
-    (32, 256, 256, 14, 3, 1),  # a ResNet stage-3 conv
-    (32, 256, 1024, 14, 1, 1), # a 1x1 bottleneck conv
+import fqt_compile  # noqa: F401  (registers the fqt ops)
+from fqt_compile import FQTConfig
+from fqt_compile.passes.decompose_fqt import decompose_fqt
+from fqt_compile.passes import lower_int_gemm as lower_mod
+from fqt_compile.passes.lower_int_gemm import lower_int_gemm
+
+SHAPES = [  # (batch, in_ch, out_ch, side, kernel, stride, padding)
+    (128, 1, 32, 28, 3, 1, 1),    # SmallCNN stem (bench_training --models cnn): K = 9
+    (128, 32, 32, 28, 3, 1, 1),   # SmallCNN width 32, residual block
+    (128, 32, 64, 28, 3, 2, 1),   # SmallCNN downsampling conv
+    (128, 8, 8, 28, 3, 1, 1),     # a narrow conv: K = 72, O = 8
+    (128, 16, 16, 28, 3, 1, 1),   # K = 144, O = 16
+    (32, 64, 64, 56, 3, 1, 1),    # a ResNet stage-1 conv
+    (32, 256, 256, 14, 3, 1, 1),  # a ResNet stage-3 conv
+    (32, 256, 1024, 14, 1, 1, 0), # a 1x1 bottleneck conv
 ]
 
 
-def bench(fn, reps: int = 5) -> float:
+def bench(fn, reps: int) -> float:
     fn()
     ts = []
     for _ in range(reps):
@@ -40,43 +58,65 @@ def bench(fn, reps: int = 5) -> float:
     return statistics.median(ts)
 
 
+def _compiled(fn, args, lower: bool):
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    res = lower_int_gemm(gm, FQTConfig(lower_int_gemm=lower), "bench")
+    gm2, _ = decompose_fqt(gm)
+    return torch.compile(gm2, backend="inductor", dynamic=False), res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conv.json"))
     args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    lower_mod.CONV_RULE = False  # time the lowering on every shape; the rule is what this measures
+    fqt = torch.ops.fqt
     rows = []
-    print(f"{'B x C -> O, side, k, s':28s} {'float conv ms':>14s} {'im2col int8 ms':>15s} {'(GEMM only)':>12s} {'faster':>8s}")
-    for b, c, o, side, k, s in SHAPES:
+    print(f"{'B x C -> O, side, k, s':26s} {'gemm':12s} {'M x K x N':>20s} {'float ms':>9s} {'lowered ms':>11s} {'ratio':>6s}  rule")
+    for b, c, o, side, k, s, p in SHAPES:
         g = torch.Generator().manual_seed(0)
-        x8 = torch.randint(-128, 128, (b, c, side, side), dtype=torch.int8, generator=g)
-        w8 = torch.randint(-128, 128, (o, c, k, k), dtype=torch.int8, generator=g)
-        xf, wf = x8.float(), w8.float()
-        pad = k // 2
-        out_side = (side + 2 * pad - k) // s + 1
-        w_cols = w8.reshape(o, -1).t().contiguous()  # (C*k*k, O)
-
-        def float_conv():
-            return F.conv2d(xf, wf, None, s, pad)
-
-        def im2col_int8():
-            # unfold has no int8 kernel on CPU: unfold the codes as float, cast back (exact)
-            cols = F.unfold(x8.float(), k, padding=pad, stride=s).to(torch.int8)  # (B, C*k*k, L)
-            cols = cols.transpose(1, 2).reshape(-1, c * k * k).contiguous()
-            acc = torch._int_mm(cols, w_cols)  # (B*L, O)
-            return acc.reshape(b, out_side * out_side, o).transpose(1, 2).reshape(b, o, out_side, out_side)
-
-        cols = F.unfold(xf, k, padding=pad, stride=s).to(torch.int8).transpose(1, 2).reshape(-1, c * k * k).contiguous()
-        t_f, t_i = bench(float_conv), bench(im2col_int8)
-        t_g = bench(lambda: torch._int_mm(cols, w_cols))
-        exact = torch.equal(im2col_int8().to(torch.float64), F.conv2d(x8.double(), w8.double(), None, s, pad))
-        row = dict(batch=b, in_ch=c, out_ch=o, side=side, kernel=k, stride=s, float_conv_s=t_f,
-                   im2col_int8_s=t_i, int8_gemm_only_s=t_g, exact=exact, im2col_faster=t_i < t_f)
-        rows.append(row)
-        label = f"{b}x{c}->{o}, {side}, {k}, {s}"
-        print(f"{label:28s} {t_f * 1e3:14.2f} {t_i * 1e3:15.2f} {t_g * 1e3:12.2f} {'im2col' if t_i < t_f else 'float':>8s}", flush=True)
+        x = torch.randn(b, c, side, side, generator=g)
+        w = torch.randn(o, c, k, k, generator=g) * 0.1
+        xq = torch.ops.fqt.quantize(x, 8, "affine_zero", "tensor", 0)
+        wq = torch.ops.fqt.quantize(w, 8, "affine_zero", "tensor", 0)
+        conv = dict(stride=[s, s], padding=[p, p], dilation=[1, 1], groups=1)
+        out_side = (side + 2 * p - k) // s + 1
+        gy = torch.randn(b, o, out_side, out_side, generator=g)
+        seed = torch.tensor(7)
+        g_rows = torch.ops.fqt.sr_quantize(gy.reshape(b, -1), seed, 8, "row")  # PSQ
+        g_tens = torch.ops.fqt.sr_quantize(gy.reshape(b, -1), seed, 8, "tensor")  # PTQ
+        gr = (g_rows[0].reshape(gy.shape), g_rows[1].reshape(b, 1, 1, 1), g_rows[2].reshape(b, 1, 1, 1))
+        gt = (g_tens[0].reshape(gy.shape), g_tens[1], g_tens[2])
+        a = list(conv.values())
+        cases = {
+            "output": (lambda *t: fqt.qconv(*t, 8, 8, *a, "bench:output"), (*xq, *wq)),
+            "grad_input": (lambda *t: fqt.qconv_grad_input(*t, 8, 8, list(x.shape), *a, "bench:grad_input"), (*gr, *wq)),
+            "grad_weight": (lambda *t: fqt.qconv_grad_weight(*t, 8, 8, list(w.shape), *a, "bench:grad_weight"), (*gt, *xq)),
+        }
+        for gemm, (fn, inputs) in cases.items():
+            torch._dynamo.reset()
+            f_float, _ = _compiled(fn, inputs, lower=False)
+            f_low, res = _compiled(fn, inputs, lower=True)
+            d = res.decisions[0]
+            ref, got = f_float(*inputs), f_low(*inputs)
+            err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+            t_f, t_l = bench(lambda: f_float(*inputs), args.reps), bench(lambda: f_low(*inputs), args.reps)
+            row = dict(batch=b, in_ch=c, out_ch=o, side=side, kernel=k, stride=s, padding=p, gemm=gemm,
+                       mkn=list(d.mkn), float_s=t_f, lowered_s=t_l, ratio=t_l / t_f, max_rel_err=err,
+                       kernel_used=d.kernel, lowering_reason=d.reason)  # fmt: skip
+            rows.append(row)
+            label = f"{b}x{c}->{o}, {side}, {k}, {s}"
+            mkn = " x ".join(map(str, d.mkn))
+            rule = lower_mod._conv_rule(gemm, tuple(d.mkn), [s, s]) if len(d.mkn) == 3 else None
+            row["rule_lowers"] = rule is None
+            print(f"{label:26s} {gemm:12s} {mkn:>20s} {t_f * 1e3:9.2f} {t_l * 1e3:11.2f} {t_l / t_f:6.2f}  "
+                  f"{'lower' if rule is None else 'float'}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps, "rows": rows},
+                  f, indent=2)  # fmt: skip
     return 0
 
 

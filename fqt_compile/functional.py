@@ -183,46 +183,72 @@ def fqt_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, spec: Q
 # ---------------------------------------------------------------------------------------------
 
 
+def _shaped_like(t: Tensor, shape: torch.Size) -> Tensor:
+    """A scale/offset of an (N, D) row view of a tensor of ``shape``, made broadcastable to
+    ``shape``: () stays (); per row (N, 1) -> (N, 1, ...); per column (1, D) -> (1, *shape[1:])."""
+    if t.dim() == 0:
+        return t
+    if t.numel() == 1:
+        return t.reshape([1] * len(shape))
+    if t.shape[0] == 1:
+        return t.reshape(1, *shape[1:])
+    return t.reshape(shape[0], *([1] * (len(shape) - 1)))
+
+
+def _conv_grad_operand(grad: Tensor, kind: str, bits: int, block: int, *, allow_post: bool):
+    """Q(G) of a conv gradient (rows = samples) as a conv-GEMM operand, shaped like ``G``:
+    ``((codes, scale, offset), post, bits)``. ``post`` (BHQ/Hadamard's inverse, mixing
+    samples) is returned when ``allow_post`` (grad_input: conv_transpose acts on each sample
+    with the same weights, so the inverse commutes with it); otherwise the estimate is formed
+    in float here (grad_weight contracts over samples) and ``bits`` is 0."""
+    (codes, scale, offset), post = grad_codes(Q.as_rows(grad, 1), kind, bits, block)
+    if codes.dtype == torch.int8 and (post is None or allow_post):
+        shape = grad.shape
+        return (codes.reshape(shape), _shaped_like(scale, shape), _shaped_like(offset, shape)), post, bits
+    est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
+    if post is not None:
+        est = post(est)
+    one = est.new_ones(())
+    return (est.reshape(grad.shape), one, one * 0), None, 0
+
+
 class _FQTConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, spec: QSpec):  # type: ignore[override]
         p = spec
-        x_t, x_saved = _fake_operand(x, p.a_bits, p.a_scheme, p.a_gran, 1)
-        w_t, w_saved = _fake_operand(weight, p.b_bits, p.b_scheme, p.b_gran, 0)
-        n = weight.dim() - 2
-        out_pad = [0] * n
+        xc, xs, xo = _quantize(x, p.a_bits, p.a_scheme, p.a_gran, 1)
+        wc, ws, wo = _quantize(weight, p.b_bits, p.b_scheme, p.b_gran, 0)
         # output = conv(X~, W~) + b        contraction over in_channels x kernel window
-        out = torch.ops.aten.convolution(x_t, w_t, bias, stride, padding, dilation, False, out_pad, groups)
-        ctx.save_for_backward(*x_saved, *w_saved)
+        out = torch.ops.fqt.qconv(xc, xs, xo, wc, ws, wo, p.a_bits, p.b_bits, stride, padding, dilation,
+                                  groups, f"{p.name}:output")
+        if bias is not None:
+            out = out + bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+        ctx.save_for_backward(xc, xs, xo, wc, ws, wo)
         ctx.conf = (stride, padding, dilation, groups, spec)
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.has_bias = bias is not None
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         stride, padding, dilation, groups, p = ctx.conf
         xc, xs, xo, wc, ws, wo = ctx.saved_tensors
-        # Dequantized with plain aten ops, not the forward's fqt::dequantize: the two would be
-        # merged (CSE) in the joint graph, and the partitioner would then save the float
-        # result instead of the int8 codes.
-        x_t = Q.dequantize(xc, xs, xo, ctx.x_dtype)
-        w_t = Q.dequantize(wc, ws, wo, ctx.w_dtype)
-        out_pad = [0] * (w_t.dim() - 2)
         grad_x = grad_w = grad_b = None
         # Gradient rows are samples: G viewed as (batch, C_out * spatial).
         if ctx.needs_input_grad[0]:
-            g1 = estimate_grad(grad_output, p.gi_kind, p.gi_bits, row_dims=1, block=p.gi_block)
+            g1, post, g_bits = _conv_grad_operand(grad_output, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
             # grad_input = conv_transpose(Q_b1(G), W~)
-            grad_x = torch.ops.aten.convolution_backward(
-                g1, x_t, w_t, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
-            )[0]
+            gx = torch.ops.fqt.qconv_grad_input(*g1, wc, ws, wo, g_bits, p.b_bits, list(xc.shape), stride,
+                                                padding, dilation, groups, f"{p.name}:grad_input")
+            if post is not None:
+                gx = post(gx.reshape(gx.shape[0], -1)).reshape(gx.shape)
+            grad_x = gx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            g2 = estimate_grad(grad_output, p.gw_kind, p.gw_bits, row_dims=1, block=p.gw_block)
+            g2, _, g_bits = _conv_grad_operand(grad_output, p.gw_kind, p.gw_bits, p.gw_block, allow_post=False)
             # grad_weight = correlate(X~, Q_b2(G))   contraction over batch x output positions
-            grad_w = torch.ops.aten.convolution_backward(
-                g2, x_t, w_t, None, stride, padding, dilation, False, out_pad, groups, [False, True, False]
-            )[1]
+            grad_w = torch.ops.fqt.qconv_grad_weight(*g2, xc, xs, xo, g_bits, p.a_bits, list(wc.shape), stride,
+                                                     padding, dilation, groups, f"{p.name}:grad_weight")
+            grad_w = grad_w.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
         return grad_x, grad_w, grad_b, None, None, None, None, None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["qmm", "int_mm", "int32_safe_k"]
+__all__ = ["qmm", "int_mm", "int32_safe_k", "qconv", "qconv_grad_input", "qconv_grad_weight"]
 
 
 def int32_safe_k(a_bits: int, b_bits: int) -> int:
@@ -122,3 +122,93 @@ def int_mm(a_codes: Tensor, b_codes: Tensor, max_k: int) -> Tensor:
 def _(a_codes, b_codes, max_k):
     _check_gemm(a_codes, b_codes, "fqt::int_mm")
     return a_codes.new_empty((*a_codes.shape[:-1], b_codes.shape[-1]), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# convolutions: the three conv GEMMs as ops on int8 codes
+# ---------------------------------------------------------------------------------------------
+#
+# A convolution's three GEMMs reach the aten graphs as these ops (simulated: a float
+# convolution on the dequantized operands), so that the partitioner saves int8 codes and the
+# lowering pass sees each GEMM with its quantizers, shapes and tag. ``passes.lower_int_gemm``
+# rewrites them into im2col + ``fqt::qmm`` (then the integer GEMM) where that is exact and
+# measured faster (see that module), and records why not elsewhere.
+
+
+def _deq(codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    return codes.to(torch.float32) * scale + offset
+
+
+def _check_conv(a: Tensor, b: Tensor, what: str) -> None:
+    torch._check(a.dim() == b.dim() and a.dim() in (3, 4, 5), lambda: f"{what}: operands must be 3-D, 4-D or 5-D")
+
+
+@torch.library.custom_op("fqt::qconv", mutates_args=())
+def qconv(
+    x_codes: Tensor, x_scale: Tensor, x_offset: Tensor,
+    w_codes: Tensor, w_scale: Tensor, w_offset: Tensor,
+    x_bits: int, w_bits: int,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, tag: str,
+) -> Tensor:  # fmt: skip
+    """Output GEMM of a convolution: ``conv(X~, W~)`` (no bias), float32."""
+    _check_conv(x_codes, w_codes, f"fqt::qconv[{tag}]")
+    out_pad = [0] * (w_codes.dim() - 2)
+    x, w = _deq(x_codes, x_scale, x_offset), _deq(w_codes, w_scale, w_offset)
+    return torch.ops.aten.convolution(x, w, None, stride, padding, dilation, False, out_pad, groups)
+
+
+@qconv.register_fake
+def _(x_codes, x_scale, x_offset, w_codes, w_scale, w_offset, x_bits, w_bits, stride, padding, dilation, groups, tag):
+    _check_conv(x_codes, w_codes, f"fqt::qconv[{tag}]")
+    x = x_codes.new_empty(x_codes.shape, dtype=torch.float32)
+    w = w_codes.new_empty(w_codes.shape, dtype=torch.float32)
+    out_pad = [0] * (w_codes.dim() - 2)
+    return torch.ops.aten.convolution(x, w, None, stride, padding, dilation, False, out_pad, groups)
+
+
+@torch.library.custom_op("fqt::qconv_grad_input", mutates_args=())
+def qconv_grad_input(
+    g_codes: Tensor, g_scale: Tensor, g_offset: Tensor,
+    w_codes: Tensor, w_scale: Tensor, w_offset: Tensor,
+    g_bits: int, w_bits: int, input_shape: list[int],
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, tag: str,
+) -> Tensor:  # fmt: skip
+    """grad_input GEMM of a convolution: ``conv_transpose(G^, W~)`` of shape ``input_shape``,
+    float32 (``G^`` = the dequantized gradient codes, or a float estimate with scale 1)."""
+    _check_conv(g_codes, w_codes, f"fqt::qconv_grad_input[{tag}]")
+    g, w = _deq(g_codes, g_scale, g_offset), _deq(w_codes, w_scale, w_offset)
+    x = g.new_empty(input_shape)
+    out_pad = [0] * (w.dim() - 2)
+    return torch.ops.aten.convolution_backward(
+        g, x, w, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
+    )[0]
+
+
+@qconv_grad_input.register_fake
+def _(g_codes, g_scale, g_offset, w_codes, w_scale, w_offset, g_bits, w_bits, input_shape, stride, padding, dilation, groups, tag):
+    _check_conv(g_codes, w_codes, f"fqt::qconv_grad_input[{tag}]")
+    return g_codes.new_empty(input_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fqt::qconv_grad_weight", mutates_args=())
+def qconv_grad_weight(
+    g_codes: Tensor, g_scale: Tensor, g_offset: Tensor,
+    x_codes: Tensor, x_scale: Tensor, x_offset: Tensor,
+    g_bits: int, x_bits: int, weight_shape: list[int],
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, tag: str,
+) -> Tensor:  # fmt: skip
+    """grad_weight GEMM of a convolution: the correlation of ``X~`` with ``G^`` (shape
+    ``weight_shape``), float32; contraction over batch x output positions."""
+    _check_conv(g_codes, x_codes, f"fqt::qconv_grad_weight[{tag}]")
+    g, x = _deq(g_codes, g_scale, g_offset), _deq(x_codes, x_scale, x_offset)
+    w = g.new_empty(weight_shape)
+    out_pad = [0] * (w.dim() - 2)
+    return torch.ops.aten.convolution_backward(
+        g, x, w, None, stride, padding, dilation, False, out_pad, groups, [False, True, False]
+    )[1]
+
+
+@qconv_grad_weight.register_fake
+def _(g_codes, g_scale, g_offset, x_codes, x_scale, x_offset, g_bits, x_bits, weight_shape, stride, padding, dilation, groups, tag):
+    _check_conv(g_codes, x_codes, f"fqt::qconv_grad_weight[{tag}]")
+    return g_codes.new_empty(weight_shape, dtype=torch.float32)

@@ -9,7 +9,8 @@ quantizer with the op that produced its input. The aten formulas are those of
 
 Runs last, on a *copy* of the graph handed to inductor, so that records and the inspection
 report keep the readable ``fqt::`` form. Ops inlined: ``quantize`` (tensor granularity),
-``sr_quantize``, ``dequantize``. BHQ/Hadamard transforms and ``int_mm`` stay calls.
+``sr_quantize``, ``dequantize``, and the conv GEMMs left simulated (``qconv*``: dequantize +
+the float convolution). BHQ/Hadamard transforms and ``int_mm`` stay calls.
 """
 
 from __future__ import annotations
@@ -132,6 +133,31 @@ def _dequantize(e: Emitter, codes, scale, offset, dtype):
     return out if dtype == f32 else e.cast(out, dtype)
 
 
+_QCONV = (fqt.qconv.default, fqt.qconv_grad_input.default, fqt.qconv_grad_weight.default)
+
+
+def _qconv(e: Emitter, target, args):
+    """A simulated conv GEMM (not lowered) as dequantize + the float convolution, so that
+    inductor fuses the dequantization and calls its convolution kernel."""
+    a = _dequantize(e, *args[0:3], f32)
+    b = _dequantize(e, *args[3:6], f32)
+    if target is fqt.qconv.default:
+        stride, padding, dilation, groups = args[8:12]
+        out_pad = [0] * (len(stride))
+        return e(aten.convolution.default, a, b, None, stride, padding, dilation, False, out_pad, groups)
+    shape, stride, padding, dilation, groups = args[8:13]
+    out_pad = [0] * (len(stride))
+    other = e(aten.empty.memory_format, shape, dtype=f32, device=a.meta["val"].device)
+    if target is fqt.qconv_grad_input.default:  # a = G, b = W~
+        res = e(aten.convolution_backward.default, a, other, b, None, stride, padding, dilation, False, out_pad,
+                groups, [True, False, False])
+        return e(operator.getitem, res, 0)
+    # grad_weight: a = G, b = X~
+    res = e(aten.convolution_backward.default, a, b, other, None, stride, padding, dilation, False, out_pad,
+            groups, [False, True, False])
+    return e(operator.getitem, res, 1)
+
+
 def _replace_multi(node: fx.Node, outs: tuple[fx.Node, ...]) -> None:
     for user in list(node.users):
         assert user.target is operator.getitem, user.format_node()
@@ -162,6 +188,9 @@ def decompose_fqt(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
             elif t is fqt.dequantize.default:
                 new = _dequantize(e, *node.args)
                 node.replace_all_uses_with(new)
+                graph.erase_node(node)
+            elif t in _QCONV:
+                node.replace_all_uses_with(_qconv(e, t, node.args))
                 graph.erase_node(node)
             else:
                 continue

@@ -23,6 +23,7 @@ same estimator as the simulated one, to float rounding, from the same codes.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +97,10 @@ def _const_along(t: Any, dim: int) -> bool:
 
 
 def _is_zero_offset(node: Any) -> bool:
-    """Offsets of symmetric forward quantizers are zero: skip their correction terms."""
+    """Offsets of symmetric forward quantizers are zero (and the literal zeros the conv
+    lowering passes): skip their correction terms."""
+    if isinstance(node, fx.Node) and node.target is aten.full.default and node.args[1] == 0:
+        return True
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEW_OPS:
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.args):
@@ -139,8 +143,32 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
     result = LowerResult()
     graph = gm.graph
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+    conv_note: dict[fx.Node, tuple[GemmDecision, dict[str, Any]]] = {}
+    for node in list(graph.nodes):
+        gemm_kind = _QCONV_GEMM.get(node.target) if node.op == "call_function" else None
+        if gemm_kind is None:
+            continue
+        tag = node.args[-1]
+        reason, mkn = _conv_why_not(node, cfg, gemm_kind)
+        d = GemmDecision(tag, tag.rpartition(":")[0], gemm_kind, False, reason or "", "simulated", mkn, node.name)
+        if reason is None:
+            try:
+                mm, sums = _lower_conv(node, graph, fake_mode, gemm_kind)
+                conv_note[mm] = (d, sums)
+            except Exception as e:
+                raise RuntimeError(f"fqt lower_int_gemm failed on node {node.format_node()}: {e}") from e
+        else:
+            node.meta["fqt_lowering"] = d
+            result.decisions.append(d)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.fqt.qmm.default:
+            continue
+        if node in conv_note:  # the GEMM of a lowered convolution (im2col)
+            d, sums = conv_note[node]
+            _lower(node, graph, fake_mode, d, sums)
+            d.reason = "lowered (im2col)" if d.reason == "lowered" else d.reason.replace("lowered (", "lowered (im2col; ", 1)
+            d.kernel = "im2col+" + d.kernel
+            result.decisions.append(d)
             continue
         tag = node.args[8]
         module, _, gemm = tag.rpartition(":")
@@ -159,7 +187,6 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
             node.meta["fqt_lowering"] = d
         result.decisions.append(d)
         log.debug("lower_int_gemm[%s]: %s -> %s (%s)", kind, tag, d.kernel, d.reason)
-    result.decisions.extend(_conv_decisions(graph))
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -169,56 +196,416 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
     return result
 
 
-_CONV_REASON = (
-    "convolution: runs as a float convolution on dequantized codes (simulated); an im2col "
-    "integer lowering is not implemented (measured on CPU by benchmarks/bench_conv.py: slower "
-    "than the float convolution for kernels > 1, faster only for 1x1)"
-)
+# ---------------------------------------------------------------------------------------------
+# convolutions: fqt::qconv / qconv_grad_input / qconv_grad_weight -> im2col + fqt::qmm
+# ---------------------------------------------------------------------------------------------
+#
+# Channels-last im2col of int8 codes: columns (B*L, kh*kw*C), L = Ho*Wo output positions,
+# column index (i, j, c). With it the three conv GEMMs are plain GEMMs:
+#
+#   output      : cols(X) (B*L, K) @ W^T (K, O)           -> (B, Ho, Wo, O)      K = kh*kw*C
+#   grad_input  : G (B*L, O) @ W (O, K) -> columns        -> col2im (sum of the
+#                 k*k shifted column blocks, in float)    -> (B, C, H, W)
+#   grad_weight : G^T (O, B*L) @ cols(X) (B*L, K)          -> (O, kh, kw, C)
+#
+# Zero padding: a padded entry must be the value 0, which codes * s + o represents only if
+# o / s is an integer level. So padded entries get code 0 and no offset: the GEMM is given
+# offset 0 for that operand and the offset's contribution over the real (unpadded) entries is
+# added back exactly: o * (M @ B~) with M the (L, K) 0/1 im2col of ones (output), or
+# o * (sum_b G~) (O, L) @ M (grad_weight). Both are small float products.
+#
+# Which way is faster on the target is measured by benchmarks/bench_conv.py (float
+# convolution vs this lowering, per GEMM, epilogue included); the rule below follows it.
+
+_QCONV_GEMM = {
+    torch.ops.fqt.qconv.default: "output",
+    torch.ops.fqt.qconv_grad_input.default: "grad_input",
+    torch.ops.fqt.qconv_grad_weight.default: "grad_weight",
+}
+
+# When im2col + int8 GEMM beats the float convolution on this CPU, read off
+# benchmarks/bench_conv.py (benchmarks/results/conv.json, table in docs/performance.md).
+# Building the columns costs ~M*K bytes of traffic; the integer GEMM repays it in proportion to
+# N. Measured: N >= 64 wins when the int8 columns stay within ~32 MiB (0.3-0.75x the float
+# time), ties or loses beyond (a 56x56, 64-channel conv: 1.0-1.4x); N <= 32 ties or loses;
+# a first layer (K = 9) loses 6-10x. grad_input with stride > 1 would correlate a gradient
+# with stride-1 zeros inserted (s^2 times the work): 3.9x slower. grad_weight (M = out
+# channels) wins from M >= 32 with N = k*k*C >= 64.
+CONV_RULE = True  # benchmarks/bench_conv.py turns it off to time the lowering everywhere
+_COLS_CACHE_BYTES = 32 * 2**20
 
 
-_DEQUANT_STEPS = _VIEW_OPS | {aten.add.Tensor, aten.mul.Tensor, _convert, aten._to_copy.default}
+def _conv_rule(gemm: str, mkn: tuple[int, ...], stride: list[int]) -> str | None:
+    """None if the im2col lowering is expected faster than the float convolution (see
+    above), else why not."""
+    m, k, n = mkn
+    slower = "im2col + int8 GEMM measured slower than the float convolution (benchmarks/bench_conv.py)"
+    if gemm == "grad_weight":
+        if m < 32 or n < 64:
+            return f"convolution: out-channels M={m} < 32 or k*k*C N={n} < 64, where {slower}"
+        return None
+    if gemm == "grad_input" and any(s != 1 for s in stride):
+        return f"convolution: stride {stride} (grad_input would run on a zero-dilated gradient), where {slower}"
+    if k < 64 or n < 64:
+        return f"convolution: K={k} < 64 or N={n} < 64, where {slower}"
+    if n < 128 and m * k > _COLS_CACHE_BYTES:
+        return f"convolution: N={n} < 128 with {m * k / 2**20:.0f} MiB of int8 columns (> 32 MiB), where {slower}"
+    return None
 
 
-def _from_dequantize(n: Any) -> bool:
-    """True if ``n`` is dequantized int8 codes: fqt::dequantize, or its aten form
-    ``convert(codes) * scale + offset`` (through views)."""
-    while isinstance(n, fx.Node) and n.op == "call_function":
-        if n.target is torch.ops.fqt.dequantize.default:
-            return True
-        if n.target not in _DEQUANT_STEPS:
-            return False
-        n = n.args[0]
-    val = _val(n)
-    return isinstance(val, torch.Tensor) and val.dtype == torch.int8
+@dataclass
+class _ConvArgs:
+    a: tuple[Any, Any, Any]  # codes, scale, offset of the first operand
+    b: tuple[Any, Any, Any]
+    a_bits: int
+    b_bits: int
+    shape: list[int] | None  # input_shape / weight_shape of the backward GEMMs
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    tag: str
 
 
-def _conv_decisions(graph: fx.Graph) -> list[GemmDecision]:
-    """Report the convolutions of FQT products (forward: aten.convolution on dequantized
-    codes; backward: convolution_backward with a dequantized weight) as simulated GEMMs."""
-    from .insert_qdq import _normalize_path
+def _conv_args(node: fx.Node) -> _ConvArgs:
+    a = tuple(node.args[0:3])
+    b = tuple(node.args[3:6])
+    if node.target is torch.ops.fqt.qconv.default:
+        a_bits, b_bits, stride, padding, dilation, groups, tag = node.args[6:]
+        shape = None
+    else:
+        a_bits, b_bits, shape, stride, padding, dilation, groups, tag = node.args[6:]
+    return _ConvArgs(a, b, a_bits, b_bits, shape, list(stride), list(padding), list(dilation), groups, tag)  # type: ignore[arg-type]
 
-    out = []
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target is aten.convolution.default and _from_dequantize(n.args[1]):
-            stack = n.meta.get("nn_module_stack") or n.meta.get("fwd_nn_module_stack")
-            gemms = ["output"]
-        elif n.target is aten.convolution_backward.default and _from_dequantize(n.args[2]):
-            stack = n.meta.get("fwd_nn_module_stack") or n.meta.get("nn_module_stack")
-            mask = n.args[10]
-            gemms = [g for g, m in zip(("grad_input", "grad_weight"), mask[:2]) if m]
+
+def _const_dims(t: Any, dims: tuple[int, ...]) -> bool:
+    """True if scale/offset value ``t`` is constant along ``dims`` of its operand."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    return t.dim() == 0 or all(_static(t.shape[d]) == 1 for d in dims)
+
+
+def _conv_geometry(x_shape: Any, w_shape: Any, c: _ConvArgs) -> tuple[int, int, int] | None:
+    """(M, K, N) of the GEMM as lowered, from static shapes (None if any is symbolic)."""
+    dims = [*x_shape, *w_shape]
+    if not all(isinstance(s, int) for s in dims):
+        return None
+    b, ch, *sp = x_shape
+    o, _, *ks = w_shape
+    out_sp = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(sp, c.padding, c.dilation, ks, c.stride)]
+    positions = math.prod(out_sp)
+    kk = math.prod(ks) * ch
+    return b * positions, kk, o
+
+
+def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None, tuple[int, ...]]:
+    c = _conv_args(node)
+    va, vb = _val(c.a[0]), _val(c.b[0])
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return "operand shapes unknown (no meta['val'])", ()
+    if gemm == "output":
+        x_shape, w_shape = va.shape, vb.shape
+    elif gemm == "grad_input":
+        x_shape, w_shape = c.shape, vb.shape
+    else:
+        x_shape, w_shape = vb.shape, c.shape
+    geo = _conv_geometry(list(x_shape), list(w_shape), c)
+    mkn: tuple[int, ...] = ()
+    if geo is not None:
+        m, k, n = geo
+        # grad_input runs as a direct convolution of the (stride-dilated) gradient with the
+        # flipped kernel: M = input positions, K = kernel window x out-channels, N = C
+        x_pos = math.prod(x_shape[0:1] + x_shape[2:])
+        mkn = {"output": (m, k, n), "grad_input": (x_pos, k // x_shape[1] * n, x_shape[1]), "grad_weight": (n, m, k)}[gemm]
+    if not cfg.lower_int_gemm:
+        return "config.lower_int_gemm is False", mkn
+    if va.dtype != torch.int8 or vb.dtype != torch.int8 or c.a_bits == 0 or c.b_bits == 0:
+        return (
+            "an operand is a float estimate, not integer codes (exact QAT gradient, or a "
+            "BHQ/Hadamard transform that mixes the samples grad_weight contracts over)"
+        ), mkn
+    if va.device.type not in ("cpu", "cuda"):
+        return f"no integer GEMM kernel on device {va.device.type!r}", mkn
+    if va.dim() not in (3, 4):
+        return "convolution: only 1-D and 2-D convolutions are lowered (im2col); 3-D stays simulated", mkn
+    if c.groups != 1:
+        return f"convolution: groups={c.groups} (only groups=1 is lowered)", mkn
+    if geo is None:
+        return "convolution: symbolic shapes (the im2col lowering needs static shapes)", mkn
+    # constant along the contracted axes (DESIGN.md section 4)
+    nd = va.dim()
+    spatial = tuple(range(2, nd))
+    contracted = {
+        "output": ((1, *spatial), tuple(range(1, nd))),  # X: channels x window; W: all but O
+        "grad_input": ((1,), (0,)),  # G: out-channels; W: out-channels
+        "grad_weight": ((0, *spatial), (0, *spatial)),  # G and X: batch x positions
+    }[gemm]
+    for which, ops_, dims in (("first", c.a, contracted[0]), ("second", c.b, contracted[1])):
+        for label, t in zip(("scale", "offset"), ops_[1:]):
+            if not _const_dims(_val(t), dims):
+                role = {"output": ("input", "weight"), "grad_input": ("gradient", "weight"),
+                        "grad_weight": ("gradient", "input")}[gemm][0 if which == "first" else 1]  # fmt: skip
+                return (f"the {role} {label} varies along the contracted axis (shape "
+                        f"{tuple(_val(t).shape)})"), mkn  # fmt: skip
+    return (_conv_rule(gemm, mkn, c.stride) if CONV_RULE else None), mkn
+
+
+def _zero(e: Emitter, like: fx.Node) -> fx.Node:
+    return e(aten.full.default, [], 0.0, dtype=torch.float32, device=_val(like).device)
+
+
+class _ConvEmitter:
+    """Emits the im2col graph pieces of one 2-D convolution geometry (a 1-D one is viewed as
+    2-D with H = 1): input (B, C, H, W), weight (O, C, kh, kw), stride, padding (top, bottom,
+    left, right), dilation."""
+
+    def __init__(self, e: Emitter, x_shape: list[int], w_shape: list[int], stride: list[int],
+                 pads: list[int], dilation: list[int], one_d: bool) -> None:  # fmt: skip
+        self.e, self.one_d = e, one_d
+        self.B, self.C, self.H, self.W = x_shape
+        self.O, _, self.kh, self.kw = w_shape
+        (self.sh, self.sw), (self.dh, self.dw) = stride, dilation
+        self.pads = pads
+        pt, pb, pl, pr = pads
+        self.Ho = (self.H + pt + pb - self.dh * (self.kh - 1) - 1) // self.sh + 1
+        self.Wo = (self.W + pl + pr - self.dw * (self.kw - 1) - 1) // self.sw + 1
+        self.L = self.Ho * self.Wo
+        self.K = self.kh * self.kw * self.C
+        self.padded = any(p != 0 for p in pads)
+
+    @classmethod
+    def of(cls, e: Emitter, c: _ConvArgs, x_shape: list[int], w_shape: list[int]) -> "_ConvEmitter":
+        if len(x_shape) == 3:  # 1-D: (B, C, L) as (B, C, 1, L)
+            x4, w4 = [x_shape[0], x_shape[1], 1, x_shape[2]], [w_shape[0], w_shape[1], 1, w_shape[2]]
+            (p,) = c.padding
+            return cls(e, x4, w4, [1, *c.stride], [0, 0, p, p], [1, *c.dilation], True)
+        ph, pw = c.padding
+        return cls(e, list(x_shape), list(w_shape), c.stride, [ph, ph, pw, pw], c.dilation, False)
+
+    # Only ops with an inductor lowering (no t / flip / stack / ones: inductor asserts on ops
+    # it would decompose but cannot lower, as this pass runs after decomposition).
+
+    def as4d(self, n: fx.Node) -> fx.Node:
+        return self.e(aten.unsqueeze.default, n, 2) if self.one_d else n
+
+    def stack(self, pieces: list[fx.Node], dim: int) -> fx.Node:
+        if len(pieces) == 1:
+            return self.e(aten.unsqueeze.default, pieces[0], dim)
+        return self.e(aten.cat.default, [self.e(aten.unsqueeze.default, p, dim) for p in pieces], dim)
+
+    def flip_hw(self, w4d: fx.Node) -> fx.Node:
+        """W[:, :, ::-1, ::-1]: reversing both kernel dims reverses the flattened window."""
+        e = self.e
+        o, c, kh, kw = _val(w4d).shape
+        w3 = e(aten.reshape.default, w4d, [o, c, kh * kw])
+        rev = [e(aten.slice.Tensor, w3, 2, f, f + 1) for f in reversed(range(kh * kw))]
+        return e(aten.reshape.default, rev[0] if len(rev) == 1 else e(aten.cat.default, rev, 2), [o, c, kh, kw])
+
+    def from4d(self, n: fx.Node) -> fx.Node:
+        return self.e(aten.squeeze.dim, n, 2) if self.one_d else n
+
+    def _pad_hw(self, t: fx.Node, channels_last: bool = False) -> fx.Node:
+        """Zero-pad (or crop, for negative pads) the H, W dims of ``t``."""
+        if not self.padded:
+            return t
+        pt, pb, pl, pr = self.pads
+        pad = [0, 0, pl, pr, pt, pb] if channels_last else [pl, pr, pt, pb]
+        return self.e(aten.constant_pad_nd.default, t, pad, 0.0)
+
+    def windows(self, t: fx.Node, h_dim: int) -> list[fx.Node]:
+        """The kh*kw strided (Ho, Wo) windows of ``t`` along dims (h_dim, h_dim + 1), in
+        column order (i, j)."""
+        e, out = self.e, []
+        for i in range(self.kh):
+            for j in range(self.kw):
+                r0, c0 = i * self.dh, j * self.dw
+                p = e(aten.slice.Tensor, t, h_dim, r0, r0 + self.sh * (self.Ho - 1) + 1, self.sh)
+                out.append(e(aten.slice.Tensor, p, h_dim + 1, c0, c0 + self.sw * (self.Wo - 1) + 1, self.sw))
+        return out
+
+    def im2col(self, x4d: fx.Node) -> fx.Node:
+        """(B, C, H, W) -> (B*L, K) columns, zero padded, channels last, column order (i, j, c)."""
+        e = self.e
+        cl = self._pad_hw(e(aten.permute.default, x4d, [0, 2, 3, 1]), channels_last=True)
+        b = _val(x4d).shape[0]
+        if self.dh == 1 and self.dw == 1:  # two unfold views and one copy
+            u = e(aten.unfold.default, e(aten.unfold.default, cl, 1, self.kh, self.sh), 2, self.kw, self.sw)
+            cols = e(aten.permute.default, u, [0, 1, 2, 4, 5, 3])  # (B, Ho, Wo, kh, kw, C)
         else:
-            continue
-        if n.target is aten.convolution.default and "fwd_nn_module_stack" in n.meta:
-            continue  # a forward convolution recomputed in the backward graph
-        module = _normalize_path(list(stack.values())[-1][0]) if stack else ""
-        for g in gemms:
-            out.append(GemmDecision(f"{module}:{g}", module, g, False, _CONV_REASON, "simulated", (), n.name))
-    return out
+            pieces = self.windows(cl, 1)
+            cols = self.stack(pieces, 3)
+        return e(aten.reshape.default, cols, [b * self.L, self.K])
+
+    def cols_rowsum(self, x4d: fx.Node) -> fx.Node:
+        """rowsum_K of im2col(x) as (B*L, 1) float32, from the input: sum over channels
+        first, then over each window (C times less work than summing the columns)."""
+        e = self.e
+        ch = self._pad_hw(e(aten.sum.dim_IntList, x4d, [1], False, dtype=torch.float32))  # (B, Hp, Wp)
+        total = None
+        for w in self.windows(ch, 1):
+            total = w if total is None else e(aten.add.Tensor, total, w)
+        return e(aten.reshape.default, total, [_val(x4d).shape[0] * self.L, 1])
+
+    def cols_colsum(self, x4d: fx.Node) -> fx.Node:
+        """colsum over the B*L rows of im2col(x) as (1, K) float32, from the input: sum over
+        the batch first, then each window over the positions."""
+        e = self.e
+        bsum = self._pad_hw(e(aten.sum.dim_IntList, x4d, [0], False, dtype=torch.float32))  # (C, Hp, Wp)
+        per = [e(aten.sum.dim_IntList, w, [1, 2]) for w in self.windows(bsum, 1)]  # kh*kw x (C,)
+        return e(aten.reshape.default, self.stack(per, 0), [1, self.K])
+
+    def mask_cols(self, ones4d: fx.Node) -> fx.Node:
+        """M: (L, K) 0/1, which column entries are real input, from a (1, C, H, W) 0/1 map of
+        the real entries (ones; zeros where a stride was undone by inserting zeros)."""
+        return self.im2col(ones4d)
+
+    def w_rows(self, w4d: fx.Node) -> fx.Node:
+        """(O, C, kh, kw) -> (O, K) in column order (i, j, c)."""
+        e = self.e
+        return e(aten.reshape.default, e(aten.permute.default, w4d, [0, 2, 3, 1]), [self.O, self.K])
+
+    def k_row(self, t: fx.Node) -> fx.Node:
+        """A scale/offset of a (., C, kh, kw)-shaped operand, constant along its first dim,
+        as () or a (1, K) row in column order (i, j, c)."""
+        if _val(t).dim() == 0:
+            return t
+        e = self.e
+        t = e(aten.permute.default, self.as4d(t), [0, 2, 3, 1])
+        return e(aten.reshape.default, e(aten.expand.default, t, [1, self.kh, self.kw, self.C]), [1, self.K])
+
+    def pos_rows(self, t: fx.Node) -> fx.Node:
+        """A scale/offset of a (B, ., Ho, Wo)-shaped operand, constant along dim 1, as () or a
+        (B*L, 1) column over the rows (b, ho, wo)."""
+        if _val(t).dim() == 0:
+            return t
+        e = self.e
+        t = e(aten.permute.default, self.as4d(t), [0, 2, 3, 1])
+        return e(aten.reshape.default, e(aten.expand.default, t, [self.B, self.Ho, self.Wo, 1]), [self.B * self.L, 1])
+
+    def to_nchw(self, out2d: fx.Node, n: int) -> fx.Node:
+        """(B*L, n) rows -> (B, n, Ho, Wo) (or (B, n, Wo) in 1-D)."""
+        e = self.e
+        out = e(aten.reshape.default, out2d, [self.B, self.Ho, self.Wo, n])
+        return self.from4d(e(aten.permute.default, out, [0, 3, 1, 2]))
 
 
-def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision) -> None:
+def _per_sample(e: Emitter, t: fx.Node, batch: int) -> fx.Node:
+    """A scale/offset () or per sample (B, 1, ...) as () or (B, 1, 1)."""
+    return t if _val(t).dim() == 0 else e(aten.reshape.default, t, [batch, 1, 1])
+
+
+def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tuple[fx.Node, dict[str, Any]]:
+    """Replace a qconv node by im2col + a new fqt::qmm node (+ corrections); returns the qmm
+    node (lowered afterwards like any other) and the row/column sums its epilogue can use
+    (emitted before the qmm node, which they feed)."""
+    c = _conv_args(node)
+    f32 = torch.float32
+    qmm = torch.ops.fqt.qmm.default
+    with graph.inserting_before(node):
+        e = Emitter(graph, fake_mode)
+        if gemm == "output":
+            # cols(X~) (B*L, K) @ W~^T (K, O)
+            x, w = c.a, c.b
+            ce = _ConvEmitter.of(e, c, list(_val(x[0]).shape), list(_val(w[0]).shape))
+            x4 = ce.as4d(x[0])
+            cols = ce.im2col(x4)
+            wt = e(aten.permute.default, ce.w_rows(ce.as4d(w[0])), [1, 0])  # (K, O)
+            ws, wo = (t if _val(t).dim() == 0 else e(aten.reshape.default, t, [1, ce.O]) for t in w[1:])
+            fix = ce.padded and not _is_zero_offset(x[2])
+            sums = {"a_rows": ce.cols_rowsum(x4)}
+            a_off = _zero(e, x[2]) if fix else ce.pos_rows(x[2])
+            mm = e(qmm, cols, ce.pos_rows(x[1]), a_off, wt, ws, wo, c.a_bits, c.b_bits, c.tag)
+            out = mm
+            if fix:  # + o_x * (M @ W~): the offset over the real (unpadded) entries only
+                ones = e(aten.full.default, [1, ce.C, ce.H, ce.W], 1.0, dtype=f32, device=_val(x[0]).device)
+                w_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, wt, f32), ws), wo)
+                corr = e(aten.mm.default, ce.mask_cols(ones), w_deq)  # (L, O)
+                out3 = e(aten.reshape.default, out, [ce.B, ce.L, ce.O])
+                out = e(aten.add.Tensor, out3, e(aten.mul.Tensor, corr, _per_sample(e, x[2], ce.B)))
+            result = ce.to_nchw(out, ce.O)
+        elif gemm == "grad_input":
+            # The transposed convolution as a direct one: G~ with stride-1 zeros inserted
+            # between its positions and padded by d(k-1) - p (plus the rows a stride dropped
+            # at the end), correlated with the flipped kernel W'[c, o, i, j] = W[o, c, -i, -j]:
+            # cols(G_dilated) (B*H*W, k*k*O) @ W'^T (k*k*O, C).
+            g, w = c.a, c.b
+            x_shape = list(c.shape or ())
+            fwd = _ConvEmitter.of(e, c, x_shape, list(_val(w[0]).shape))
+            g4 = fwd.as4d(g[0])
+            B, O = fwd.B, fwd.O
+
+            def dilate(t: fx.Node) -> fx.Node:  # (., O, Ho, Wo) -> (., O, (Ho-1)*sh+1, (Wo-1)*sw+1)
+                if fwd.sh == 1 and fwd.sw == 1:
+                    return t
+                n = _val(t).shape[0]
+                t = e(aten.reshape.default, t, [n, O, fwd.Ho, 1, fwd.Wo, 1])
+                t = e(aten.constant_pad_nd.default, t, [0, fwd.sw - 1, 0, 0, 0, fwd.sh - 1], 0.0)
+                t = e(aten.reshape.default, t, [n, O, fwd.Ho * fwd.sh, fwd.Wo * fwd.sw])
+                t = e(aten.slice.Tensor, t, 2, 0, (fwd.Ho - 1) * fwd.sh + 1)
+                return e(aten.slice.Tensor, t, 3, 0, (fwd.Wo - 1) * fwd.sw + 1)
+
+            hd, wd = (fwd.Ho - 1) * fwd.sh + 1, (fwd.Wo - 1) * fwd.sw + 1
+            pt, _, pl, _ = fwd.pads
+            lead_h, lead_w = fwd.dh * (fwd.kh - 1) - pt, fwd.dw * (fwd.kw - 1) - pl
+            # rows/cols of X a stride skipped at the end get zeros (conv_transpose's output_padding)
+            tail_h = fwd.H - (hd + 2 * lead_h - fwd.dh * (fwd.kh - 1))
+            tail_w = fwd.W - (wd + 2 * lead_w - fwd.dw * (fwd.kw - 1))
+            ce = _ConvEmitter(e, [B, O, hd, wd], [fwd.C, O, fwd.kh, fwd.kw], [1, 1],
+                              [lead_h, lead_h + tail_h, lead_w, lead_w + tail_w], [fwd.dh, fwd.dw], fwd.one_d)  # fmt: skip
+            assert (ce.Ho, ce.Wo) == (fwd.H, fwd.W), ((ce.Ho, ce.Wo), (fwd.H, fwd.W))
+            gd = dilate(g4)
+            cols = ce.im2col(gd)  # (B*H*W, kh*kw*O)
+            w_flip = e(aten.permute.default, ce.flip_hw(ce.as4d(w[0])), [1, 0, 2, 3])  # (C, O, kh, kw)
+            wt = e(aten.permute.default, ce.w_rows(w_flip), [1, 0])  # (K, C)
+            fix = ce.padded or fwd.sh > 1 or fwd.sw > 1  # zeros that are not codes of G
+            sums = {"a_rows": ce.cols_rowsum(gd)}
+            a_off = _zero(e, g[2]) if fix else ce.pos_rows(g[2])
+            mm = e(qmm, cols, ce.pos_rows(g[1]), a_off, wt, w[1], w[2], c.a_bits, c.b_bits, c.tag)
+            out = mm
+            if fix:  # + o_g[b] * (M @ W'~) over the real entries of G only
+                ones = dilate(e(aten.full.default, [1, O, fwd.Ho, fwd.Wo], 1.0, dtype=f32, device=_val(g[0]).device))
+                w_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, wt, f32), w[1]), w[2])
+                corr = e(aten.mm.default, ce.mask_cols(ones), w_deq)  # (H*W, C)
+                out3 = e(aten.reshape.default, out, [B, ce.L, fwd.C])
+                out = e(aten.add.Tensor, out3, e(aten.mul.Tensor, corr, _per_sample(e, g[2], B)))
+            result = ce.to_nchw(out, fwd.C)
+        else:  # grad_weight: G~^T (O, B*L) @ cols(X~) (B*L, K)
+            g, x = c.a, c.b
+            ce = _ConvEmitter.of(e, c, list(_val(x[0]).shape), list(c.shape or ()))
+            g4, x4 = ce.as4d(g[0]), ce.as4d(x[0])
+            a = e(aten.reshape.default, e(aten.permute.default, g4, [1, 0, 2, 3]), [ce.O, ce.B * ce.L])
+            cols = ce.im2col(x4)
+            fix = ce.padded and not _is_zero_offset(x[2])
+            xs, xo = ce.k_row(x[1]), ce.k_row(x[2])
+            gs, go = (t if _val(t).dim() == 0 else e(aten.reshape.default, t, [-1, 1]) for t in g[1:])
+            b_cols = e(aten.mul.Tensor, ce.cols_colsum(x4), xs)
+            if not fix:  # every column entry is real: + (B*L) * o_x
+                b_cols = e(aten.add.Tensor, b_cols, e(aten.mul.Tensor, xo, float(ce.B * ce.L)))
+            sums = {"b_cols": b_cols}
+            mm = e(qmm, a, gs, go, cols, xs, _zero(e, x[2]) if fix else xo, c.a_bits, c.b_bits, c.tag)
+            out = mm
+            if fix:  # + o_x * (sum_b G~) (O, L) @ M (L, K)
+                g_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, g4, f32), ce.as4d(g[1]) if _val(g[1]).dim() else g[1]),
+                          ce.as4d(g[2]) if _val(g[2]).dim() else g[2])  # fmt: skip
+                g_sum = e(aten.reshape.default, e(aten.sum.dim_IntList, g_deq, [0]), [ce.O, ce.L])
+                ones = e(aten.full.default, [1, ce.C, ce.H, ce.W], 1.0, dtype=f32, device=_val(x[0]).device)
+                corr = e(aten.mm.default, g_sum, ce.mask_cols(ones))
+                out = e(aten.add.Tensor, out, e(aten.mul.Tensor, corr, xo))
+            out = e(aten.reshape.default, out, [ce.O, ce.kh, ce.kw, ce.C])
+            result = ce.from4d(e(aten.permute.default, out, [0, 3, 1, 2]))
+        # the op promised a contiguous result (its fake), and later views rely on it
+        result = e(aten.clone.default, result, memory_format=torch.contiguous_format)
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
+    return mm, sums
+
+
+def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums: dict[str, Any] | None = None) -> None:
+    """Lower one qmm node. ``sums`` may hold precomputed ``"a_rows"`` (rowsum_K of the
+    first operand's codes, float32 (M, 1)) and ``"b_cols"`` (colsum_K of the second
+    operand dequantized, (1, N)): a convolution computes them on the input, before im2col,
+    for a fraction of the cost."""
+    sums = sums or {}
     a_codes, a_scale, a_offset, b_codes, b_scale, b_offset, a_bits, b_bits, _ = node.args
     va = _val(a_codes)
     k = va.shape[-1]
@@ -242,11 +629,15 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision) -> N
         # out = sA * sB * acc + sA * rowsum(cA) * oB + oA * colsum(B~)
         out = e(aten.mul.Tensor, e(aten.mul.Tensor, acc, a_scale), b_scale)
         if not _is_zero_offset(b_offset):
-            rows = e(aten.sum.dim_IntList, a_codes, [-1], True, dtype=f32)
+            rows = sums.get("a_rows")
+            if rows is None:
+                rows = e(aten.sum.dim_IntList, a_codes, [-1], True, dtype=f32)
             out = e(aten.add.Tensor, out, e(aten.mul.Tensor, e(aten.mul.Tensor, rows, a_scale), b_offset))
         if not _is_zero_offset(a_offset):
-            b_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, b_codes, f32), b_scale), b_offset)
-            cols = e(aten.sum.dim_IntList, b_deq, [-2], True)
+            cols = sums.get("b_cols")
+            if cols is None:
+                b_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, b_codes, f32), b_scale), b_offset)
+                cols = e(aten.sum.dim_IntList, b_deq, [-2], True)
             out = e(aten.add.Tensor, out, e(aten.mul.Tensor, cols, a_offset))
     d.lowered = True
     if d.kernel == "fqt.int_mm":

@@ -60,3 +60,48 @@ def test_every_emitted_op_has_an_inductor_lowering():
         if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
     }  # fmt: skip
     assert not missing, missing
+
+
+def _conv_program(x, w, g, seed):
+    """The three conv GEMM ops on codes (stride 2, padding 1): left simulated, decompose_fqt
+    writes each as dequantize + the float convolution."""
+    conv = ([2, 2], [1, 1], [1, 1], 1)
+    xc = fqt.quantize(x, 8, "affine_zero", "tensor", 0)
+    wc = fqt.quantize(w, 8, "affine_zero", "tensor", 0)
+    gc, gs, go = fqt.sr_quantize(g.reshape(g.shape[0], -1), seed, 8, "row")  # PSQ, for grad_input
+    gq = (gc.reshape(g.shape), gs.reshape(-1, 1, 1, 1), go.reshape(-1, 1, 1, 1))
+    tc, ts, to = fqt.sr_quantize(g.reshape(g.shape[0], -1), seed, 8, "tensor")  # PTQ, for grad_weight
+    return [
+        fqt.qconv(*xc, *wc, 8, 8, *conv, "m:output"),
+        fqt.qconv_grad_input(*gq, *wc, 8, 8, list(x.shape), *conv, "m:grad_input"),
+        fqt.qconv_grad_weight(tc.reshape(g.shape), ts, to, *xc, 8, 8, list(w.shape), *conv, "m:grad_weight"),
+    ]
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_conv_gemms_decompose_or_lower_into_inductor_lowerable_ops(lower, monkeypatch):
+    """Simulated conv GEMMs become dequantize + aten convolution (same values as the ops);
+    lowered ones (im2col, the padding corrections, the flipped kernel of grad_input) are built
+    only from ops inductor lowers directly."""
+    from torch._inductor.lowering import lowerings
+
+    import fqt_compile.passes.lower_int_gemm as lig
+    from fqt_compile import FQTConfig
+
+    monkeypatch.setattr(lig, "CONV_RULE", False)
+    torch.manual_seed(0)
+    args = (torch.randn(2, 3, 7, 7), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 4, 4), torch.tensor(11))
+    gm = make_fx(_conv_program, tracing_mode="fake")(*args)
+    ref = gm(*args)
+    res = lig.lower_int_gemm(gm, FQTConfig(lower_int_gemm=lower))
+    assert [d.lowered for d in res.decisions] == [lower] * 3, [d.reason for d in res.decisions]
+    fused, counts = decompose_fqt(gm)
+    if not lower:
+        assert counts["qconv"] == counts["qconv_grad_input"] == counts["qconv_grad_weight"] == 1
+    missing = {
+        str(n.target) for n in fused.graph.nodes
+        if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
+    }  # fmt: skip
+    assert not missing, missing
+    for a, b in zip(ref, fused(*args)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))

@@ -27,7 +27,8 @@ def fqt_counts(gm: fx.GraphModule) -> Counter:
             c[name] += 1
             if name == "sr_quantize":
                 c[f"sr_quantize:{n.args[3]}"] += 1
-    c["gemm"] = c["qmm"] + c["int_mm"] + c["aten_int_mm"]  # simulated + lowered
+    # simulated + lowered (a lowered convolution GEMM is an aten._int_mm on im2col columns)
+    c["gemm"] = c["qmm"] + c["int_mm"] + c["aten_int_mm"] + c["qconv"] + c["qconv_grad_input"] + c["qconv_grad_weight"]
     return c
 
 
@@ -56,12 +57,15 @@ def test_forward_and_backward_graphs_hold_the_expected_quantizers(name):
     assert len(rec.insert.quantized) == (products if name != "block" else products - 1)  # sdpa = 2 products
     fw, bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
     # forward: Q_f on the input and Q_w on the weight (or Q_f on both activations) per product;
-    # matmul-like products run as one fqt::qmm on the codes, convolutions on dequantized codes
+    # every GEMM is one op on the int8 codes (fqt::qmm, fqt::qconv; nothing dequantized
+    # outside them)
     assert fw["quantize"] == 2 * products
-    assert fw["gemm"] == products - convs and fw["dequantize"] == 2 * convs
+    assert fw["gemm"] == products and fw["qconv"] == convs and fw["dequantize"] == 0
     assert fw["sr_quantize"] == 0
-    # backward: one fqt::qmm per GEMM path (grad_input where needed, grad_weight always)
-    assert bw["gemm"] == 2 * (products - convs) - (no_input_grad if convs == 0 else 0)
+    # backward: one GEMM op per path (grad_input where needed, grad_weight always); the
+    # CNN's stem is its product without an input gradient
+    assert bw["gemm"] == 2 * products - no_input_grad
+    assert bw["qconv_grad_weight"] == convs and bw["qconv_grad_input"] == convs - (no_input_grad if convs else 0)
     # backward: Q_b1 (per-row, PSQ) per product whose input needs a gradient, Q_b2 (per-column)
     # per product
     assert bw["sr_quantize:row"] == products - no_input_grad

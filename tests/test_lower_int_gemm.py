@@ -129,6 +129,95 @@ def test_lowered_gemm_counts_in_training_graphs():
     assert conv.kernel == "aten._int_mm" and conv.mkn == (16, 32, 96)
 
 
+# Convolutions (im2col): geometries that exercise padding corrections, strides (a zero-dilated
+# gradient for grad_input, with a skipped tail row), asymmetric kernels, dilation and 1-D.
+CONVS = {
+    "2d_s2_tail": (lambda: nn.Conv2d(8, 6, 3, padding=1, stride=2), (3, 8, 10, 10)),
+    "2d_asym": (lambda: nn.Conv2d(8, 6, (2, 3), padding=(0, 3), stride=(2, 1)), (3, 8, 7, 6)),
+    "1d_dilated": (lambda: nn.Conv1d(8, 6, 3, padding=2, dilation=2), (3, 8, 11)),
+    "1x1": (lambda: nn.Conv2d(8, 6, 1, bias=False), (3, 8, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("fwd", sorted(FORWARD))
+@pytest.mark.parametrize("gi_kind, gw_kind", [("ptq", "ptq"), ("psq", "column"), ("bhq", "ptq"), ("column", "psq")])
+def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd, monkeypatch):
+    """The im2col lowering of all three conv GEMMs against the float convolution on the same
+    codes. The speed rule is switched off so that these small shapes lower (it is tested
+    below); tolerance as for the products above."""
+    import fqt_compile.passes.lower_int_gemm as lig
+    import dataclasses
+
+    monkeypatch.setattr(lig, "CONV_RULE", False)
+    bits = FORWARD[fwd].bits
+    cfg = FQTConfig(
+        input=FORWARD[fwd], weight=FORWARD[fwd], grad_input=GradSpec(gi_kind, bits),
+        grad_weight=GradSpec(gw_kind, bits), compiler="eager",
+    )  # fmt: skip
+    for name, (make, shape) in CONVS.items():
+        torch.manual_seed(0)
+        base, x = make(), torch.randn(*shape, requires_grad=True)
+        out_l, g_l, rec_l = _run(copy.deepcopy(base), x, cfg)
+        gx_l, x.grad = x.grad, None
+        out_s, g_s, rec_s = _run(copy.deepcopy(base), x, dataclasses.replace(cfg, lower_int_gemm=False))
+        _close(out_l, out_s, f"{name} output")
+        _close(gx_l, x.grad, f"{name} grad_input")
+        for n in g_s:
+            _close(g_l[n], g_s[n], f"{name} {n}")
+        got = {d.gemm: d for k in ("forward", "backward") for d in _lowering(rec_l, k).decisions}
+        assert got["output"].kernel == "im2col+aten._int_mm", name
+        # grad_input: per-sample / per-tensor Q_b1 (BHQ: its inverse mixes samples, which the
+        # per-sample transposed convolution commutes with); per-column scales the out-channels
+        assert got["grad_input"].lowered == (gi_kind != "column"), name
+        # grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers
+        assert got["grad_weight"].lowered == (gw_kind == "ptq"), name
+        for d in got.values():
+            assert d.lowered or "contracted axis" in d.reason, (name, d.reason)
+
+
+def test_conv_rule_follows_the_measurements():
+    """benchmarks/bench_conv.py (benchmarks/results/conv.json): the rule lowers exactly the
+    GEMMs it measured faster, and keeps the float convolution where it measured a loss."""
+    from fqt_compile.passes.lower_int_gemm import _conv_rule
+
+    lowers = lambda gemm, mkn, stride=1: _conv_rule(gemm, mkn, [stride, stride]) is None  # noqa: E731
+    assert not lowers("output", (100352, 9, 32))  # a 1-channel stem: 6-10x slower
+    assert not lowers("output", (100352, 288, 32))  # N = 32: a tie
+    assert lowers("output", (25088, 288, 64))  # stride-2, 64 channels: 0.57x
+    assert not lowers("output", (100352, 576, 64))  # 56 MiB of columns at N = 64: 1.0-1.4x
+    assert lowers("output", (6272, 2304, 256)) and lowers("output", (6272, 256, 1024))
+    assert not lowers("grad_input", (25088, 576, 32), stride=2)  # zero-dilated gradient: 3.9x
+    assert lowers("grad_input", (6272, 2304, 256))
+    assert not lowers("grad_weight", (8, 100352, 72)) and not lowers("grad_weight", (32, 100352, 9))
+    assert lowers("grad_weight", (32, 100352, 288))
+
+
+def test_conv_training_graph_lowers_where_the_rule_says():
+    """A 64-channel conv (rule: all three GEMMs lower with per-tensor Q_b2) next to a
+    1-channel stem (rule: float), default compiler path counts and reasons."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 64, 3, padding=1)
+            self.body = nn.Conv2d(64, 64, 3, padding=1)
+
+        def forward(self, x):
+            return self.body(torch.relu(self.stem(x)))
+
+    torch.manual_seed(0)
+    _, _, rec = _run(Net(), torch.randn(2, 1, 8, 8), FQTConfig.recipe("ptq8", compiler="eager"))
+    got = {(d.module, d.gemm): d for k in ("forward", "backward") for d in _lowering(rec, k).decisions}
+    assert {k for k, d in got.items() if d.lowered} == {("body", "output"), ("body", "grad_input"), ("body", "grad_weight")}
+    assert got[("body", "output")].mkn == (128, 576, 64) and got[("body", "grad_input")].mkn == (128, 576, 64)
+    assert got[("body", "grad_weight")].mkn == (64, 128, 576)
+    assert "K=9 < 64" in got[("stem", "output")].reason
+    assert ("stem", "grad_input") not in got  # the input needs no gradient
+    c_fw, c_bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
+    assert (c_fw["aten_int_mm"], c_fw["qconv"]) == (1, 1)
+    assert (c_bw["aten_int_mm"], c_bw["qconv_grad_weight"], c_bw["qconv_grad_input"]) == (2, 1, 0)
+
+
 def test_per_channel_weights_keep_grad_input_simulated_with_reason():
     torch.manual_seed(0)
     cfg = FQTConfig(weight=ForwardSpec(8, "channel"), compiler="eager")
@@ -210,16 +299,27 @@ def test_inductor_partitioner_saves_int8_codes_for_backward():
     class ConvLinear(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.fc = nn.Linear(8 * 6 * 6, 5)
+            self.conv = nn.Conv2d(64, 64, 3, padding=1)  # large enough for the im2col rule
+            self.fc = nn.Linear(64 * 6 * 6, 5)
 
         def forward(self, x):
             return self.fc(torch.relu(self.conv(x)).flatten(1))
 
+    torch.manual_seed(0)
     m = ConvLinear()
+    ref = copy.deepcopy(m)
+    x = torch.randn(4, 64, 6, 6, requires_grad=True)
     fqt_compile.compile(m, FQTConfig.recipe("psq8"))
-    m(torch.randn(4, 3, 6, 6, requires_grad=True)).sum().backward()
+    out = m(x)
+    out.sum().backward()
     rec = fqt_compile.records(m)[0]
+    # the conv GEMMs lowered under inductor (im2col of the int8 codes) compute what the
+    # simulated float convolution computes (the forward is deterministic)
+    fw, bw = _lowering(rec, "forward"), _lowering(rec, "backward")
+    assert {d.module: d.kernel for d in fw.decisions} == {"conv": "im2col+aten._int_mm", "fc": "aten._int_mm"}
+    assert sorted(d.module for d in bw.lowered if d.gemm == "grad_input") == ["conv", "fc"]
+    fqt_compile.compile(ref, FQTConfig.recipe("psq8", compiler="eager", lower_int_gemm=False))
+    _close(out.detach(), ref(x).detach(), "inductor lowered vs eager simulated output")
     out = next(n for n in rec.forward.graph.nodes if n.op == "output")
     saved = [a.meta["val"] for a in out.args[0][1:] if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
     big = [t for t in saved if t.numel() > 64]  # skip scalars (scales, offsets, seeds)
