@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fqt_compile  # noqa: E402
-from fqt_compile import FQTConfig  # noqa: E402
+from fqt_compile import FQTConfig, GradSpec  # noqa: E402
 from fqt_compile.models import GPT, SmallCNN  # noqa: E402
 
 GEMM_KEYS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::convolution", "fqt::int_mm",
@@ -118,6 +118,9 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[], Any]]] 
     "fqt_simulated_inductor": (_fqt(FQTConfig(lower_int_gemm=False)), _none),
     "fqt_lowered_eager": (_fqt(FQTConfig(compiler="eager")), _none),
     "fqt_lowered_inductor": (_fqt(FQTConfig()), _none),
+    # Q_b2 per tensor (PTQ) instead of per column: a convolution's grad_weight contracts over
+    # samples and positions, so only a per-tensor Q_b2 lets it run as an integer GEMM
+    "fqt_lowered_inductor_qb2_ptq": (_fqt(FQTConfig(grad_weight=GradSpec("ptq", 8))), _none),
     # attention (scaled_dot_product_attention) left in full precision: its (B, H, L, L) operands
     # are the largest tensors the quantizers see
     "fqt_lowered_inductor_sdpa_fp": (_fqt(FQTConfig(sdpa="full_precision")), _none),

@@ -14,6 +14,11 @@ matmul). ``tag`` is ``"<module path>:<gemm>"`` with gemm ``output``, ``grad_inpu
 codes, e.g. a BHQ estimate whose inverse transform mixes the contracted axis. Such a node can
 never be lowered, and the lowering pass says why.
 
+``fqt::qconv``, ``fqt::qconv_grad_input`` and ``fqt::qconv_grad_weight`` are the three GEMMs
+of a convolution in the same form (codes, scales, offsets, bits, conv geometry, tag); their
+implementations are the float convolution on dequantized operands, and the lowering pass
+turns them into im2col + ``fqt::qmm`` where that is exact and faster.
+
 ``fqt::int_mm`` is the integer kernel the lowering pass uses where ``aten._int_mm`` alone does
 not fit: batched operands, or a contraction long enough to overflow int32 accumulation
 (split into chunks whose int32 sums are exact), or CUDA shapes cuBLASLt rejects (padded).

@@ -18,6 +18,12 @@ per-output-channel weights in ``grad_input``), when an operand is a float estima
 codes (a BHQ/Hadamard transform on the contracted axis; exact QAT gradients), when the device
 has no integer GEMM, or when ``config.lower_int_gemm`` is off. The lowered graph computes the
 same estimator as the simulated one, to float rounding, from the same codes.
+
+Convolutions reach the graphs as ``fqt::qconv`` / ``qconv_grad_input`` / ``qconv_grad_weight``
+(one node per conv GEMM, on int8 codes). Where exact and measured faster than the float
+convolution (``_conv_rule``, from ``benchmarks/bench_conv.py``), a conv node is rewritten
+into a channels-last im2col of the codes and an ``fqt::qmm`` node, which is then lowered like
+any other (see the section on convolutions below); otherwise it stays, with its reason.
 """
 
 from __future__ import annotations
@@ -241,13 +247,15 @@ def _conv_rule(gemm: str, mkn: tuple[int, ...], stride: list[int]) -> str | None
     m, k, n = mkn
     slower = "im2col + int8 GEMM measured slower than the float convolution (benchmarks/bench_conv.py)"
     if gemm == "grad_weight":
-        if m < 32 or n < 64:
-            return f"convolution: out-channels M={m} < 32 or k*k*C N={n} < 64, where {slower}"
+        small = [f"{name}={v} < {lim}" for name, v, lim in (("M (out-channels)", m, 32), ("N (k*k*C)", n, 64)) if v < lim]
+        if small:
+            return f"convolution: {' and '.join(small)}, where {slower}"
         return None
     if gemm == "grad_input" and any(s != 1 for s in stride):
         return f"convolution: stride {stride} (grad_input would run on a zero-dilated gradient), where {slower}"
-    if k < 64 or n < 64:
-        return f"convolution: K={k} < 64 or N={n} < 64, where {slower}"
+    small = [f"{name}={v} < 64" for name, v in (("K", k), ("N", n)) if v < 64]
+    if small:
+        return f"convolution: {' and '.join(small)}, where {slower}"
     if n < 128 and m * k > _COLS_CACHE_BYTES:
         return f"convolution: N={n} < 128 with {m * k / 2**20:.0f} MiB of int8 columns (> 32 MiB), where {slower}"
     return None
@@ -343,10 +351,12 @@ def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None,
     for which, ops_, dims in (("first", c.a, contracted[0]), ("second", c.b, contracted[1])):
         for label, t in zip(("scale", "offset"), ops_[1:]):
             if not _const_dims(_val(t), dims):
-                role = {"output": ("input", "weight"), "grad_input": ("gradient", "weight"),
-                        "grad_weight": ("gradient", "input")}[gemm][0 if which == "first" else 1]  # fmt: skip
-                return (f"the {role} {label} varies along the contracted axis (shape "
-                        f"{tuple(_val(t).shape)})"), mkn  # fmt: skip
+                role = {"output": ("input", "weight"), "grad_input": ("gradient (Q_b1)", "weight"),
+                        "grad_weight": ("gradient (Q_b2)", "input")}[gemm][0 if which == "first" else 1]  # fmt: skip
+                why = (f"the {role} {label} varies along the contracted axis (shape {tuple(_val(t).shape)})")
+                if gemm == "grad_weight" and which == "first":
+                    why += "; a conv's grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers"
+                return why, mkn
     return (_conv_rule(gemm, mkn, c.stride) if CONV_RULE else None), mkn
 
 
