@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["qmm", "int_mm", "int32_safe_k", "qconv", "qconv_grad_input", "qconv_grad_weight"]
+__all__ = ["qmm", "int_mm", "bmm_int8", "int32_safe_k", "qconv", "qconv_grad_input", "qconv_grad_weight"]
 
 
 def int32_safe_k(a_bits: int, b_bits: int) -> int:
@@ -127,6 +127,30 @@ def int_mm(a_codes: Tensor, b_codes: Tensor, max_k: int) -> Tensor:
 def _(a_codes, b_codes, max_k):
     _check_gemm(a_codes, b_codes, "fqt::int_mm")
     return a_codes.new_empty((*a_codes.shape[:-1], b_codes.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fqt::bmm_int8", mutates_args=())
+def bmm_int8(a_codes: Tensor, b_codes: Tensor) -> Tensor:
+    """Batched int8 GEMM with its exact int32 result: (B, M, K) @ (B, K, N) -> (B, M, N)
+    int32. The caller guarantees K <= :func:`int32_safe_k` of the codes' bit-widths (the
+    lowering pass uses it only for a static such K; longer ones go to ``fqt::int_mm``).
+    Returning int32 lets the float epilogue that follows fuse the conversion, and operands
+    the graph already laid out row-major are used without a copy."""
+    torch._check(a_codes.dim() == 3 and b_codes.dim() == 3, lambda: "fqt::bmm_int8: operands must be 3-D")
+    _check_gemm(a_codes, b_codes, "fqt::bmm_int8")
+    a, b = a_codes.contiguous(), b_codes.contiguous()  # no-ops when the graph made them so
+    if a.is_cuda:
+        return torch.stack([_int_mm_2d(x, y) for x, y in zip(a.unbind(0), b.unbind(0))])
+    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+    for i in range(a.shape[0]):
+        torch._int_mm(a[i], b[i], out=out[i])
+    return out
+
+
+@bmm_int8.register_fake
+def _(a_codes, b_codes):
+    _check_gemm(a_codes, b_codes, "fqt::bmm_int8")
+    return a_codes.new_empty((a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]), dtype=torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------

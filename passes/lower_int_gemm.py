@@ -11,8 +11,8 @@ the scales and offsets are constant along the contracted axis K (DESIGN.md secti
 
 ``rowsum``/``colsum`` are exact in float32 (|sum| <= 128 K < 2^24). The integer GEMM is
 ``aten._int_mm`` for 2-D CPU operands whose K keeps ``K * max|a| * max|b|`` below 2^31 (known
-at compile time), else ``fqt::int_mm``, which splits K into int32-safe chunks at run time,
-handles batched operands and pads for cuBLASLt. A qmm node is left simulated, with the
+at compile time), ``fqt::bmm_int8`` (int32 out) for batched ones, else ``fqt::int_mm``, which
+splits K into int32-safe chunks at run time and pads for cuBLASLt. A qmm node is left simulated, with the
 reason recorded, when a scale or offset varies along K (e.g. per-row Q_b2 in ``grad_weight``,
 per-output-channel weights in ``grad_input``), when an operand is a float estimate rather than
 codes (a BHQ/Hadamard transform on the contracted axis; exact QAT gradients), when the device
@@ -64,7 +64,7 @@ class GemmDecision:
     gemm: str  # "output" | "grad_input" | "grad_weight"
     lowered: bool
     reason: str
-    kernel: str  # "aten._int_mm", "fqt.int_mm" or "simulated"
+    kernel: str  # "aten._int_mm", "fqt.bmm_int8", "fqt.int_mm" (+ "im2col+" for convs) or "simulated"
     mkn: tuple[int, ...] = ()  # (M, K, N) or (B, M, K, N); -1 where symbolic
     node: str = ""
 
@@ -624,15 +624,19 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
     with graph.inserting_before(node):
         e = Emitter(graph, fake_mode)
         # acc = cA @ cB, exact integer accumulation
-        if va.dim() == 2 and va.device.type == "cpu" and isinstance(k, int) and k <= max_k:
-            # oneDNN's int8 GEMM is ~3x slower on a transposed (column-major) operand than on
-            # a row-major copy of it; the copy of int8 codes is cheap next to the GEMM
-            a_in, b_in = (
-                x if _val(x).is_contiguous() else e(aten.clone.default, x, memory_format=torch.contiguous_format)
-                for x in (a_codes, b_codes)
-            )
-            acc = e(_convert, e(aten._int_mm.default, a_in, b_in), f32)
+        # oneDNN's int8 GEMM is ~3x slower on a transposed (column-major) operand than on a
+        # row-major copy of it. The copy is made in the graph, where inductor writes it in
+        # the kernel that produces the codes (a strided copy inside the op ran at ~1 GB/s).
+        static_k = isinstance(k, int) and k <= max_k
+        row_major = lambda x: x if _val(x).is_contiguous() else e(aten.clone.default, x, memory_format=torch.contiguous_format)  # noqa: E731
+        if va.dim() == 2 and va.device.type == "cpu" and static_k:
+            acc = e(_convert, e(aten._int_mm.default, row_major(a_codes), row_major(b_codes)), f32)
             d.kernel = "aten._int_mm"
+        elif va.dim() == 3 and va.device.type in ("cpu", "cuda") and static_k:
+            # int32 out: the conversion fuses into the epilogue (a separate pass over the
+            # (B, M, N) result otherwise: ~45 ms for attention's 128 x 512 x 512 scores)
+            acc = e(_convert, e(torch.ops.fqt.bmm_int8.default, row_major(a_codes), row_major(b_codes)), f32)
+            d.kernel = "fqt.bmm_int8"
         else:
             acc = e(torch.ops.fqt.int_mm.default, a_codes, b_codes, max_k)
             d.kernel = "fqt.int_mm"
@@ -651,7 +655,7 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
             out = e(aten.add.Tensor, out, e(aten.mul.Tensor, cols, a_offset))
     d.lowered = True
     if d.kernel == "fqt.int_mm":
-        d.reason = f"lowered (fqt.int_mm: batched, dynamic K or K > {max_k} split into int32-safe chunks)"
+        d.reason = f"lowered (fqt.int_mm: dynamic K, K > {max_k} split into int32-safe chunks, or CUDA padding)"
     else:
         d.reason = "lowered"
     out.meta["fqt_lowering"] = d

@@ -23,6 +23,8 @@ def test_int_mm_pads_to_cublaslt_shapes_and_is_exact(m, k, n):
     exact = (a.double() @ b.double()).float()
     assert torch.equal(torch.ops.fqt.int_mm(a, b, 10**6), exact)
     assert torch.equal(torch.ops.fqt.int_mm(a, b, 9), exact)
+    a3, b3 = a.expand(2, m, k), b.expand(2, k, n)  # batched, int32 out, padded per entry
+    assert torch.equal(torch.ops.fqt.bmm_int8(a3, b3), exact.to(torch.int32).expand(2, m, n))
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])

@@ -123,8 +123,8 @@ def test_lowered_gemm_counts_in_training_graphs():
         assert (len(fw.simulated), len(bw.simulated)) == (fw_sim, bw_sim), type(model).__name__
         c_fw, c_bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
         assert c_fw["qmm"] == 0 and c_bw["qmm"] == 0
-        assert c_fw["aten_int_mm"] + c_fw["int_mm"] == fw_low
-        assert c_bw["aten_int_mm"] + c_bw["int_mm"] == bw_low
+        assert c_fw["aten_int_mm"] + c_fw["bmm_int8"] + c_fw["int_mm"] == fw_low
+        assert c_bw["aten_int_mm"] + c_bw["bmm_int8"] + c_bw["int_mm"] == bw_low
     conv = next(d for d in _lowering(rec, "forward").decisions if d.module == "qkv")
     assert conv.kernel == "aten._int_mm" and conv.mkn == (16, 32, 96)
 
@@ -266,6 +266,10 @@ def test_int_mm_chunks_are_exact():
     assert torch.equal(torch.ops.fqt.int_mm(a3, b3, 10), exact.expand(3, 5, 6))
     with pytest.raises(RuntimeError, match="contraction sizes differ"):
         torch.ops.fqt.int_mm(a, a, 8)
+    # the batched int32-out kernel, on row-major and on transposed operands
+    i32 = (a.long() @ b.long()).to(torch.int32)
+    assert torch.equal(torch.ops.fqt.bmm_int8(a3, b3), i32.expand(3, 5, 6))
+    assert torch.equal(torch.ops.fqt.bmm_int8(b3.transpose(1, 2), a3.transpose(1, 2)), i32.t().expand(3, 6, 5))
 
 
 def test_small_k_uses_aten_int_mm_and_symmetric_offsets_drop_corrections():
