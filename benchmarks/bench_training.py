@@ -97,7 +97,7 @@ def _fqt(cfg: FQTConfig, patches: dict | None = None):
     def prep(m: nn.Module):
         fqt_compile.compile(m, cfg)
         if patches:
-            fqt_compile.frontend._BACKENDS[m].inductor_config_patches = patches
+            fqt_compile.frontend._BACKENDS[m].inductor_config_patches.update(patches)
         return m
 
     return prep
@@ -121,6 +121,9 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[], Any]]] 
     # Q_b2 per tensor (PTQ) instead of per column: a convolution's grad_weight contracts over
     # samples and positions, so only a per-tensor Q_b2 lets it run as an integer GEMM
     "fqt_lowered_inductor_qb2_ptq": (_fqt(FQTConfig(grad_weight=GradSpec("ptq", 8))), _none),
+    # inductor's channels-last layout optimization for conv nets, which the fqt backend turns
+    # off by default (fqt_compile.backend.DEFAULT_INDUCTOR_PATCHES)
+    "fqt_lowered_inductor_channels_last": (_fqt(FQTConfig(), {"layout_optimization": True}), _none),
     # attention (scaled_dot_product_attention) left in full precision: its (B, H, L, L) operands
     # are the largest tensors the quantizers see
     "fqt_lowered_inductor_sdpa_fp": (_fqt(FQTConfig(sdpa="full_precision")), _none),
