@@ -129,7 +129,9 @@ class ForwardSpec:
 
     ``symmetric``: codes in [-(2^(b-1)-1), 2^(b-1)-1] with zero offset; otherwise affine over
     [min, max]. ``zero_aligned`` (affine only): the paper's variant, where 0.0 is exactly an
-    integer level (so zero padding and ReLU zeros survive quantization)."""
+    integer level (so zero padding and ReLU zeros survive quantization). Per-channel
+    symmetric weights make ``grad_input`` fold their scales into Q_b1's input
+    (``Q_b1(G diag(s)) @ C``, see :func:`fqt_compile.functional.folds_weight_scale`)."""
 
     bits: int = 8
     granularity: Granularity = Granularity.TENSOR

@@ -120,6 +120,16 @@ def _grad_operand_t(g2d: Tensor, kind: str, bits: int, block: int) -> tuple[tupl
     return (est.t(), one, one * 0), 0
 
 
+def folds_weight_scale(p: QSpec) -> bool:
+    """True if ``grad_input`` folds the weight's per-output-channel scales into the gradient
+    before Q_b1 (DESIGN.md section 4): with per-channel *symmetric* weights W~ = diag(s) C
+    exactly, so ``G @ W~ = (G diag(s)) @ C`` and the product ``Q_b1(G diag(s)) @ C`` is an
+    unbiased estimate with no scale on the contracted axis (an integer GEMM). Q_b1 then sees
+    G with its columns scaled by s. Per-channel affine weights (a per-channel offset on the
+    contracted axis) are not folded: their grad_input stays simulated, with the reason."""
+    return p.b_gran == "channel" and p.b_scheme == "symmetric" and p.gi_kind != "none"
+
+
 # ---------------------------------------------------------------------------------------------
 # linear
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +165,17 @@ class _FQTLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         g2d = grad_output.reshape(-1, out_f)  # (N, out), a row per token
         if ctx.needs_input_grad[0]:
-            g1, post = grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
+            if folds_weight_scale(p):
+                # grad_input = Q_b1(G diag(s_w)) @ C_w   (per-channel symmetric weights, folded)
+                g1, post = grad_codes(g2d * ws.reshape(1, -1), p.gi_kind, p.gi_bits, p.gi_block)
+                one = ws.new_ones(())
+                w_op = (wc, one, one * 0)
+            else:
+                g1, post = grad_codes(g2d, p.gi_kind, p.gi_bits, p.gi_block)  # Q_b1(G)
+                w_op = (wc, ws.reshape(-1, 1) if ws.dim() else ws, wo.reshape(-1, 1) if wo.dim() else wo)
             g_bits = p.gi_bits if g1[0].dtype == torch.int8 else 0
             # grad_input = Q_b1(G) @ W~        (N, out) @ (out, in), contraction over out_features
-            gx = _qmm(g1, (wc, ws.reshape(-1, 1) if ws.dim() else ws, wo.reshape(-1, 1) if wo.dim() else wo),
-                      g_bits, p.b_bits, f"{p.name}:grad_input")
+            gx = _qmm(g1, w_op, g_bits, p.b_bits, f"{p.name}:grad_input")
             if post is not None:
                 gx = post(gx)
             grad_x = gx.reshape(*grad_output.shape[:-1], in_f).to(ctx.x_dtype)
@@ -236,9 +252,15 @@ class _FQTConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         # Gradient rows are samples: G viewed as (batch, C_out * spatial).
         if ctx.needs_input_grad[0]:
-            g1, post, g_bits = _conv_grad_operand(grad_output, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
+            w_op = (wc, ws, wo)
+            g = grad_output
+            if folds_weight_scale(p):  # conv_transpose(Q_b1(G * s_w[channel]), C_w), see folds_weight_scale
+                g = grad_output * ws.reshape(1, -1, *([1] * (grad_output.dim() - 2)))
+                one = ws.new_ones(())
+                w_op = (wc, one, one * 0)
+            g1, post, g_bits = _conv_grad_operand(g, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
             # grad_input = conv_transpose(Q_b1(G), W~)
-            gx = torch.ops.fqt.qconv_grad_input(*g1, wc, ws, wo, g_bits, p.b_bits, list(xc.shape), stride,
+            gx = torch.ops.fqt.qconv_grad_input(*g1, *w_op, g_bits, p.b_bits, list(xc.shape), stride,
                                                 padding, dilation, groups, f"{p.name}:grad_input")
             if post is not None:
                 gx = post(gx.reshape(gx.shape[0], -1)).reshape(gx.shape)

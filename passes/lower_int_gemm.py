@@ -140,7 +140,10 @@ def _why_not(node: fx.Node, cfg: FQTConfig) -> str | None:
             return f"{name} varies along the contracted axis K (shape {tuple(_val(t).shape)})"
     for name, t in (("b_scale", b_scale), ("b_offset", b_offset)):
         if not _const_along(_val(t), -2):
-            return f"{name} varies along the contracted axis K (shape {tuple(_val(t).shape)})"
+            hint = ""
+            if str(node.args[8]).endswith(":grad_input"):
+                hint = " (per-channel weights: symmetric ones fold their scales into Q_b1 and lower; affine ones do not)"
+            return f"{name} varies along the contracted axis K (shape {tuple(_val(t).shape)}){hint}"
     return None
 
 

@@ -179,7 +179,8 @@ def test_every_layout_gives_unbiased_gradients(fn, shapes, kind):
     """Mean of K=100 FQT gradients vs the exact (QAT) gradient. For an unbiased estimator the
     error of the mean is ~ (error of one draw) / sqrt(K) = 0.1x; a bias stays at its size.
     Tolerance 0.25x one draw's error (2.5 standard errors on the norm). The upstream
-    gradient has rows of very different ranges, where BHQ's transform matters."""
+    gradient has rows of very different ranges, where BHQ's transform matters. The linear
+    case uses per-channel symmetric weights, whose scales grad_input folds into Q_b1's input."""
     torch.manual_seed(11)
     ins = [torch.randn(s) for s in shapes]
     exact = QSpec(gi_kind="none", gw_kind="none")
@@ -192,6 +193,9 @@ def test_every_layout_gives_unbiased_gradients(fn, shapes, kind):
 
     ref = grads(exact)
     spec = QSpec(gi_kind=kind, gi_bits=4, gw_kind="column", gw_bits=4)
+    if fn is fqt_linear:  # per-channel symmetric weights: Q_b1 sees G diag(s_w) (folded)
+        exact = exact._replace(b_gran="channel", b_scheme="symmetric")
+        ref, spec = grads(exact), spec._replace(b_gran="channel", b_scheme="symmetric")
     draws = [grads(spec) for _ in range(100)]
     for i, name in enumerate(("first", "second")):
         one = torch.stack([(d[i] - ref[i]).norm() for d in draws]).mean()

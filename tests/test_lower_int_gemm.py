@@ -229,6 +229,32 @@ def test_per_channel_weights_keep_grad_input_simulated_with_reason():
     assert "b_scale varies along the contracted axis K" in gi[0].reason
 
 
+@pytest.mark.parametrize("gi_kind", ["ptq", "psq", "bhq"])
+def test_per_channel_symmetric_weights_fold_into_q_b1_and_lower(gi_kind, monkeypatch):
+    """DESIGN.md section 4: with per-channel symmetric weights W~ = diag(s) C, grad_input is
+    Q_b1(G diag(s)) @ C, with no scale left on the contracted axis: it lowers (linear and
+    conv), and the lowered graph equals the simulated one (both fold)."""
+    import dataclasses
+
+    import fqt_compile.passes.lower_int_gemm as lig
+
+    monkeypatch.setattr(lig, "CONV_RULE", False)
+    w_spec = ForwardSpec(8, "channel", symmetric=True)
+    cfg = FQTConfig(weight=w_spec, grad_input=GradSpec(gi_kind, 8), grad_weight=GradSpec("ptq", 8), compiler="eager")
+    for make, shape in ((lambda: nn.Linear(24, 40), (12, 24)), (lambda: nn.Conv2d(8, 6, 3, padding=1), (3, 8, 6, 6))):
+        torch.manual_seed(0)
+        base, x = make(), torch.randn(*shape, requires_grad=True)
+        out_l, g_l, rec_l = _run(copy.deepcopy(base), x, cfg)
+        gx_l, x.grad = x.grad, None
+        out_s, g_s, _ = _run(copy.deepcopy(base), x, dataclasses.replace(cfg, lower_int_gemm=False))
+        _close(out_l, out_s, "output")
+        _close(gx_l, x.grad, "grad_input")
+        for n in g_s:
+            _close(g_l[n], g_s[n], n)
+        gi = [d for d in _lowering(rec_l, "backward").decisions if d.gemm == "grad_input"]
+        assert gi and all(d.lowered for d in gi), [d.reason for d in gi]
+
+
 def _qmm_graph(a, b, a_bits=8, b_bits=8):
     one, zero = torch.ones(()), torch.zeros(())
 
