@@ -91,9 +91,15 @@ class InnerCompiler(_StrEnum):
 
 class SdpaPolicy(_StrEnum):
     """What to do with ``F.scaled_dot_product_attention``: ``decompose`` it into
-    matmul-softmax-matmul so both products are covered, or keep it in ``full_precision``."""
+    matmul-softmax-matmul so both products are covered; ``recompute``: the same, and the
+    attention probabilities (softmax output and its int8 codes) are not kept for the backward
+    but recomputed there from the saved q, k, v (the forward quantizers round to nearest, so
+    the recomputed values are the forward's, to float rounding): less activation memory, one
+    more score GEMM and softmax per step; not applied with dropout; or keep attention in
+    ``full_precision``."""
 
     DECOMPOSE = "decompose"
+    RECOMPUTE = "recompute"
     FULL_PRECISION = "full_precision"
 
 

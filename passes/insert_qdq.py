@@ -12,6 +12,7 @@ recorded in ``node.meta["fqt"]`` (a :class:`NodeDecision`) and returned in the r
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import re
@@ -22,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy
 
 from ..config import FQTConfig, Mode, OpKind, SdpaPolicy
 from ..functional import (
@@ -406,6 +408,8 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
                 new = m.build(graph, spec)
             new.meta.update({k: v for k, v in node.meta.items() if k != "fqt"})
             d.quantized, d.reason, d.spec = True, "quantized", spec
+            if m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
+                d.reason = _mark_recompute(new)
             new.meta["fqt"] = d
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -418,6 +422,22 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
     gm.recompile()
     log.info("insert_qdq: %d quantized, %d kept in full precision", len(result.quantized), len(result.skipped))
     return result
+
+
+_AC_IDS = itertools.count(1)
+
+
+def _mark_recompute(node: fx.Node) -> str:
+    """Tag an fqt_sdpa call so that AOTAutograd's partitioner recomputes everything traced
+    from it in the backward instead of saving it (the tags activation checkpointing uses,
+    copied onto every aten node traced from this one). Not with dropout: the recomputed mask
+    would differ from the forward's."""
+    p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    if not isinstance(p, (int, float)) or p != 0:
+        return "quantized (config.sdpa='recompute' not applied: dropout_p is not 0)"
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    node.meta["ac_graph_id"] = next(_AC_IDS)
+    return "quantized; attention probabilities recomputed in the backward (config.sdpa='recompute')"
 
 
 def _op_name(node: fx.Node) -> str:

@@ -325,3 +325,52 @@ def test_inductor_patches_default_to_no_layout_optimization_and_merge_user_patch
     b = FQTBackend(inductor_config_patches={"layout_optimization": True, "max_autotune_gemm": True})
     assert b.inductor_config_patches == {"layout_optimization": True, "max_autotune_gemm": True}
     assert DEFAULT_INDUCTOR_PATCHES == {"layout_optimization": False}  # not mutated
+
+
+def _attention_step(policy, seq=64):
+    torch.manual_seed(0)
+    m = TransformerBlock(32, 4)
+    x = torch.randn(2, seq, 32)
+    fqt_compile.compile(m, FQTConfig(sdpa=policy, compiler="eager"))
+    params = {p.data_ptr() for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved[t.dtype] = saved.get(t.dtype, 0) + t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, saved, fqt_compile.records(m)[0]
+
+
+def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilities():
+    """config.sdpa='recompute': the softmax output and its int8 codes are recomputed in the
+    backward from q, k, v instead of saved. The forward quantizers round to nearest, so the
+    recomputed values and hence the gradients (same seed, same draws) are identical; the saved
+    bytes drop by about the (B, H, L, L) float + int8 probabilities (here 2*4*64*64*5 bytes)
+    minus the float q, k, v now kept (3*2*64*32*4 bytes)."""
+    y_d, g_d, saved_d, _ = _attention_step("decompose")
+    y_r, g_r, saved_r, rec = _attention_step("recompute")
+    assert torch.equal(y_d, y_r)
+    for n in g_d:
+        assert torch.equal(g_d[n], g_r[n]), n
+    probs, qkv = 2 * 4 * 64 * 64 * 5, 3 * 2 * 64 * 32 * 4
+    assert sum(saved_d.values()) - sum(saved_r.values()) >= probs - qkv - 4096, (saved_d, saved_r)
+    (d,) = [d for d in rec.insert.decisions if d.op == "sdpa"]
+    assert d.quantized and "recomputed in the backward" in d.reason
+
+
+def test_sdpa_recompute_is_not_applied_with_dropout():
+    class Attn(nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+    m = Attn()
+    fqt_compile.compile(m, FQTConfig(sdpa="recompute", compiler="eager"))
+    m(torch.randn(1, 2, 8, 4, requires_grad=True)).sum().backward()
+    (d,) = [d for d in fqt_compile.records(m)[0].insert.decisions if d.op == "sdpa"]
+    assert d.quantized and "not applied: dropout_p is not 0" in d.reason

@@ -31,7 +31,7 @@ from fqt_compile.config import (
     ("make", "match"),
     [
         (lambda: FQTConfig(mode="fast"), r"FQTConfig\.mode: invalid value 'fast'; valid choices: 'fqt', 'qat', 'off'"),
-        (lambda: FQTConfig(sdpa="flash"), r"FQTConfig\.sdpa: invalid value 'flash'; valid choices: 'decompose', 'full_precision'"),
+        (lambda: FQTConfig(sdpa="flash"), r"FQTConfig\.sdpa: invalid value 'flash'; valid choices: 'decompose', 'recompute', 'full_precision'"),
         (lambda: FQTConfig(compiler="tvm"), r"FQTConfig\.compiler: invalid value 'tvm'; valid choices: 'inductor', 'eager'"),
         (lambda: FQTConfig(ops=["linear", "lstm"]), r"FQTConfig\.ops: invalid value 'lstm'; valid choices: 'linear', 'conv', 'matmul'"),
         (lambda: GradSpec(kind="bhq2"), r"GradSpec\.kind: invalid value 'bhq2'; valid choices: 'ptq', 'psq', 'column', 'bhq', 'hadamard', 'none'"),
