@@ -129,6 +129,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[], Any]]] 
     "fqt_lowered_inductor_sdpa_fp": (_fqt(FQTConfig(sdpa="full_precision")), _none),
     # attention quantized, its probabilities recomputed in the backward instead of saved
     "fqt_lowered_inductor_sdpa_recompute": (_fqt(FQTConfig(sdpa="recompute")), _none),
+    # and the MLP's first linear layer + GELU recomputed too
+    "fqt_lowered_inductor_recompute_all": (_fqt(FQTConfig(sdpa="recompute", recompute_mlp=True)), _none),
     # the same with inductor's max-autotune GEMM search (CPP int8 template vs aten._int_mm)
     "fqt_lowered_inductor_autotune": (_fqt(FQTConfig(), INT_MM_PATCHES), _none),
     "torchao_int8_mp": (_torchao, _none),

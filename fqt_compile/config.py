@@ -93,10 +93,11 @@ class SdpaPolicy(_StrEnum):
     """What to do with ``F.scaled_dot_product_attention``: ``decompose`` it into
     matmul-softmax-matmul so both products are covered; ``recompute``: the same, and the
     attention probabilities (softmax output and its int8 codes) are not kept for the backward
-    but recomputed there from the saved q, k, v (the forward quantizers round to nearest, so
-    the recomputed values are the forward's, to float rounding): less activation memory, one
-    more score GEMM and softmax per step; not applied with dropout; or keep attention in
-    ``full_precision``."""
+    but recomputed there from the saved q, k, v, or from the input of the quantized linear
+    layer that produces q, k, v when it feeds nothing else (the forward quantizers round to
+    nearest, so the recomputed values are the forward's): less activation memory, one more
+    score GEMM and softmax (and q/k/v projection) per step; not applied with dropout; or keep
+    attention in ``full_precision``."""
 
     DECOMPOSE = "decompose"
     RECOMPUTE = "recompute"
@@ -237,6 +238,10 @@ class FQTConfig:
     sdpa: SdpaPolicy = SdpaPolicy.DECOMPOSE
     compiler: InnerCompiler = InnerCompiler.INDUCTOR
     lower_int_gemm: bool = True
+    #: recompute a quantized linear layer's output and the GELU after it in the backward
+    #: (from the layer's input) instead of saving GELU's float input: less activation memory,
+    #: one more forward GEMM per such pair; identical gradients (round-to-nearest forward).
+    recompute_mlp: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum_value(Mode, self.mode, "FQTConfig.mode"))
@@ -265,8 +270,9 @@ class FQTConfig:
             if not isinstance(o, Override):
                 raise TypeError(f"FQTConfig.overrides must hold Override objects, got {o!r}")
         object.__setattr__(self, "overrides", overrides)
-        if not isinstance(self.lower_int_gemm, bool):
-            raise TypeError(f"FQTConfig.lower_int_gemm must be a bool, got {self.lower_int_gemm!r}")
+        for name in ("lower_int_gemm", "recompute_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"FQTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     # -- construction -------------------------------------------------------------------
 

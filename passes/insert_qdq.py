@@ -408,16 +408,18 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
                 new = m.build(graph, spec)
             new.meta.update({k: v for k, v in node.meta.items() if k != "fqt"})
             d.quantized, d.reason, d.spec = True, "quantized", spec
-            if m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
-                d.reason = _mark_recompute(new)
             new.meta["fqt"] = d
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+            if m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
+                d.reason = _mark_recompute(new)  # (after the old node is gone: it reads the users)
             log.debug("insert_qdq: %s (%s at %r) -> %s", node.name, m.op, path, spec.describe())
             result.decisions.append(d)
             continue
         node.meta["fqt"] = d
         result.decisions.append(d)
+    if cfg.recompute_mlp:
+        _mark_linear_gelu_recompute(graph)
     graph.lint()
     gm.recompile()
     log.info("insert_qdq: %d quantized, %d kept in full precision", len(result.quantized), len(result.skipped))
@@ -435,9 +437,67 @@ def _mark_recompute(node: fx.Node) -> str:
     p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     if not isinstance(p, (int, float)) or p != 0:
         return "quantized (config.sdpa='recompute' not applied: dropout_p is not 0)"
+    ac_id = next(_AC_IDS)
     node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-    node.meta["ac_graph_id"] = next(_AC_IDS)
+    node.meta["ac_graph_id"] = ac_id
+    proj = _qkv_projection(node)
+    for n in proj:
+        n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        n.meta["ac_graph_id"] = ac_id
+    if proj:
+        return ("quantized; attention probabilities and the q/k/v projection recomputed in the backward "
+                "(config.sdpa='recompute')")  # fmt: skip
     return "quantized; attention probabilities recomputed in the backward (config.sdpa='recompute')"
+
+
+_VIEWLIKE = {
+    operator.getitem, torch.split, torch.chunk, torch.unbind, torch.reshape, torch.transpose, torch.permute,
+    "split", "chunk", "unbind", "view", "reshape", "transpose", "permute", "contiguous", "unflatten",
+}  # fmt: skip
+
+
+def _qkv_projection(sdpa: fx.Node) -> list[fx.Node]:
+    """The quantized linear layer that produces q, k and v (through splits and views) and the
+    nodes in between, if every one of them is used only on the way to this attention; else [].
+    Recomputing them keeps the projection's input (d_model wide) instead of q, k, v."""
+    chain: set[fx.Node] = set()
+    roots: set[fx.Node] = set()
+    for arg in sdpa.args[:3]:
+        n = arg
+        while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.target in _VIEWLIKE:
+            chain.add(n)
+            n = n.args[0]
+        if not (isinstance(n, fx.Node) and n.target is fqt_linear):
+            return []
+        roots.add(n)
+    if len(roots) != 1:
+        return []
+    nodes = chain | roots
+    if any(u not in nodes and u is not sdpa for n in nodes for u in n.users):
+        return []
+    return sorted(nodes, key=lambda n: n.name)
+
+
+_GELUS = (F.gelu, torch._C._nn.gelu)
+
+
+def _mark_linear_gelu_recompute(graph: fx.Graph) -> None:
+    """config.recompute_mlp: tag each GELU whose input is a quantized linear layer used only
+    by it, and that layer, for recomputation in the backward (see :func:`_mark_recompute`):
+    the partitioner then keeps the layer's input instead of GELU's float input."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _GELUS:
+            continue
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and src.target is fqt_linear and len(src.users) == 1):
+            continue
+        ac_id = next(_AC_IDS)
+        for n in (src, node):
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            n.meta["ac_graph_id"] = ac_id
+        d = src.meta.get("fqt")
+        if d is not None:
+            d.reason += "; output and the GELU after it recomputed in the backward (config.recompute_mlp)"
 
 
 def _op_name(node: fx.Node) -> str:

@@ -348,11 +348,12 @@ def _attention_step(policy, seq=64):
 
 
 def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilities():
-    """config.sdpa='recompute': the softmax output and its int8 codes are recomputed in the
-    backward from q, k, v instead of saved. The forward quantizers round to nearest, so the
-    recomputed values and hence the gradients (same seed, same draws) are identical; the saved
-    bytes drop by about the (B, H, L, L) float + int8 probabilities (here 2*4*64*64*5 bytes)
-    minus the float q, k, v now kept (3*2*64*32*4 bytes)."""
+    """config.sdpa='recompute': the softmax output and its int8 codes, and here also the q/k/v
+    projection (TransformerBlock's qkv linear feeds only the attention), are recomputed in the
+    backward instead of saved. The forward quantizers round to nearest, so the recomputed
+    values and hence the gradients (same seed, same draws) are identical; the saved bytes drop
+    by at least the (B, H, L, L) float + int8 probabilities (here 2*4*64*64*5 bytes) minus
+    float q, k, v (3*2*64*32*4 bytes; the projection's input, a third of that, is kept)."""
     y_d, g_d, saved_d, _ = _attention_step("decompose")
     y_r, g_r, saved_r, rec = _attention_step("recompute")
     assert torch.equal(y_d, y_r)
@@ -361,7 +362,7 @@ def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilitie
     probs, qkv = 2 * 4 * 64 * 64 * 5, 3 * 2 * 64 * 32 * 4
     assert sum(saved_d.values()) - sum(saved_r.values()) >= probs - qkv - 4096, (saved_d, saved_r)
     (d,) = [d for d in rec.insert.decisions if d.op == "sdpa"]
-    assert d.quantized and "recomputed in the backward" in d.reason
+    assert d.quantized and "probabilities and the q/k/v projection recomputed in the backward" in d.reason
 
 
 def test_sdpa_recompute_is_not_applied_with_dropout():
@@ -374,3 +375,38 @@ def test_sdpa_recompute_is_not_applied_with_dropout():
     m(torch.randn(1, 2, 8, 4, requires_grad=True)).sum().backward()
     (d,) = [d for d in fqt_compile.records(m)[0].insert.decisions if d.op == "sdpa"]
     assert d.quantized and "not applied: dropout_p is not 0" in d.reason
+
+
+def _mlp_step(recompute):
+    torch.manual_seed(0)
+    m = TransformerBlock(32, 4)
+    x = torch.randn(4, 64, 32)
+    fqt_compile.compile(m, FQTConfig(recompute_mlp=recompute, compiler="eager"))
+    params = {p.data_ptr() for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved[t.dtype] = saved.get(t.dtype, 0) + t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, saved, fqt_compile.records(m)[0]
+
+
+def test_recompute_mlp_keeps_the_gradients_and_drops_the_gelu_input():
+    """config.recompute_mlp: fc1's output and GELU are recomputed in the backward from fc1's
+    input. Identical gradients (same seed; round-to-nearest forward quantizers); the float
+    bytes drop by about GELU's input (4*64*128 floats) minus fc1's float input now kept
+    (4*64*32 floats)."""
+    y_a, g_a, s_a, _ = _mlp_step(False)
+    y_b, g_b, s_b, rec = _mlp_step(True)
+    assert torch.equal(y_a, y_b)
+    for n in g_a:
+        assert torch.equal(g_a[n], g_b[n]), n
+    assert s_a[torch.float32] - s_b[torch.float32] >= 4 * 64 * (128 - 32) * 4 - 4096, (s_a, s_b)
+    (d,) = [d for d in rec.insert.decisions if d.module == "fc1"]
+    assert d.quantized and "recomputed in the backward" in d.reason
