@@ -25,14 +25,9 @@ import fqt_compile  # noqa: E402
 from fqt_compile import FQTConfig  # noqa: E402
 
 
-def train(workload, recipe: str, steps: int, seed: int, *, log_every: int = 0) -> dict[str, float]:
-    """Train a fresh model of ``workload`` under ``recipe`` ("off": float) with AdamW."""
-    torch.manual_seed(seed)
-    model = workload.make_model()
-    if recipe != "off":
-        fqt_compile.compile(model, FQTConfig.recipe(recipe, compiler="eager"))
-    opt = torch.optim.AdamW(model.parameters(), lr=workload.lr, weight_decay=0.0)
-    batches = workload.train_batches(seed)
+def fit(workload, model, steps: int, batches, *, weight_decay: float = 0.0, log_every: int = 0):
+    """``steps`` AdamW steps of ``model`` on ``batches``; returns the model."""
+    opt = torch.optim.AdamW(model.parameters(), lr=workload.lr, weight_decay=weight_decay)
     for step in range(steps):
         x, y = next(batches)
         loss = workload.loss_fn(model(x), y)
@@ -41,7 +36,16 @@ def train(workload, recipe: str, steps: int, seed: int, *, log_every: int = 0) -
         opt.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1:5d}  train loss {loss.item():.3f}", flush=True)
-    return workload.evaluate(model)
+    return model
+
+
+def train(workload, recipe: str, steps: int, seed: int, *, log_every: int = 0) -> dict[str, float]:
+    """Train a fresh model of ``workload`` under ``recipe`` ("off": float) with AdamW."""
+    torch.manual_seed(seed)
+    model = workload.make_model()
+    if recipe != "off":
+        fqt_compile.compile(model, FQTConfig.recipe(recipe, compiler="eager"))
+    return workload.evaluate(fit(workload, model, steps, workload.train_batches(seed), log_every=log_every))
 
 
 def main() -> int:

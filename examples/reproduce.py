@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from charlm import train  # noqa: E402
+from charlm import fit, train  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 import fqt_compile  # noqa: E402
@@ -65,14 +65,8 @@ def measure_variance(wl, steps: int, s: dict) -> dict:
     """Variance sweep and convergence runs on a float model trained for ``steps`` steps."""
     torch.manual_seed(0)
     model = wl.make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=wl.lr)
     stream = wl.train_batches(0)
-    for _ in range(steps):
-        x, y = next(stream)
-        loss = wl.loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    fit(wl, model, steps, stream, weight_decay=0.01)  # AdamW's default decay
     data = [next(stream) for _ in range(s["var_batches"])]
     base = FQTConfig(compiler="eager")
     sweep = variance_vs_bits(model, wl.loss_fn, data, kinds=VAR_KINDS, bits=BITS, samples=s["var_samples"],

@@ -113,11 +113,19 @@ def _grad_operand_t(g2d: Tensor, kind: str, bits: int, block: int) -> tuple[tupl
     (codes, scale, offset), post = grad_codes(g2d, kind, bits, block)
     if post is None and codes.dtype == torch.int8:
         return (codes.t(), scale.t() if scale.dim() else scale, offset.t() if offset.dim() else offset), bits
-    est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
+    est, one, zero = _float_operand((codes, scale, offset), post)
+    return (est.t(), one, zero), 0
+
+
+def _float_operand(q: tuple[Tensor, Tensor, Tensor], post: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """A gradient estimate formed in float (dequantized, ``post`` applied) as a GEMM operand
+    with scale 1 and offset 0: a product that contracts over the axis ``post`` mixes, or
+    anything else that cannot take the codes directly (its GEMM stays simulated)."""
+    est = torch.ops.fqt.dequantize(*q, torch.float32)
     if post is not None:
         est = post(est)
     one = est.new_ones(())
-    return (est.t(), one, one * 0), 0
+    return est, one, one * 0
 
 
 def folds_weight_scale(p: QSpec) -> bool:
@@ -221,11 +229,8 @@ def _conv_grad_operand(grad: Tensor, kind: str, bits: int, block: int, *, allow_
     if codes.dtype == torch.int8 and (post is None or allow_post):
         shape = grad.shape
         return (codes.reshape(shape), _shaped_like(scale, shape), _shaped_like(offset, shape)), post, bits
-    est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
-    if post is not None:
-        est = post(est)
-    one = est.new_ones(())
-    return (est.reshape(grad.shape), one, one * 0), None, 0
+    est, one, zero = _float_operand((codes, scale, offset), post)
+    return (est.reshape(grad.shape), one, zero), None, 0
 
 
 class _FQTConv(torch.autograd.Function):
@@ -409,9 +414,7 @@ class _FQTMatmul(torch.autograd.Function):
                 (codes, scale, offset), post = grad_codes(g2d, p.gw_kind, p.gw_bits, p.gw_block)
                 g_bits = p.gw_bits
                 if post is not None or codes.dtype != torch.int8 or codes.shape[0] != g2d.shape[0]:
-                    est = torch.ops.fqt.dequantize(codes, scale, offset, torch.float32)
-                    est = post(est) if post is not None else est
-                    codes, scale, offset, g_bits = est, est.new_ones(()), est.new_zeros(()), 0
+                    (codes, scale, offset), g_bits = _float_operand((codes, scale, offset), post), 0
                 g2 = (codes.reshape(nb, -1, n), _rows_to(scale, nb), _rows_to(offset, nb))
                 a_t = (ac.transpose(1, 2), as_.transpose(1, 2) if as_.dim() else as_, ao.transpose(1, 2) if ao.dim() else ao)
                 # grad_b = A~^T @ Q_b2(G)      contraction over M

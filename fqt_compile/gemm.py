@@ -90,6 +90,20 @@ def _int_mm_2d(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a.contiguous(), b.contiguous())
 
 
+def _bmm_int32(a: Tensor, b: Tensor) -> Tensor:
+    """(B, M, K) @ (B, K, N) int8 -> int32, K within the int32-safe bound. On CPU: one
+    row-major copy of each operand (a no-op when the graph laid them out so) and the int32
+    results written in place (per-entry copies and a final stack cost about as much as the
+    GEMMs themselves); on CUDA per entry, padded for cuBLASLt."""
+    a, b = a.contiguous(), b.contiguous()
+    if a.is_cuda:
+        return torch.stack([_int_mm_2d(x, y) for x, y in zip(a.unbind(0), b.unbind(0))])
+    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+    for i in range(a.shape[0]):
+        torch._int_mm(a[i], b[i], out=out[i])
+    return out
+
+
 @torch.library.custom_op("fqt::int_mm", mutates_args=())
 def int_mm(a_codes: Tensor, b_codes: Tensor, max_k: int) -> Tensor:
     """Exact integer GEMM of int8 codes, returned as float32: ``a @ b`` with int32
@@ -112,15 +126,9 @@ def int_mm(a_codes: Tensor, b_codes: Tensor, max_k: int) -> Tensor:
 
     if a_codes.dim() == 2:
         return one(a_codes, b_codes)
-    if a_codes.is_cuda or k > max_k:
-        return torch.stack([one(a, b) for a, b in zip(a_codes.unbind(0), b_codes.unbind(0))])
-    # batched on CPU: one row-major copy of each operand, int32 results written in place
-    # (per-entry copies and a final stack cost about as much as the GEMMs themselves)
-    a, b = a_codes.contiguous(), b_codes.contiguous()
-    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
-    for i in range(a.shape[0]):
-        torch._int_mm(a[i], b[i], out=out[i])
-    return out.to(torch.float32)
+    if k <= max_k:
+        return _bmm_int32(a_codes, b_codes).to(torch.float32)
+    return torch.stack([one(a, b) for a, b in zip(a_codes.unbind(0), b_codes.unbind(0))])
 
 
 @int_mm.register_fake
@@ -138,13 +146,7 @@ def bmm_int8(a_codes: Tensor, b_codes: Tensor) -> Tensor:
     the graph already laid out row-major are used without a copy."""
     torch._check(a_codes.dim() == 3 and b_codes.dim() == 3, lambda: "fqt::bmm_int8: operands must be 3-D")
     _check_gemm(a_codes, b_codes, "fqt::bmm_int8")
-    a, b = a_codes.contiguous(), b_codes.contiguous()  # no-ops when the graph made them so
-    if a.is_cuda:
-        return torch.stack([_int_mm_2d(x, y) for x, y in zip(a.unbind(0), b.unbind(0))])
-    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
-    for i in range(a.shape[0]):
-        torch._int_mm(a[i], b[i], out=out[i])
-    return out
+    return _bmm_int32(a_codes, b_codes)
 
 
 @bmm_int8.register_fake
@@ -166,6 +168,14 @@ def _(a_codes, b_codes):
 
 def _deq(codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
     return codes.to(torch.float32) * scale + offset
+
+
+def _conv_backward(g: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, groups: int, which: int) -> Tensor:
+    """One output of aten.convolution_backward: 0 = grad_input, 1 = grad_weight (the other
+    operand of that GEMM is only a shape there)."""
+    mask = [which == 0, which == 1, False]
+    out_pad = [0] * (w.dim() - 2)
+    return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, out_pad, groups, mask)[which]
 
 
 def _check_conv(a: Tensor, b: Tensor, what: str) -> None:
@@ -206,11 +216,7 @@ def qconv_grad_input(
     float32 (``G^`` = the dequantized gradient codes, or a float estimate with scale 1)."""
     _check_conv(g_codes, w_codes, f"fqt::qconv_grad_input[{tag}]")
     g, w = _deq(g_codes, g_scale, g_offset), _deq(w_codes, w_scale, w_offset)
-    x = g.new_empty(input_shape)
-    out_pad = [0] * (w.dim() - 2)
-    return torch.ops.aten.convolution_backward(
-        g, x, w, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
-    )[0]
+    return _conv_backward(g, g.new_empty(input_shape), w, stride, padding, dilation, groups, 0)
 
 
 @qconv_grad_input.register_fake
@@ -230,11 +236,7 @@ def qconv_grad_weight(
     ``weight_shape``), float32; contraction over batch x output positions."""
     _check_conv(g_codes, x_codes, f"fqt::qconv_grad_weight[{tag}]")
     g, x = _deq(g_codes, g_scale, g_offset), _deq(x_codes, x_scale, x_offset)
-    w = g.new_empty(weight_shape)
-    out_pad = [0] * (w.dim() - 2)
-    return torch.ops.aten.convolution_backward(
-        g, x, w, None, stride, padding, dilation, False, out_pad, groups, [False, True, False]
-    )[1]
+    return _conv_backward(g, x, g.new_empty(weight_shape), stride, padding, dilation, groups, 1)
 
 
 @qconv_grad_weight.register_fake

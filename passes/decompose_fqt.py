@@ -65,6 +65,10 @@ class Emitter:
         scale = self(aten.div.Tensor, span, levels)
         return scale, self(aten.add.Tensor, scale, self.cast(self(aten.le.Scalar, scale, 0), f32))
 
+    def dequantize(self, codes: fx.Node, scale: Any, offset: Any, dtype: torch.dtype = f32) -> fx.Node:
+        out = self(aten.add.Tensor, self(aten.mul.Tensor, self.cast(codes, f32), scale), offset)
+        return out if dtype == f32 else self.cast(out, dtype)
+
     def clamp(self, x: fx.Node, lo: float, hi: float) -> fx.Node:
         return self(aten.clamp_max.default, self(aten.clamp_min.default, x, lo), hi)
 
@@ -128,19 +132,14 @@ def _quantize(e: Emitter, x, bits, scheme, gran, axis):
     return e.cast(codes, i8), scale, offset
 
 
-def _dequantize(e: Emitter, codes, scale, offset, dtype):
-    out = e(aten.add.Tensor, e(aten.mul.Tensor, e.cast(codes, f32), scale), offset)
-    return out if dtype == f32 else e.cast(out, dtype)
-
-
 _QCONV = (fqt.qconv.default, fqt.qconv_grad_input.default, fqt.qconv_grad_weight.default)
 
 
 def _qconv(e: Emitter, target, args):
     """A simulated conv GEMM (not lowered) as dequantize + the float convolution, so that
     inductor fuses the dequantization and calls its convolution kernel."""
-    a = _dequantize(e, *args[0:3], f32)
-    b = _dequantize(e, *args[3:6], f32)
+    a = e.dequantize(*args[0:3])
+    b = e.dequantize(*args[3:6])
     if target is fqt.qconv.default:
         stride, padding, dilation, groups = args[8:12]
         out_pad = [0] * (len(stride))
@@ -186,7 +185,7 @@ def decompose_fqt(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
             elif t is fqt.quantize.default and node.args[3] == "tensor":
                 _replace_multi(node, _quantize(e, *node.args))
             elif t is fqt.dequantize.default:
-                new = _dequantize(e, *node.args)
+                new = e.dequantize(*node.args)
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
             elif t in _QCONV:

@@ -429,6 +429,16 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
 _AC_IDS = itertools.count(1)
 
 
+def _tag_for_recompute(nodes: list[fx.Node]) -> None:
+    """One recompute region: the tags activation checkpointing uses, which AOTAutograd copies
+    onto every aten node traced from these, so its partitioner recomputes them in the
+    backward instead of saving their outputs."""
+    ac_id = next(_AC_IDS)
+    for n in nodes:
+        n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        n.meta["ac_graph_id"] = ac_id
+
+
 def _mark_recompute(node: fx.Node) -> str:
     """Tag an fqt_sdpa call so that AOTAutograd's partitioner recomputes everything traced
     from it in the backward instead of saving it (the tags activation checkpointing uses,
@@ -437,13 +447,8 @@ def _mark_recompute(node: fx.Node) -> str:
     p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     if not isinstance(p, (int, float)) or p != 0:
         return "quantized (config.sdpa='recompute' not applied: dropout_p is not 0)"
-    ac_id = next(_AC_IDS)
-    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-    node.meta["ac_graph_id"] = ac_id
     proj = _qkv_projection(node)
-    for n in proj:
-        n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-        n.meta["ac_graph_id"] = ac_id
+    _tag_for_recompute([node, *proj])
     if proj:
         return ("quantized; attention probabilities and the q/k/v projection recomputed in the backward "
                 "(config.sdpa='recompute')")  # fmt: skip
@@ -491,10 +496,7 @@ def _mark_linear_gelu_recompute(graph: fx.Graph) -> None:
         src = node.args[0] if node.args else None
         if not (isinstance(src, fx.Node) and src.target is fqt_linear and len(src.users) == 1):
             continue
-        ac_id = next(_AC_IDS)
-        for n in (src, node):
-            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-            n.meta["ac_graph_id"] = ac_id
+        _tag_for_recompute([src, node])
         d = src.meta.get("fqt")
         if d is not None:
             d.reason += "; output and the GELU after it recomputed in the backward (config.recompute_mlp)"

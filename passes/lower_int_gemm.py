@@ -467,11 +467,6 @@ class _ConvEmitter:
         per = [e(aten.sum.dim_IntList, w, [1, 2]) for w in self.windows(bsum, 1)]  # kh*kw x (C,)
         return e(aten.reshape.default, self.stack(per, 0), [1, self.K])
 
-    def mask_cols(self, ones4d: fx.Node) -> fx.Node:
-        """M: (L, K) 0/1, which column entries are real input, from a (1, C, H, W) 0/1 map of
-        the real entries (ones; zeros where a stride was undone by inserting zeros)."""
-        return self.im2col(ones4d)
-
     def w_rows(self, w4d: fx.Node) -> fx.Node:
         """(O, C, kh, kw) -> (O, K) in column order (i, j, c)."""
         e = self.e
@@ -531,8 +526,8 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tu
             out = mm
             if fix:  # + o_x * (M @ W~): the offset over the real (unpadded) entries only
                 ones = e(aten.full.default, [1, ce.C, ce.H, ce.W], 1.0, dtype=f32, device=_val(x[0]).device)
-                w_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, wt, f32), ws), wo)
-                corr = e(aten.mm.default, ce.mask_cols(ones), w_deq)  # (L, O)
+                # M = im2col of ones: (L, K) 0/1, which column entries are real input
+                corr = e(aten.mm.default, ce.im2col(ones), e.dequantize(wt, ws, wo))  # (L, O)
                 out3 = e(aten.reshape.default, out, [ce.B, ce.L, ce.O])
                 out = e(aten.add.Tensor, out3, e(aten.mul.Tensor, corr, _per_sample(e, x[2], ce.B)))
             result = ce.to_nchw(out, ce.O)
@@ -577,8 +572,7 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tu
             out = mm
             if fix:  # + o_g[b] * (M @ W'~) over the real entries of G only
                 ones = dilate(e(aten.full.default, [1, O, fwd.Ho, fwd.Wo], 1.0, dtype=f32, device=_val(g[0]).device))
-                w_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, wt, f32), w[1]), w[2])
-                corr = e(aten.mm.default, ce.mask_cols(ones), w_deq)  # (H*W, C)
+                corr = e(aten.mm.default, ce.im2col(ones), e.dequantize(wt, w[1], w[2]))  # (H*W, C)
                 out3 = e(aten.reshape.default, out, [B, ce.L, fwd.C])
                 out = e(aten.add.Tensor, out3, e(aten.mul.Tensor, corr, _per_sample(e, g[2], B)))
             result = ce.to_nchw(out, fwd.C)
@@ -598,11 +592,11 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tu
             mm = e(qmm, a, gs, go, cols, xs, _zero(e, x[2]) if fix else xo, c.a_bits, c.b_bits, c.tag)
             out = mm
             if fix:  # + o_x * (sum_b G~) (O, L) @ M (L, K)
-                g_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, g4, f32), ce.as4d(g[1]) if _val(g[1]).dim() else g[1]),
-                          ce.as4d(g[2]) if _val(g[2]).dim() else g[2])  # fmt: skip
+                g_s, g_o = (ce.as4d(t) if _val(t).dim() else t for t in g[1:])
+                g_deq = e.dequantize(g4, g_s, g_o)
                 g_sum = e(aten.reshape.default, e(aten.sum.dim_IntList, g_deq, [0]), [ce.O, ce.L])
                 ones = e(aten.full.default, [1, ce.C, ce.H, ce.W], 1.0, dtype=f32, device=_val(x[0]).device)
-                corr = e(aten.mm.default, g_sum, ce.mask_cols(ones))
+                corr = e(aten.mm.default, g_sum, ce.im2col(ones))
                 out = e(aten.add.Tensor, out, e(aten.mul.Tensor, corr, xo))
             out = e(aten.reshape.default, out, [ce.O, ce.kh, ce.kw, ce.C])
             result = ce.from4d(e(aten.permute.default, out, [0, 3, 1, 2]))
@@ -653,8 +647,7 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
         if not _is_zero_offset(a_offset):
             cols = sums.get("b_cols")
             if cols is None:
-                b_deq = e(aten.add.Tensor, e(aten.mul.Tensor, e(_convert, b_codes, f32), b_scale), b_offset)
-                cols = e(aten.sum.dim_IntList, b_deq, [-2], True)
+                cols = e(aten.sum.dim_IntList, e.dequantize(b_codes, b_scale, b_offset), [-2], True)
             out = e(aten.add.Tensor, out, e(aten.mul.Tensor, cols, a_offset))
     d.lowered = True
     if d.kernel == "fqt.int_mm":

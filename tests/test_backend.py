@@ -327,11 +327,13 @@ def test_inductor_patches_default_to_no_layout_optimization_and_merge_user_patch
     assert DEFAULT_INDUCTOR_PATCHES == {"layout_optimization": False}  # not mutated
 
 
-def _attention_step(policy, seq=64):
+def _block_step(x_shape, **cfg):
+    """One eager-compiled TransformerBlock(32, 4) step: output, parameter gradients, bytes
+    saved for backward by dtype (parameters excluded), the graph record."""
     torch.manual_seed(0)
     m = TransformerBlock(32, 4)
-    x = torch.randn(2, seq, 32)
-    fqt_compile.compile(m, FQTConfig(sdpa=policy, compiler="eager"))
+    x = torch.randn(*x_shape)
+    fqt_compile.compile(m, FQTConfig(compiler="eager", **cfg))
     params = {p.data_ptr() for p in m.parameters()}
     saved = {}
 
@@ -345,6 +347,10 @@ def _attention_step(policy, seq=64):
         y = m(x)
     y.square().mean().backward()
     return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, saved, fqt_compile.records(m)[0]
+
+
+def _attention_step(policy):
+    return _block_step((2, 64, 32), sdpa=policy)
 
 
 def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilities():
@@ -378,23 +384,7 @@ def test_sdpa_recompute_is_not_applied_with_dropout():
 
 
 def _mlp_step(recompute):
-    torch.manual_seed(0)
-    m = TransformerBlock(32, 4)
-    x = torch.randn(4, 64, 32)
-    fqt_compile.compile(m, FQTConfig(recompute_mlp=recompute, compiler="eager"))
-    params = {p.data_ptr() for p in m.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            saved[t.dtype] = saved.get(t.dtype, 0) + t.numel() * t.element_size()
-        return t
-
-    torch.manual_seed(1)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = m(x)
-    y.square().mean().backward()
-    return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, saved, fqt_compile.records(m)[0]
+    return _block_step((4, 64, 32), recompute_mlp=recompute)
 
 
 def test_recompute_mlp_keeps_the_gradients_and_drops_the_gelu_input():

@@ -9,6 +9,7 @@ matmul of dequantized codes, both accumulating ~K products with ~1e-7 relative r
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -41,6 +42,19 @@ def _run(model, x, cfg, seed=5):
 def _close(a, b, what):
     scale = b.abs().max().clamp(min=1e-12)
     assert ((a - b).abs().max() / scale) < 1e-5, f"{what}: max rel diff {((a - b).abs().max() / scale):.3g}"
+
+
+def _lowered_vs_simulated(base, x, cfg, what=""):
+    """Run copies of ``base`` with lowering on and off from the same seed; assert the output
+    and every gradient agree; return both records (lowered, simulated)."""
+    out_l, g_l, rec_l = _run(copy.deepcopy(base), x, cfg)
+    gx_l, x.grad = x.grad, None
+    out_s, g_s, rec_s = _run(copy.deepcopy(base), x, dataclasses.replace(cfg, lower_int_gemm=False))
+    _close(out_l, out_s, f"{what} output")
+    _close(gx_l, x.grad, f"{what} grad_input")
+    for n in g_s:
+        _close(g_l[n], g_s[n], f"{what} {n}")
+    return rec_l, rec_s
 
 
 class Bmm(nn.Module):
@@ -79,15 +93,7 @@ def test_lowered_equals_simulated_with_the_same_draws(model, gi_kind, gw_kind, f
         input=FORWARD[fwd], weight=FORWARD[fwd], grad_input=GradSpec(gi_kind, bits),
         grad_weight=GradSpec(gw_kind, bits), compiler="eager",
     )  # fmt: skip
-    import dataclasses
-
-    out_l, g_l, rec_l = _run(copy.deepcopy(base), x, cfg)
-    gx_l, x.grad = x.grad, None
-    out_s, g_s, rec_s = _run(copy.deepcopy(base), x, dataclasses.replace(cfg, lower_int_gemm=False))
-    _close(out_l, out_s, "output")
-    _close(gx_l, x.grad, "grad_input")
-    for n in g_s:
-        _close(g_l[n], g_s[n], n)
+    rec_l, rec_s = _lowered_vs_simulated(base, x, cfg)
     fw, bw = _lowering(rec_l, "forward"), _lowering(rec_l, "backward")
     assert fw.lowered and len(fw.lowered) == len(fw.decisions), "every output GEMM lowers"
     by_gemm = {(d.gemm, model): {d.lowered} for d in bw.decisions}
@@ -146,7 +152,6 @@ def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd
     codes. The speed rule is switched off so that these small shapes lower (it is tested
     below); tolerance as for the products above."""
     import fqt_compile.passes.lower_int_gemm as lig
-    import dataclasses
 
     monkeypatch.setattr(lig, "CONV_RULE", False)
     bits = FORWARD[fwd].bits
@@ -157,13 +162,7 @@ def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd
     for name, (make, shape) in CONVS.items():
         torch.manual_seed(0)
         base, x = make(), torch.randn(*shape, requires_grad=True)
-        out_l, g_l, rec_l = _run(copy.deepcopy(base), x, cfg)
-        gx_l, x.grad = x.grad, None
-        out_s, g_s, rec_s = _run(copy.deepcopy(base), x, dataclasses.replace(cfg, lower_int_gemm=False))
-        _close(out_l, out_s, f"{name} output")
-        _close(gx_l, x.grad, f"{name} grad_input")
-        for n in g_s:
-            _close(g_l[n], g_s[n], f"{name} {n}")
+        rec_l, _ = _lowered_vs_simulated(base, x, cfg, name)
         got = {d.gemm: d for k in ("forward", "backward") for d in _lowering(rec_l, k).decisions}
         assert got["output"].kernel == "im2col+aten._int_mm", name
         # grad_input: per-sample / per-tensor Q_b1 (BHQ: its inverse mixes samples, which the
@@ -234,8 +233,6 @@ def test_per_channel_symmetric_weights_fold_into_q_b1_and_lower(gi_kind, monkeyp
     """DESIGN.md section 4: with per-channel symmetric weights W~ = diag(s) C, grad_input is
     Q_b1(G diag(s)) @ C, with no scale left on the contracted axis: it lowers (linear and
     conv), and the lowered graph equals the simulated one (both fold)."""
-    import dataclasses
-
     import fqt_compile.passes.lower_int_gemm as lig
 
     monkeypatch.setattr(lig, "CONV_RULE", False)
@@ -244,13 +241,7 @@ def test_per_channel_symmetric_weights_fold_into_q_b1_and_lower(gi_kind, monkeyp
     for make, shape in ((lambda: nn.Linear(24, 40), (12, 24)), (lambda: nn.Conv2d(8, 6, 3, padding=1), (3, 8, 6, 6))):
         torch.manual_seed(0)
         base, x = make(), torch.randn(*shape, requires_grad=True)
-        out_l, g_l, rec_l = _run(copy.deepcopy(base), x, cfg)
-        gx_l, x.grad = x.grad, None
-        out_s, g_s, _ = _run(copy.deepcopy(base), x, dataclasses.replace(cfg, lower_int_gemm=False))
-        _close(out_l, out_s, "output")
-        _close(gx_l, x.grad, "grad_input")
-        for n in g_s:
-            _close(g_l[n], g_s[n], n)
+        rec_l, _ = _lowered_vs_simulated(base, x, cfg)
         gi = [d for d in _lowering(rec_l, "backward").decisions if d.gemm == "grad_input"]
         assert gi and all(d.lowered for d in gi), [d.reason for d in gi]
 
