@@ -1,48 +1,83 @@
 """Counter-based uniform random numbers for stochastic rounding.
 
 A uniform draw is a pure function of ``(seed, element index)``: an integer hash, written only
-with elementwise int64 tensor ops (xor, shift, multiply, mask), so that
+with elementwise int32 tensor ops (xor, shift, mask, wrapping multiply), so that
 
 * the same seed gives the same draws on every call path (eager, fake, inductor-compiled),
 * a compiler can fuse the generator into the quantize kernel (no ``torch.rand`` call, which is
-  slow on CPU and is a separate kernel),
+  slow on CPU and is a separate kernel), in 32-bit vector lanes (twice as many per
+  instruction as int64, and no 64-bit multiplies),
 * a run is reproducible under ``torch.manual_seed``: seeds themselves come from the global
   generator through :func:`new_seed`, one draw per quantizer call, so no seed is ever reused
   by design (a graph never bakes a seed in as a constant).
 
-The hash is the 32-bit "xorshift-multiply" finalizer (multiplier 0x45D9F3B, below 2**31 so
-that every product of a 32-bit value fits in int64 without signed overflow), applied twice
-with the seed mixed in between. The top 24 bits of the result give ``u = k * 2**-24``,
-which is exact in float32 and lies in ``[0, 1)``.
+The hash is the 32-bit "xorshift-multiply" finalizer (multiplier 0x45D9F3B) on the bits of an
+int32 tensor read as unsigned: the right shift is arithmetic on int32, so ``(x >> 16) & 0xFFFF``
+writes the logical shift; the multiply wraps modulo 2**32 (two's complement). It is applied
+twice, with the seed's two halves (each hashed) mixed in before each. The top 24 bits of the
+result give ``u = k * 2**-24``, which is exact in float32 and lies in ``[0, 1)``.
+
+:func:`new_seed` is the custom op ``fqt::new_seed`` (tagged ``nondeterministic_seeded``, so no
+graph pass merges two draws): inside a compiled graph it stays one call that writes a 0-d
+tensor, which the quantize kernels read. A ``torch.randint`` node there would instead be inlined
+by inductor into every kernel that reads the seed and re-run (a Philox draw) for every vector of
+16 elements.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["new_seed", "uniform_from_seed", "hash32"]
+__all__ = ["new_seed", "uniform_from_seed", "uniform_at", "hash32", "seed_words"]
 
-_MASK32 = 0xFFFFFFFF
 _MULT = 0x45D9F3B
 _SEED_BOUND = 2**62
+_SEED_HI_SALT = 0x5BD1E995
+
+torch.library.define(
+    "fqt::new_seed", "(Device device) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,)
+)
+
+
+@torch.library.impl("fqt::new_seed", "CompositeExplicitAutograd")
+def _new_seed_impl(device: torch.device) -> torch.Tensor:
+    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, device=device)
+
+
+@torch.library.register_fake("fqt::new_seed")
+def _new_seed_fake(device: torch.device) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64, device=device)
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int32 bits."""
+    return (x >> n) & ((1 << (32 - n)) - 1)
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    """Mix the low 32 bits of an int64 tensor; returns values in ``[0, 2**32)`` as int64."""
-    x = x & _MASK32
-    x = (((x >> 16) ^ x) * _MULT) & _MASK32
-    x = (((x >> 16) ^ x) * _MULT) & _MASK32
-    return (x >> 16) ^ x
+    """Mix 32-bit values: an int32 tensor in, int32 out (bits read as unsigned). A bijection on
+    32 bits. Other integer dtypes are reduced to their low 32 bits first."""
+    if x.dtype != torch.int32:
+        x = x.to(torch.int32)  # keeps the low 32 bits (two's complement)
+    x = (_shr(x, 16) ^ x) * _MULT
+    x = (_shr(x, 16) ^ x) * _MULT
+    return _shr(x, 16) ^ x
+
+
+def seed_words(seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two hashed 32-bit halves ``(s_lo, s_hi)`` of an int64 seed (int32 0-d tensors)."""
+    seed = seed.to(torch.int64)
+    return hash32(seed), hash32((seed >> 32).to(torch.int32) ^ _SEED_HI_SALT)
 
 
 def new_seed(device: torch.device | str | None = None) -> torch.Tensor:
-    """A fresh seed: a 0-d int64 tensor drawn from the global generator.
+    """A fresh seed: a 0-d int64 tensor drawn from the global generator (``fqt::new_seed``).
 
-    Drawing it with ``torch.randint`` (and not in Python) matters inside compiled graphs: the
-    draw becomes a graph node that runs every step instead of a constant baked in at trace
-    time, which would repeat the same rounding every step.
+    Drawing it in an op (and not in Python) matters inside compiled graphs: the draw becomes a
+    graph node that runs every step instead of a constant baked in at trace time, which would
+    repeat the same rounding every step.
     """
-    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, device=device)
+    return torch.ops.fqt.new_seed(torch.device("cpu") if device is None else torch.device(device))
 
 
 def uniform_from_seed(
@@ -51,17 +86,23 @@ def uniform_from_seed(
     """Uniform ``[0, 1)`` float32 draws for every element of ``shape`` (row-major index).
 
     ``seed`` is a 0-d int64 tensor (see :func:`new_seed`). Element ``i`` of the flattened
-    shape gets ``h(h(i_lo ^ s_lo) ^ (s_hi + i_hi))`` with ``s = seed``, ``i_lo``/``i_hi`` the low
-    and high 32 bits of ``i``; different seeds give unrelated streams.
+    shape gets ``h(h(i_lo ^ s_lo) ^ (s_hi + i_hi))`` with ``(s_lo, s_hi)`` =
+    :func:`seed_words`, ``i_lo``/``i_hi`` the low and high 32 bits of ``i`` (all 32-bit
+    arithmetic); different seeds give unrelated streams.
     """
     device = seed.device if device is None else device
     numel = 1
     for s in shape:
         numel *= int(s)
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
-    seed = seed.to(device=device, dtype=torch.int64)
-    s_lo = hash32(seed)
-    s_hi = hash32((seed >> 32) ^ 0x5BD1E995)
-    h = hash32((idx & _MASK32) ^ s_lo)
-    h = hash32(h ^ ((s_hi + (idx >> 32)) & _MASK32))
-    return ((h >> 8).to(torch.float32) * (1.0 / 16777216.0)).reshape(shape)
+    dtype = torch.int32 if numel < 2**31 else torch.int64
+    return uniform_at(seed.to(device=device), torch.arange(numel, dtype=dtype, device=device)).reshape(shape)
+
+
+def uniform_at(seed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The draws of :func:`uniform_from_seed` at flat indices ``idx`` (int32 below 2**31,
+    else int64: its high word enters the second hash)."""
+    s_lo, s_hi = seed_words(seed)
+    if idx.dtype == torch.int64:
+        s_hi = s_hi + (idx >> 32).to(torch.int32)
+    h = hash32(hash32(idx.to(torch.int32) ^ s_lo) ^ s_hi)
+    return _shr(h, 8).to(torch.float32) * (1.0 / 16777216.0)

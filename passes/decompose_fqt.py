@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from ..rng import _MASK32, _MULT
+from ..rng import _MULT, _SEED_HI_SALT
 
 __all__ = ["decompose_fqt"]
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 prims = torch.ops.prims
 fqt = torch.ops.fqt
-f32, i64, i8 = torch.float32, torch.int64, torch.int8
+f32, i64, i32, i8 = torch.float32, torch.int64, torch.int32, torch.int8
 
 
 class Emitter:
@@ -72,27 +72,35 @@ class Emitter:
     def clamp(self, x: fx.Node, lo: float, hi: float) -> fx.Node:
         return self(aten.clamp_max.default, self(aten.clamp_min.default, x, lo), hi)
 
+    def shr(self, x: fx.Node, n: int) -> fx.Node:
+        # rng._shr: logical right shift of int32 bits
+        return self(aten.bitwise_and.Scalar, self(aten.bitwise_right_shift.Tensor_Scalar, x, n), (1 << (32 - n)) - 1)
+
     def hash32(self, x: fx.Node) -> fx.Node:
-        x = self(aten.bitwise_and.Scalar, x, _MASK32)
+        # rng.hash32 on int32 nodes
         for _ in range(2):
-            x = self(aten.bitwise_xor.Tensor, self(aten.bitwise_right_shift.Tensor_Scalar, x, 16), x)
-            x = self(aten.bitwise_and.Scalar, self(aten.mul.Tensor, x, _MULT), _MASK32)
-        return self(aten.bitwise_xor.Tensor, self(aten.bitwise_right_shift.Tensor_Scalar, x, 16), x)
+            x = self(aten.mul.Tensor, self(aten.bitwise_xor.Tensor, self.shr(x, 16), x), _MULT)
+        return self(aten.bitwise_xor.Tensor, self.shr(x, 16), x)
 
 
 def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node) -> fx.Node:
-    # rng.uniform_from_seed for an (N, D) tensor: index i = row * D + col
+    # rng.uniform_from_seed for an (N, D) tensor: index i = row * D + col, 32-bit arithmetic
     val = x.meta["val"]
     n, d = e(aten.sym_size.int, x, 0), e(aten.sym_size.int, x, 1)
-    rows = e(aten.arange.start_step, 0, n, 1, dtype=i64, device=val.device)
-    cols = e(aten.arange.start_step, 0, d, 1, dtype=i64, device=val.device)
+    s_lo = e.hash32(e.cast(seed, i32))
+    s_hi = e.hash32(e(aten.bitwise_xor.Scalar, e.cast(e(aten.bitwise_right_shift.Tensor_Scalar, seed, 32), i32), _SEED_HI_SALT))
+    numel = val.numel()
+    small = isinstance(numel, int) and numel < 2**31
+    dt = i32 if small else i64
+    rows = e(aten.arange.start_step, 0, n, 1, dtype=dt, device=val.device)
+    cols = e(aten.arange.start_step, 0, d, 1, dtype=dt, device=val.device)
     idx = e(aten.add.Tensor, e(aten.mul.Tensor, e(aten.unsqueeze.default, rows, 1), d), e(aten.unsqueeze.default, cols, 0))
-    s_lo = e.hash32(seed)
-    s_hi = e.hash32(e(aten.bitwise_xor.Scalar, e(aten.bitwise_right_shift.Tensor_Scalar, seed, 32), 0x5BD1E995))
-    h = e.hash32(e(aten.bitwise_xor.Tensor, e(aten.bitwise_and.Scalar, idx, _MASK32), s_lo))
-    hi = e(aten.bitwise_and.Scalar, e(aten.add.Tensor, s_hi, e(aten.bitwise_right_shift.Tensor_Scalar, idx, 32)), _MASK32)
-    h = e.hash32(e(aten.bitwise_xor.Tensor, h, hi))
-    return e(aten.mul.Tensor, e.cast(e(aten.bitwise_right_shift.Tensor_Scalar, h, 8), f32), 1.0 / 16777216.0)
+    lo = idx if small else e.cast(idx, i32)
+    if not small:  # the high index word (0 below 2**32 elements)
+        s_hi = e(aten.add.Tensor, s_hi, e.cast(e(aten.bitwise_right_shift.Tensor_Scalar, idx, 32), i32))
+    h = e.hash32(e(aten.bitwise_xor.Tensor, lo, s_lo))
+    h = e.hash32(e(aten.bitwise_xor.Tensor, h, s_hi))
+    return e(aten.mul.Tensor, e.cast(e.shr(h, 8), f32), 1.0 / 16777216.0)
 
 
 def _sr_quantize(e: Emitter, x, seed, bits, gran):

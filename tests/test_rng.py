@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from fqt_compile.rng import hash32, new_seed, uniform_from_seed
+from fqt_compile.rng import hash32, new_seed, uniform_at, uniform_from_seed
 
 N = 2**20
 
@@ -90,14 +90,43 @@ def test_large_index_counts_are_fast_and_distinct():
         assert int((u[:shift] == u[shift : 2 * shift]).sum()) <= 5
 
 
+def _hash32_reference(v: int) -> int:
+    # the xorshift-multiply finalizer in Python's unbounded ints, reduced mod 2^32
+    for _ in range(2):
+        v = (((v >> 16) ^ v) * 0x45D9F3B) & 0xFFFFFFFF
+    return (v >> 16) ^ v
+
+
+def test_hash32_int32_lanes_match_unsigned_32_bit_arithmetic():
+    # int32 emulates uint32: arithmetic shift + mask = logical shift, the multiply wraps.
+    vals = [0, 1, 2, 0x7FFF, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**31 + 5, 2**32 - 1, 0xDEADBEEF]
+    x = torch.tensor([v - 2**32 if v >= 2**31 else v for v in vals], dtype=torch.int32)
+    got = [int(h) & 0xFFFFFFFF for h in hash32(x)]
+    assert got == [_hash32_reference(v) for v in vals]
+    # int64 input: its low 32 bits
+    assert torch.equal(hash32(torch.tensor([2**40 + 7, -1])), hash32(torch.tensor([7, -1], dtype=torch.int32)))
+
+
+def test_indices_past_2_pow_31_and_2_pow_32():
+    # Tensors of 2^31 elements and more index in int64 (too large to draw here): below 2^31 the
+    # int64 path gives the int32 path's values; at 2^32 + k the high word makes them differ.
+    s = torch.tensor(77)
+    k = torch.arange(4096, dtype=torch.int32)
+    assert torch.equal(uniform_at(s, k.long()), uniform_at(s, k))
+    assert torch.equal(uniform_at(s, k), uniform_from_seed(s, (4096,)))
+    far = uniform_at(s, k.long() + 2**32)
+    assert abs(_corr(far, uniform_at(s, k))) < 5 / math.sqrt(4096) and int((far == uniform_at(s, k)).sum()) <= 2
+    mid = uniform_at(s, k.long() + 2**31)  # int32 lanes wrap to negative values: still distinct
+    assert int((mid == uniform_at(s, k)).sum()) <= 2 and float(mid.min()) >= 0 and float(mid.max()) < 1
+
+
 def test_hash32_is_a_32_bit_mixer():
-    x = torch.arange(2**16, dtype=torch.int64)
+    x = torch.arange(2**16, dtype=torch.int32)
     h = hash32(x)
-    assert int(h.min()) >= 0 and int(h.max()) < 2**32
+    assert h.dtype == torch.int32
     assert torch.unique(h).numel() == x.numel()  # a bijection on 32 bits: no collisions
     # Avalanche: flipping one input bit flips about half of the 32 output bits.
-    flipped = hash32(x ^ 1)
-    diff = h ^ flipped
+    diff = (h ^ hash32(x ^ 1)).to(torch.int64) & 0xFFFFFFFF
     bits = sum(((diff >> b) & 1).sum() for b in range(32)) / x.numel()
     assert 14 < float(bits) < 18, float(bits)
 
@@ -114,8 +143,9 @@ def test_new_seed_draws_from_the_global_generator():
 
 
 def test_compiled_generator_matches_eager():
-    # One inductor compile (CPU): the hash is int64 elementwise code that must give the same
-    # bits in generated C++ as in eager, for low and high seeds (the s_hi path).
+    # One inductor compile (CPU): the hash is int32 elementwise code (wrapping multiplies,
+    # masked shifts) that must give the same bits in generated C++ as in eager, for low and
+    # high seeds (the s_hi path).
     def draw(seed: torch.Tensor) -> torch.Tensor:
         return uniform_from_seed(seed, (8, 1000))
 
