@@ -48,6 +48,27 @@ def test_inlined_graph_is_exactly_the_op_library(tracing_mode):
             assert torch.equal(a, b)
 
 
+def test_column_ranges_reduce_in_row_blocks_with_the_same_result():
+    # Emitter.column_minmax: (N, D) -> (N/16, 16, D) -> min over the block, then over blocks;
+    # exact (min/max do not round). Not used for an N that 16 does not divide, a symbolic N
+    # or a non-contiguous operand (covered by the test above with N = 33).
+    from fqt_compile.passes.decompose_fqt import COLUMN_BLOCK
+
+    g = torch.randn(64, 19) * torch.logspace(-3, 1, 19)
+    g[:, 4] = 0.5  # a constant column: scale 0
+    seed = torch.tensor(77)
+    for make in (lambda t: t, lambda t: t.t().contiguous().t()):  # contiguous, then strided
+        gg = make(g)
+        gm = make_fx(lambda t, s: fqt.sr_quantize(t, s, 8, "column"), tracing_mode="fake")(gg, seed)
+        fused, _ = decompose_fqt(gm)
+        views = [n for n in fused.graph.nodes if n.target == torch.ops.aten.view.default]
+        assert len(views) == (1 if gg.is_contiguous() else 0)
+        if views:
+            assert list(views[0].args[1]) == [64 // COLUMN_BLOCK, COLUMN_BLOCK, 19]
+        for a, b in zip(gm(gg, seed), fused(gg, seed)):
+            assert torch.equal(a, b)
+
+
 def test_every_emitted_op_has_an_inductor_lowering():
     """Inductor refuses ops that it would have decomposed but has no lowering for (it asserts
     'both a fallback and a decomp'); everything decompose_fqt emits must lower directly."""
