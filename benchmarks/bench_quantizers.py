@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fqt_compile import quantizers as Q  # noqa: E402
+from fqt_compile.cpu import keep_freed_memory  # noqa: E402
 
 GRAD_BITS = 8
 
@@ -166,14 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--malloc", choices=("default", "keep"), default="keep",
+                    help="keep: fqt_compile.cpu.keep_freed_memory() first, so the copy and every quantizer write "
+                         "reused memory (default: each fresh 32 MiB output is page-faulted in, which costs more than the copy)")
     args = ap.parse_args(argv)
+    if args.malloc == "keep" and not keep_freed_memory():
+        args.malloc = "default (keep not applied)"
     if args.threads:
         torch.set_num_threads(args.threads)
     # Graph breaks are counted per variant below; dynamo's per-break warnings would bury the table.
     torch._logging.set_logs(graph_breaks=False)
     repeats, warmup = (3, 1) if args.quick else (10, 2)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, malloc {args.malloc}")
     print(f"\n{args.rows} x {args.cols} float32, {GRAD_BITS}-bit gradient quantizers, median of {repeats}")
     print(f"{'variant':<14} {'mode':<9} {'ms':>10} {'GB/s':>8} {'vs copy':>9} {'breaks':>7}")
     rows = bench_throughput(args.rows, args.cols, repeats, warmup, not args.no_compile)
@@ -198,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "shape": [args.rows, args.cols],
             "grad_bits": GRAD_BITS,
             "repeats": repeats,
+            "malloc": args.malloc,
             "quick": args.quick,
             "command": "python benchmarks/bench_quantizers.py " + " ".join(sys.argv[1:] if argv is None else argv),
         },

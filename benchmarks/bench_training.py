@@ -9,7 +9,10 @@ off, inductor); fqt lowered with the eager inner compiler; fqt lowered with indu
 int8 mixed-precision training (when torchao imports). Each variant trains a copy of the same
 initial model with AdamW; after warm-up steps (compilation included there), ``--steps`` steps are
 timed and the median is reported, with tokens (or images) per second and the ratios to fp32
-eager and bf16 autocast from the same run. "saved MB" is the size of the tensors autograd keeps
+eager and bf16 autocast from the same run. ``--malloc keep`` (the default) applies
+``fqt_compile.cpu.keep_freed_memory()`` to the whole process first, so every variant's large
+tensors reuse freed memory instead of page-faulting fresh memory each step; ``--malloc
+default`` measures glibc's default behaviour. "saved MB" is the size of the tensors autograd keeps
 for the backward (parameters excluded), measured with saved_tensors_hooks on one step: the
 activation memory of the step. "GEMM %" is the share of profiled CPU time spent in matrix
 products (aten mm/addmm/bmm/_int_mm/convolution and fqt::int_mm calls; inductor's own GEMM
@@ -230,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-profile", action="store_true", help="skip the GEMM-share profile step")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "training.json"))
+    ap.add_argument("--malloc", choices=("default", "keep"), default="keep",
+                    help="keep: fqt_compile.cpu.keep_freed_memory() before any variant runs (glibc reuses "
+                         "freed blocks instead of page-faulting fresh ones every step); default: leave malloc as is")
     args = ap.parse_args(argv)
+    if args.malloc == "keep" and not fqt_compile.cpu.keep_freed_memory():
+        log("--malloc keep: not applied on this C library; running with the default allocator")
+        args.malloc = "default (keep not applied)"
     results: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},

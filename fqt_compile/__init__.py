@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 
 from . import ops as _ops  # noqa: F401  (registers the fqt:: custom ops)
+from . import cpu
+from .cpu import keep_freed_memory
 from .config import (
     RECIPES,
     FQTConfig,
@@ -55,6 +57,7 @@ __all__ = [
     "prepare",
     "FQTBackend",
     # tools
+    "keep_freed_memory",
     "records",
     "GraphRecord",
     "FQTTraceError",
