@@ -62,10 +62,13 @@ class Granularity(_StrEnum):
 class GradKind(_StrEnum):
     """Gradient quantizers (all stochastic and unbiased).
 
-    ``ptq``: per-tensor (PTQ); ``psq``: per-row = per-sample (PSQ); ``column``: per-column, one
-    range per output feature (the reference Q_b2 of PSQ/BHQ runs); ``bhq``: block Householder
-    (BHQ); ``hadamard``: rows mixed by a block Hadamard transform, then per-row;
-    ``none``: no quantization (exact gradient on that path)."""
+    ``ptq``: per-tensor (PTQ); ``psq``: per-row = per-sample (PSQ); ``column``: per-column of
+    the gradient's 2-D view, the reference Q_b2 of PSQ/BHQ runs: for a linear layer or matmul,
+    one range per output feature; for a convolution, whose gradient is viewed as
+    (batch, C * H * W), one range per (channel, position), so its grad_weight GEMM, which
+    contracts over samples and positions, stays simulated (only ``ptq`` lowers there);
+    ``bhq``: block Householder (BHQ); ``hadamard``: rows mixed by a block Hadamard transform,
+    then per-row; ``none``: no quantization (exact gradient on that path)."""
 
     PTQ = "ptq"
     PSQ = "psq"
