@@ -18,6 +18,8 @@ for :meth:`FQTConfig.from_dict`.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import logging
 import threading
@@ -158,9 +160,15 @@ class FQTBackend:
             record.aten_passes[kind].append(("decompose_fqt", counts))
             return compile_fx_inner(fused, inputs, *args, **kw)
 
-        return compile_fx(
-            gm, example_inputs, inner_compile=inner_compile, config_patches=self.inductor_config_patches or None
-        )
+        # AOTAutograd's cache keys a compiled artifact on the dynamo graph, not on what the
+        # inner compiler does with it: on a hit our aten passes would not run (no graphs in the
+        # record, no decisions) and an artifact compiled by another config (lower_int_gemm,
+        # recompute tags) or another version of these passes would run instead. Inductor's own
+        # FX graph cache, keyed on the graph compile_fx_inner receives, stays on.
+        with _autograd_cache_off():
+            return compile_fx(
+                gm, example_inputs, inner_compile=inner_compile, config_patches=self.inductor_config_patches or None
+            )
 
     def _compile_eager(self, gm: fx.GraphModule, example_inputs: Sequence[Any], record: GraphRecord):
         from torch._dynamo.backends.common import aot_autograd
@@ -178,6 +186,14 @@ class FQTBackend:
             bw_compiler=compiler("backward"),
             inference_compiler=compiler("inference"),
         )(gm, example_inputs)
+
+
+def _autograd_cache_off() -> contextlib.AbstractContextManager:
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        return functorch_config.patch(enable_autograd_cache=False)
+    return contextlib.nullcontext()
 
 
 _DEFAULT = FQTBackend()

@@ -400,3 +400,24 @@ def test_recompute_mlp_keeps_the_gradients_and_drops_the_gelu_input():
     assert s_a[torch.float32] - s_b[torch.float32] >= 4 * 64 * (128 - 32) * 4 - 4096, (s_a, s_b)
     (d,) = [d for d in rec.insert.decisions if d.module == "fc1"]
     assert d.quantized and "recomputed in the backward" in d.reason
+
+
+def test_inductor_compiles_bypass_the_aot_autograd_cache():
+    # AOTAutograd's cache keys on the dynamo graph: a hit would skip the fqt aten passes (no
+    # graphs in the record) and could run an artifact compiled by another config or version of
+    # the passes. Compile the same graph twice (after a dynamo reset, which on a cache hit
+    # loads the first artifact): both compiles must run the passes.
+    from fqt_compile.backend import FQTBackend
+
+    def quantize_rows(x, seed):
+        return torch.ops.fqt.sr_quantize(x, seed, 8, "row")[0]
+
+    x, seed = torch.randn(64, 32), torch.tensor(5)
+    outs = []
+    for lower in (True, False):
+        torch._dynamo.reset()
+        backend = FQTBackend(FQTConfig(lower_int_gemm=lower))
+        outs.append(torch.compile(quantize_rows, backend=backend)(x, seed))
+        (rec,) = backend.records
+        assert rec.inference is not None and "decompose_fqt" in dict(rec.aten_passes["inference"])
+    assert torch.equal(outs[0], outs[1])
