@@ -6,9 +6,10 @@ fresh and unmapped on free, and the top of the heap is trimmed back to the OS as
 is free: the next step's tensor of the same size is then new memory again, and the kernel
 zeroes every 4 KiB page at its first write. A compiled FQT step allocates many large
 short-lived buffers (int8 codes, int32 GEMM results, gradients), so on a CPU that page
-faulting can cost more than the arithmetic: writing a fresh 8192 x 1024 float32 tensor took
-8.3 ms here against 0.7 ms for the same write into reused memory
-(``benchmarks/bench_training.py`` records both allocator settings; docs/performance.md).
+faulting can cost more than the arithmetic: a copy of an 8192 x 1024 float32 tensor took
+8.1-9.7 ms on the development machine with glibc's default behaviour and 2.0-2.3 ms with freed
+memory reused, and a GPT training step 3.9 s vs 3.05 s (``benchmarks/bench_quantizers.py`` and
+``benchmarks/bench_training.py``, ``--malloc default`` vs ``keep``; docs/performance.md).
 
 :func:`keep_freed_memory` asks glibc to keep freed memory for reuse instead (``mallopt``:
 no mmap for large blocks, no trimming), the same effect that preloading jemalloc or tcmalloc

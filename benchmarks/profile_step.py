@@ -1,0 +1,70 @@
+"""Kernel-level profile of one training step of one GPT block (d 1024, 16 heads, MLP 4096,
+batch 8 x 512, AdamW): the table docs/performance.md quotes for where an fqt step's time goes.
+
+    python benchmarks/profile_step.py                      # fqt (default config), malloc keep
+    python benchmarks/profile_step.py --variant fp32       # fp32 eager, for comparison
+    python benchmarks/profile_step.py --config 'FQTConfig(sdpa="full_precision")' --rows 30
+
+Compiles, runs 2 warm-up steps and 3 timed steps (median printed), then profiles one step with
+``torch.profiler`` and inductor's per-kernel profiling (``cpp.enable_kernel_profile``), so every
+fused inductor kernel is one row, and prints the rows sorted by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import fqt_compile  # noqa: E402
+from fqt_compile import FQTConfig, GradSpec  # noqa: E402,F401  (for --config expressions)
+from fqt_compile.models import GPT  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", choices=("fqt", "fp32"), default="fqt")
+    ap.add_argument("--config", default="FQTConfig()", help="FQTConfig expression for --variant fqt")
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
+    ap.add_argument("--malloc", choices=("default", "keep"), default="keep")
+    args = ap.parse_args(argv)
+    torch._inductor.config.cpp.enable_kernel_profile = True
+    if args.malloc == "keep":
+        fqt_compile.keep_freed_memory()
+    torch.manual_seed(0)
+    model = GPT(vocab=256, d_model=1024, n_heads=16, n_layers=args.layers, max_len=512, d_ff=4096)
+    if args.variant == "fqt":
+        fqt_compile.compile(model, eval(args.config))  # noqa: S307 - a command-line config expression
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randint(0, 256, (8, 512)), torch.randint(0, 256, (8, 512))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(f"{args.variant} {args.config if args.variant == 'fqt' else ''} malloc={args.malloc}: "
+          f"step {statistics.median(times):.3f} s (median of {', '.join(f'{t:.3f}' for t in times)})")
+    with torch.profiler.profile() as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=100))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
