@@ -41,7 +41,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-autotune", action="store_true", help="skip the inductor max-autotune int8 variant")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gemm.json"))
+    ap.add_argument("--malloc", choices=("default", "keep"), default="keep",
+                    help="keep: fqt_compile.keep_freed_memory() first, so outputs reuse freed memory instead of "
+                         "being page-faulted in on every call (CPU, glibc)")
     args = ap.parse_args(argv)
+    if args.malloc == "keep":
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+        from fqt_compile.cpu import keep_freed_memory
+
+        if not keep_freed_memory():
+            args.malloc = "default (keep not applied)"
     dev = args.device
     rows = []
     compiled = None
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     out = {"device": dev, "name": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": args.malloc, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
