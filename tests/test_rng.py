@@ -120,6 +120,20 @@ def test_indices_past_2_pow_31_and_2_pow_32():
     assert int((mid == uniform_at(s, k)).sum()) <= 2 and float(mid.min()) >= 0 and float(mid.max()) < 1
 
 
+def test_stream_matches_the_formula_in_python_integers():
+    # u_i = (h >> 8) * 2^-24, h = h32(h32(i_lo ^ s_lo) ^ (s_hi + i_hi)), s_lo = h32(seed_lo),
+    # s_hi = h32(seed_hi ^ 0x5BD1E995): the same stream the earlier int64 form of the generator
+    # produced (it computed this formula with 64-bit masks), so results seeded before the int32
+    # rewrite are reproduced.
+    for seed in (0, 12345, 2**40 + 17, 2**62 - 5):
+        s_lo = _hash32_reference(seed & 0xFFFFFFFF)
+        s_hi = _hash32_reference((seed >> 32) ^ 0x5BD1E995)
+        idx = [0, 1, 2, 7, 1000, 2**20 + 3]
+        want = [(_hash32_reference(_hash32_reference(i ^ s_lo) ^ s_hi) >> 8) * 2.0**-24 for i in idx]
+        got = uniform_from_seed(torch.tensor(seed), (2**20 + 4,))[idx]
+        assert got.tolist() == want, seed
+
+
 def test_hash32_is_a_32_bit_mixer():
     x = torch.arange(2**16, dtype=torch.int32)
     h = hash32(x)
