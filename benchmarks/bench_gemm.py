@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from malloc_option import add_malloc_argument, apply_malloc
 
 SHAPES = [(4096, 1024, 1024), (4096, 1024, 4096), (4096, 4096, 1024), (1024, 4096, 4096), (512, 64, 512)]
 QUICK = [(1024, 256, 1024), (512, 64, 512)]
@@ -41,16 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-autotune", action="store_true", help="skip the inductor max-autotune int8 variant")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gemm.json"))
-    ap.add_argument("--malloc", choices=("default", "keep"), default="keep",
-                    help="keep: fqt_compile.keep_freed_memory() first, so outputs reuse freed memory instead of "
-                         "being page-faulted in on every call (CPU, glibc)")
+    add_malloc_argument(ap)
     args = ap.parse_args(argv)
-    if args.malloc == "keep":
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-        from fqt_compile.cpu import keep_freed_memory
-
-        if not keep_freed_memory():
-            args.malloc = "default (keep not applied)"
+    args.malloc = apply_malloc(args.malloc)
     dev = args.device
     rows = []
     compiled = None

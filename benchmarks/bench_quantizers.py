@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fqt_compile import quantizers as Q  # noqa: E402
-from fqt_compile.cpu import keep_freed_memory  # noqa: E402
+from malloc_option import add_malloc_argument, apply_malloc  # noqa: E402
 
 GRAD_BITS = 8
 
@@ -167,12 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--malloc", choices=("default", "keep"), default="keep",
-                    help="keep: fqt_compile.cpu.keep_freed_memory() first, so the copy and every quantizer write "
-                         "reused memory (default: each fresh 32 MiB output is page-faulted in, which costs more than the copy)")
+    add_malloc_argument(ap)
     args = ap.parse_args(argv)
-    if args.malloc == "keep" and not keep_freed_memory():
-        args.malloc = "default (keep not applied)"
+    args.malloc = apply_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     # Graph breaks are counted per variant below; dynamo's per-break warnings would bury the table.

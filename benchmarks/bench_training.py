@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fqt_compile  # noqa: E402
 from fqt_compile import FQTConfig, GradSpec  # noqa: E402
 from fqt_compile.models import GPT, SmallCNN  # noqa: E402
+from malloc_option import add_malloc_argument, apply_malloc  # noqa: E402
 
 GEMM_KEYS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::convolution", "fqt::int_mm",
              "aten::mkldnn_convolution", "aten::convolution_backward", "aten::linear", "aten::matmul", "gemm")
@@ -233,13 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-profile", action="store_true", help="skip the GEMM-share profile step")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "training.json"))
-    ap.add_argument("--malloc", choices=("default", "keep"), default="keep",
-                    help="keep: fqt_compile.cpu.keep_freed_memory() before any variant runs (glibc reuses "
-                         "freed blocks instead of page-faulting fresh ones every step); default: leave malloc as is")
+    add_malloc_argument(ap)
     args = ap.parse_args(argv)
-    if args.malloc == "keep" and not fqt_compile.cpu.keep_freed_memory():
-        log("--malloc keep: not applied on this C library; running with the default allocator")
-        args.malloc = "default (keep not applied)"
+    args.malloc = apply_malloc(args.malloc)
     results: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},

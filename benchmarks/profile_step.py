@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fqt_compile  # noqa: E402
 from fqt_compile import FQTConfig, GradSpec  # noqa: E402,F401  (for --config expressions)
 from fqt_compile.models import GPT  # noqa: E402
+from malloc_option import add_malloc_argument, apply_malloc  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="FQTConfig()", help="FQTConfig expression for --variant fqt")
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
-    ap.add_argument("--malloc", choices=("default", "keep"), default="keep")
+    add_malloc_argument(ap)
     args = ap.parse_args(argv)
     torch._inductor.config.cpp.enable_kernel_profile = True
-    if args.malloc == "keep":
-        fqt_compile.keep_freed_memory()
+    args.malloc = apply_malloc(args.malloc)
     torch.manual_seed(0)
     model = GPT(vocab=256, d_model=1024, n_heads=16, n_layers=args.layers, max_len=512, d_ff=4096)
     if args.variant == "fqt":
