@@ -387,8 +387,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("fqt_compile").setLevel(logging.DEBUG if debug else logging.WARNING)
-    if not debug:  # torch.onnx notes about optional packages (torchvision ops) are noise here
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    quieted = {}
+    if not debug:
+        # torch.onnx's notes about optional packages (torchvision ops) are noise here, and torch
+        # >= 2.15 logs a failing meta kernel (e.g. a wrong --input-shape) at ERROR with its
+        # traceback before raising the exception that the one line below reports.
+        for name, level in (("torch.onnx", logging.ERROR), ("torch._subclasses.fake_tensor", logging.CRITICAL)):
+            logger = logging.getLogger(name)
+            quieted[logger] = logger.level
+            logger.setLevel(level)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -399,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         user = isinstance(e, _USER_ERRORS)
         print(f"{PROG}: error: {_one_line(e, user)}", file=sys.stderr)
         return EXIT_USAGE if user else EXIT_FAILURE
+    finally:
+        for logger, level in quieted.items():
+            logger.setLevel(level)
 
 
 _MAX_MESSAGE = 400
