@@ -113,8 +113,12 @@ def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node) -> fx.Node:
     numel = val.numel()
     small = isinstance(numel, int) and numel < 2**31
     dt = i32 if small else i64
-    rows = e(aten.arange.start_step, 0, n, 1, dtype=dt, device=val.device)
-    cols = e(aten.arange.start_step, 0, d, 1, dtype=dt, device=val.device)
+    # prims.iota, not aten.arange: inductor lowers iota in every supported torch, while it
+    # lowers aten.arange.start_step directly only from 2.13 on (2.11 asserts on a decomposable
+    # op without a lowering, tests/test_decompose_fqt.py)
+    iota = dict(start=0, step=1, dtype=dt, device=val.device, requires_grad=False)
+    rows = e(prims.iota.default, n, **iota)
+    cols = e(prims.iota.default, d, **iota)
     idx = e(aten.add.Tensor, e(aten.mul.Tensor, e(aten.unsqueeze.default, rows, 1), d), e(aten.unsqueeze.default, cols, 0))
     lo = idx if small else e.cast(idx, i32)
     if not small:  # the high index word (0 below 2**32 elements)
