@@ -26,6 +26,8 @@ not fit: batched operands, or a contraction long enough to overflow int32 accumu
 
 from __future__ import annotations
 
+from typing import Sequence  # not list[int]: torch 2.5's custom_op schema inference knows only typing.Sequence/List
+
 import torch
 from torch import Tensor
 
@@ -187,7 +189,7 @@ def qconv(
     x_codes: Tensor, x_scale: Tensor, x_offset: Tensor,
     w_codes: Tensor, w_scale: Tensor, w_offset: Tensor,
     x_bits: int, w_bits: int,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, tag: str,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, tag: str,
 ) -> Tensor:  # fmt: skip
     """Output GEMM of a convolution: ``conv(X~, W~)`` (no bias), float32."""
     _check_conv(x_codes, w_codes, f"fqt::qconv[{tag}]")
@@ -209,8 +211,8 @@ def _(x_codes, x_scale, x_offset, w_codes, w_scale, w_offset, x_bits, w_bits, st
 def qconv_grad_input(
     g_codes: Tensor, g_scale: Tensor, g_offset: Tensor,
     w_codes: Tensor, w_scale: Tensor, w_offset: Tensor,
-    g_bits: int, w_bits: int, input_shape: list[int],
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, tag: str,
+    g_bits: int, w_bits: int, input_shape: Sequence[int],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, tag: str,
 ) -> Tensor:  # fmt: skip
     """grad_input GEMM of a convolution: ``conv_transpose(G^, W~)`` of shape ``input_shape``,
     float32 (``G^`` = the dequantized gradient codes, or a float estimate with scale 1)."""
@@ -229,8 +231,8 @@ def _(g_codes, g_scale, g_offset, w_codes, w_scale, w_offset, g_bits, w_bits, in
 def qconv_grad_weight(
     g_codes: Tensor, g_scale: Tensor, g_offset: Tensor,
     x_codes: Tensor, x_scale: Tensor, x_offset: Tensor,
-    g_bits: int, x_bits: int, weight_shape: list[int],
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, tag: str,
+    g_bits: int, x_bits: int, weight_shape: Sequence[int],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, tag: str,
 ) -> Tensor:  # fmt: skip
     """grad_weight GEMM of a convolution: the correlation of ``X~`` with ``G^`` (shape
     ``weight_shape``), float32; contraction over batch x output positions."""
