@@ -54,6 +54,25 @@ class FQTExportError(NotImplementedError):
     """The model holds an op that the requested export format cannot express."""
 
 
+# The oldest torch release the export paths were run with (2.11, 2.13, 2.14, 2.15 pass the
+# tests). On 2.5 torch.onnx's exporter does not apply the custom translation of fqt::fake_quant
+# and torch.export fails on SmallCNN with a dynamic batch; 2.6-2.10 were not tried.
+MIN_EXPORT_TORCH = (2, 11)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _check_torch_version(what: str) -> None:
+    if _torch_version() < MIN_EXPORT_TORCH:
+        raise RuntimeError(
+            f"fqt_compile.{what} needs torch >= {'.'.join(map(str, MIN_EXPORT_TORCH))} (the oldest release it "
+            f"was tested with); this is torch {torch.__version__}. Training and inspection work on it."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # inference forms of the FQT products: float ops on fake-quantized operands
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +205,7 @@ def export(
     A model in training mode is exported with eval semantics and a warning; the model's mode
     and weights are left as they were.
     """
+    _check_torch_version("export")
     gm, _ = inference_graph(model, example_inputs, config)
     args = _as_tuple(example_inputs)
     dynamic_shapes = _dynamic_batch_shapes(args) if dynamic_batch else None
@@ -368,6 +388,7 @@ def export_onnx(
         ) from None
     if opset < 13:
         raise ValueError(f"export_onnx: opset must be >= 13 (per-axis QuantizeLinear), got {opset}")
+    _check_torch_version("export_onnx")
     ep = export(model, example_inputs, config, dynamic_batch=dynamic_batch)
     _check_onnx_ops(ep)
     table = {getattr(torch.ops.fqt, name.split("::")[1]).default: fn for name, fn in _ONNX_TRANSLATIONS.items()}

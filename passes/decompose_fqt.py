@@ -107,7 +107,8 @@ class Emitter:
 def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node) -> fx.Node:
     # rng.uniform_from_seed for an (N, D) tensor: index i = row * D + col, 32-bit arithmetic
     val = x.meta["val"]
-    n, d = e(aten.sym_size.int, x, 0), e(aten.sym_size.int, x, 1)
+    # static sizes as ints (torch 2.5's inductor has no lowering for sym_size of a static dim)
+    n, d = (s if isinstance(s, int) else e(aten.sym_size.int, x, i) for i, s in enumerate(val.shape))
     s_lo = e.hash32(e.cast(seed, i32))
     s_hi = e.hash32(e(aten.bitwise_xor.Scalar, e.cast(e(aten.bitwise_right_shift.Tensor_Scalar, seed, 32), i32), _SEED_HI_SALT))
     numel = val.numel()

@@ -131,7 +131,7 @@ def _normalize_path(path: str) -> str:
     # "L['self'].layers[0]._modules['attn']" -> "layers.0.attn"
     path = _DYNAMO_PREFIX.sub("", path)
     path = re.sub(r"^__self__\.?", "", path)  # fqt_compile.compile traces model._call_impl
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"(?:^|\.)_modules\['([^']*)'\]", r".\1", path)  # torch 2.5: "L['self']._modules['layers']..."
     path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
     return path.strip(".")
 

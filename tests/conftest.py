@@ -17,3 +17,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def import_transformers_or_skip():
+    """``transformers`` with its PyTorch models, or a skip: transformers 5 needs torch >= 2.6 and
+    disables its models on older torch (the dev extra installs the newest transformers)."""
+    transformers = pytest.importorskip("transformers")
+    if not transformers.utils.is_torch_available():
+        pytest.skip(f"transformers {transformers.__version__} does not support torch {torch.__version__}",
+                    allow_module_level=True)
+    return transformers

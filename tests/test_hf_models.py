@@ -32,8 +32,9 @@ import torch.nn as nn
 import fqt_compile
 from fqt_compile import FQTConfig, FQTTraceError
 from fqt_compile.backend import default_records
+from conftest import import_transformers_or_skip
 
-transformers = pytest.importorskip("transformers")
+transformers = import_transformers_or_skip()
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 CFG = FQTConfig.recipe("psq8", compiler="eager")

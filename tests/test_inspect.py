@@ -18,6 +18,7 @@ import fqt_compile
 from fqt_compile import FQTConfig, Override
 from fqt_compile.inspect import GEMMS, SCHEMA, Report, inspect, report_from_records
 from fqt_compile.models import MLP, SmallCNN, TransformerBlock
+from conftest import import_transformers_or_skip
 
 PSQ8 = FQTConfig.recipe("psq8", compiler="eager")
 
@@ -284,7 +285,7 @@ def test_draw_writes_dot_and_explains_missing_tools(tmp_path, monkeypatch):
 
 
 def test_hugging_face_gpt2():
-    transformers = pytest.importorskip("transformers")
+    transformers = import_transformers_or_skip()
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0,
