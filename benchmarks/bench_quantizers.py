@@ -9,7 +9,10 @@ the forward quantizer (``fake_quantize_forward``, 8-bit per-tensor zero-aligned 
 each gradient quantizer (``fake_quantize_grad``: ptq, psq, column, bhq, hadamard) with a fresh
 seed tensor every call. GB/s is the bytes of the float input read (N * D * 4) per second; the
 copy row (``x.clone()``) is the memory-bound reference, so ``vs_copy`` = time / copy time.
-Times are medians of repeated runs after warm-up (the first compiled call compiles). A kind that
+Times are medians of repeated rounds after warm-up (the first compiled call compiles); each
+round runs every variant of a mode once, in turn, and ``vs_copy`` is the median over rounds of
+the time divided by the same round's copy time (``vs_copy_range``: its smallest and largest
+value), so drift of the machine between rounds does not favour one variant. A kind that
 fails to compile is recorded with its error, not raised. Mode "compiled" is torch.compile of the
 reference functions (they break the graph at the NaN/Inf check); mode "fqt" is the op library
 compiled by the fqt backend, the path training takes: the quantize op (codes only) fused into one
@@ -93,17 +96,23 @@ def _fqt_variants() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 
 def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) -> list[dict]:
+    """Per mode: compile every variant (first call), then ``warmup`` + ``repeats`` rounds, each
+    calling every variant once in turn with a fresh seed. ``ms`` is a variant's median over the
+    rounds; ``vs_copy`` is the median over rounds of (variant time / copy time in the same
+    round), so the machine's drift between rounds (it runs 25-35% apart on this 2-core VM)
+    cancels instead of landing on whichever variant ran during a slow stretch."""
     torch.manual_seed(0)
     # Rows with unequal ranges, as gradients have (BHQ's grouping then does real work).
     x = torch.randn(n, d) * torch.logspace(-3, 1, n)[torch.randperm(n)][:, None]
     nbytes = x.numel() * x.element_size()
     rows = []
-    copy_s: dict[str, float] = {}
     from fqt_compile.backend import FQTBackend
 
     for mode in ("eager", "compiled", "fqt") if compile_ else ("eager",):
+        ready: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        mode_rows: dict[str, dict] = {}
         for name, fn in (_fqt_variants() if mode == "fqt" else _variants(x)).items():
-            row = {"name": name, "mode": mode, "n": n, "d": d}
+            row = mode_rows[name] = {"name": name, "mode": mode, "n": n, "d": d}
             try:
                 if mode == "fqt":
                     f = torch.compile(fn, backend=FQTBackend("psq8"))
@@ -115,13 +124,33 @@ def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) 
                 row["first_call_s"] = round(time.perf_counter() - t_compile, 3)
                 if mode != "eager":
                     row["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
-                s = _median_seconds(lambda i: f(x, torch.tensor(i + 1)), repeats, warmup)
-                row.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
-                if name == "copy":
-                    copy_s[mode] = s
-                row["vs_copy"] = s / copy_s[mode] if mode in copy_s else None
+                ready[name] = f
             except Exception as e:  # noqa: BLE001 - a benchmark records failures, it does not stop
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        times: dict[str, list[float]] = {name: [] for name in ready}
+        for r in range(warmup + repeats):
+            for name, f in list(ready.items()):
+                seed = torch.tensor(r + 1)
+                try:
+                    t0 = time.perf_counter()
+                    f(x, seed)
+                    dt = time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001
+                    mode_rows[name]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    del ready[name], times[name]
+                    continue
+                if r >= warmup:
+                    times[name].append(dt)
+        for name, row in mode_rows.items():
+            if name in times:
+                s = statistics.median(times[name])
+                row.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
+                if "copy" in times:
+                    row["vs_copy"] = statistics.median(t / c for t, c in zip(times[name], times["copy"]))
+                    row["vs_copy_range"] = [min(t / c for t, c in zip(times[name], times["copy"])),
+                                            max(t / c for t, c in zip(times[name], times["copy"]))]
+                else:
+                    row["vs_copy"] = None
             rows.append(row)
             print(_fmt_row(row), flush=True)
     return rows
@@ -162,7 +191,7 @@ def _fmt_row(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantizers.json")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (3 instead of 10)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (3 instead of 20)")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=1024)
@@ -174,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     # Graph breaks are counted per variant below; dynamo's per-break warnings would bury the table.
     torch._logging.set_logs(graph_breaks=False)
-    repeats, warmup = (3, 1) if args.quick else (10, 2)
+    repeats, warmup = (3, 1) if args.quick else (20, 2)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, malloc {args.malloc}")
     print(f"\n{args.rows} x {args.cols} float32, {GRAD_BITS}-bit gradient quantizers, median of {repeats}")
