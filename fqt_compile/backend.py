@@ -38,6 +38,33 @@ __all__ = ["FQTBackend", "GraphRecord", "fqt_backend", "fqt_eager_backend", "res
 
 log = logging.getLogger(__name__)
 
+#: The oldest torch whose inductor computes the counter-based generator as the reference does
+#: (the test suite passes on 2.11, 2.13, 2.14, 2.15). On 2.5 inductor writes the tail of a row
+#: that is not a multiple of the vector width as a scalar loop, where the generator's wrapping
+#: int32 multiplies become signed C++ multiplies whose overflow is undefined: gcc folded them
+#: differently, and some stochastic roundings came out different from the reference (the same
+#: kernels with -fwrapv matched). Below this version the backend uses the eager inner compiler
+#: instead (with a warning); 2.6-2.10 were not tried.
+MIN_INDUCTOR_TORCH = (2, 11)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _inductor_fallback(cfg: FQTConfig) -> FQTConfig:
+    if cfg.compiler is not InnerCompiler.INDUCTOR or torch_version() >= MIN_INDUCTOR_TORCH:
+        return cfg
+    log.warning(
+        "fqt backend: torch %s's inductor does not compute the stochastic rounding's generator "
+        "as the reference does (signed int32 overflow in scalar loops); compiling with the eager "
+        "inner compiler instead (needs torch >= %s for inductor)",
+        torch.__version__, ".".join(map(str, MIN_INDUCTOR_TORCH)),
+    )
+    return dataclasses.replace(cfg, compiler=InnerCompiler.EAGER)
+
 
 @dataclass
 class GraphRecord:
@@ -124,7 +151,7 @@ class FQTBackend:
 
     # torch.compile calls backend(gm, example_inputs, **kwargs) with mode=/options= if given
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
-        cfg = _config_from_options(kwargs.get("options"), self.config)
+        cfg = _inductor_fallback(_config_from_options(kwargs.get("options"), self.config))
         insert = insert_qdq(gm, cfg) if cfg.mode is not Mode.OFF else InsertResult()
         record = GraphRecord(cfg, gm, insert)
         with self._lock:

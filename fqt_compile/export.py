@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_config
+from .backend import resolve_config, torch_version
 from .config import FQTConfig, Mode
 from .functional import QSpec, addmm_with, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_sdpa, sdpa_with
 from .passes.insert_qdq import InsertResult, insert_qdq
@@ -60,13 +60,8 @@ class FQTExportError(NotImplementedError):
 MIN_EXPORT_TORCH = (2, 11)
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
-
-
 def _check_torch_version(what: str) -> None:
-    if _torch_version() < MIN_EXPORT_TORCH:
+    if torch_version() < MIN_EXPORT_TORCH:
         raise RuntimeError(
             f"fqt_compile.{what} needs torch >= {'.'.join(map(str, MIN_EXPORT_TORCH))} (the oldest release it "
             f"was tested with); this is torch {torch.__version__}. Training and inspection work on it."

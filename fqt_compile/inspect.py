@@ -474,4 +474,6 @@ def inspect(
             if loss is not None:
                 loss.backward()
         recs = list(recs)
-    return report_from_records(recs, model=type(model).__name__, config=cfg, training=model.training)
+    # the records' config: the backend may have changed the inner compiler (old torch)
+    return report_from_records(recs, model=type(model).__name__, config=recs[0].config if recs else cfg,
+                               training=model.training)

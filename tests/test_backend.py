@@ -421,3 +421,24 @@ def test_inductor_compiles_bypass_the_aot_autograd_cache():
         (rec,) = backend.records
         assert rec.inference is not None and "decompose_fqt" in dict(rec.aten_passes["inference"])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_torch_older_than_2_11_compiles_with_the_eager_inner_compiler(monkeypatch, caplog):
+    """On torch 2.5 inductor's scalar loops computed some stochastic roundings differently from
+    the reference (undefined signed int32 overflow); the backend falls back to the eager inner
+    compiler there, says so, and the records and the inspection report show it."""
+    backend_module = sys.modules["fqt_compile.backend"]
+    monkeypatch.setattr(backend_module, "torch_version", lambda: (2, 5))
+    torch._dynamo.reset()
+    backend = backend_module.FQTBackend(FQTConfig())  # inductor by default
+    model = MLP(16, 32, 4)
+    with caplog.at_level("WARNING", logger="fqt_compile.backend"):
+        out = torch.compile(model, backend=backend)(torch.randn(8, 16))
+    out.sum().backward()
+    assert "compiling with the eager inner compiler instead" in caplog.text
+    assert [r.config.compiler.value for r in backend.records] == ["eager"]
+    assert backend.records[0].backward is not None  # the aten passes ran as usual
+    report = fqt_compile.inspect(MLP(16, 32, 4), (torch.randn(8, 16),), compiler="inductor")
+    assert "compiler=eager" in report.format().splitlines()[0]
+    monkeypatch.setattr(backend_module, "torch_version", lambda: (2, 11))
+    assert backend_module._inductor_fallback(FQTConfig()).compiler.value == "inductor"

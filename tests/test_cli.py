@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fqt_compile import cli
-from fqt_compile.export import MIN_EXPORT_TORCH, _torch_version
+from fqt_compile.backend import torch_version
+from fqt_compile.export import MIN_EXPORT_TORCH
 from fqt_compile.__main__ import main
 
 MLP_ARGS = ["fqt_compile.models:MLP", "--input-shape", "4,64"]
@@ -141,7 +142,7 @@ def test_inputs_function_from_a_file(capsys, tmp_path):
     assert [d["op"] for d in data["full_precision"]][:2] == ["embedding", "embedding"]
 
 
-@pytest.mark.skipif(_torch_version() < MIN_EXPORT_TORCH,
+@pytest.mark.skipif(torch_version() < MIN_EXPORT_TORCH,
                     reason="export needs a newer torch (tests/test_export.py checks the error)")
 def test_export_torch_and_onnx(capsys, tmp_path):
     pt2 = tmp_path / "mlp.pt2"

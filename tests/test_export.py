@@ -31,7 +31,7 @@ export_module = sys.modules["fqt_compile.export"]  # the package's name `export`
 # export() and export_onnx() refuse older torch with a clear error (tested below by faking the
 # version); run the rest where they work
 pytestmark = pytest.mark.skipif(
-    export_module._torch_version() < MIN_EXPORT_TORCH, reason=f"export needs torch >= {MIN_EXPORT_TORCH}"
+    export_module.torch_version() < MIN_EXPORT_TORCH, reason=f"export needs torch >= {MIN_EXPORT_TORCH}"
 )
 
 MAX_REL = 2e-2
@@ -226,7 +226,7 @@ def test_missing_onnx_packages_are_named(tmp_path, monkeypatch):
 
 
 def test_older_torch_gets_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(export_module, "_torch_version", lambda: (2, 5))
+    monkeypatch.setattr(export_module, "torch_version", lambda: (2, 5))
     model, shape = MLP(16, 32, 4), (TRACE_BATCH, 16)
     with pytest.raises(RuntimeError, match=r"fqt_compile.export needs torch >= 2.11 .* this is torch"):
         export(model, torch.randn(*shape), CFG)
