@@ -27,3 +27,16 @@ def import_transformers_or_skip():
         pytest.skip(f"transformers {transformers.__version__} does not support torch {torch.__version__}",
                     allow_module_level=True)
     return transformers
+
+
+def _inductor_unsupported() -> bool:
+    from fqt_compile.backend import MIN_INDUCTOR_TORCH, torch_version
+
+    return torch_version() < MIN_INDUCTOR_TORCH
+
+
+#: for tests of what inductor itself does with the fqt graphs: below MIN_INDUCTOR_TORCH the
+#: backend compiles with the eager inner compiler (test_backend.py checks that fallback)
+needs_inductor_torch = pytest.mark.skipif(
+    _inductor_unsupported(), reason="the fqt backend does not use inductor on this torch (MIN_INDUCTOR_TORCH)"
+)

@@ -20,6 +20,7 @@ from fqt_compile.backend import default_records
 from fqt_compile.models import MLP, SmallCNN, TransformerBlock
 
 from test_insert_qdq import fqt_counts
+from conftest import needs_inductor_torch
 
 
 def flat_grad(model, x, y):
@@ -402,6 +403,7 @@ def test_recompute_mlp_keeps_the_gradients_and_drops_the_gelu_input():
     assert d.quantized and "recomputed in the backward" in d.reason
 
 
+@needs_inductor_torch
 def test_inductor_compiles_bypass_the_aot_autograd_cache():
     # AOTAutograd's cache keys on the dynamo graph: a hit would skip the fqt aten passes (no
     # graphs in the record) and could run an artifact compiled by another config or version of

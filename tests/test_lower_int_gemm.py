@@ -23,6 +23,7 @@ from fqt_compile.models import MLP, SmallCNN, TransformerBlock
 from fqt_compile.passes.lower_int_gemm import LowerResult, lower_int_gemm
 
 from test_insert_qdq import fqt_counts
+from conftest import needs_inductor_torch
 
 
 def _lowering(rec, kind) -> LowerResult:
@@ -312,6 +313,7 @@ def test_small_k_uses_aten_int_mm_and_symmetric_offsets_drop_corrections():
     torch.testing.assert_close(gm2(x, b), (ca.float() * sa) @ (b.float() * sa))
 
 
+@needs_inductor_torch
 def test_inductor_partitioner_saves_int8_codes_for_backward():
     """The backward keeps int8 codes (+ scalar scales) of the operands, not float copies: the
     forward graph's saved outputs are int8 for every quantized operand (inductor's min-cut
@@ -380,6 +382,7 @@ def _conv_gemms(*ts):
     return outs
 
 
+@needs_inductor_torch
 def test_conv_lowering_compiles_with_inductor_and_matches(monkeypatch):
     """The lowered conv graphs (unfold with steps, negative pads, the flipped kernel, the
     zero-dilated gradient) through inductor's code generation: same values as the ops."""
