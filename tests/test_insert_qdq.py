@@ -196,3 +196,6 @@ def test_module_path_normalization():
         all_input_nodes: list = []
 
     assert module_path_of(N()) == "layers.0.attn"
+    # torch 2.5's dynamo writes every level through _modules
+    N.meta = {"nn_module_stack": {"k": ("L['self']._modules['layers']._modules['0']", None)}}
+    assert module_path_of(N()) == "layers.0"
