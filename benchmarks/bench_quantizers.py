@@ -146,9 +146,9 @@ def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) 
                 s = statistics.median(times[name])
                 row.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
                 if "copy" in times:
-                    row["vs_copy"] = statistics.median(t / c for t, c in zip(times[name], times["copy"]))
-                    row["vs_copy_range"] = [min(t / c for t, c in zip(times[name], times["copy"])),
-                                            max(t / c for t, c in zip(times[name], times["copy"]))]
+                    ratios = [t / c for t, c in zip(times[name], times["copy"])]
+                    row["vs_copy"] = statistics.median(ratios)
+                    row["vs_copy_range"] = [min(ratios), max(ratios)]
                 else:
                     row["vs_copy"] = None
             rows.append(row)

@@ -4,6 +4,8 @@ import sys
 import pytest
 import torch
 
+from fqt_compile.backend import MIN_INDUCTOR_TORCH, torch_version
+
 # tests import helpers (oracle.py) from this folder
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -29,14 +31,8 @@ def import_transformers_or_skip():
     return transformers
 
 
-def _inductor_unsupported() -> bool:
-    from fqt_compile.backend import MIN_INDUCTOR_TORCH, torch_version
-
-    return torch_version() < MIN_INDUCTOR_TORCH
-
-
 #: for tests of what inductor itself does with the fqt graphs: below MIN_INDUCTOR_TORCH the
 #: backend compiles with the eager inner compiler (test_backend.py checks that fallback)
 needs_inductor_torch = pytest.mark.skipif(
-    _inductor_unsupported(), reason="the fqt backend does not use inductor on this torch (MIN_INDUCTOR_TORCH)"
+    torch_version() < MIN_INDUCTOR_TORCH, reason="the fqt backend does not use inductor on this torch (MIN_INDUCTOR_TORCH)"
 )
