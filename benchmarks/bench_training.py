@@ -13,8 +13,10 @@ eager and bf16 autocast from the same run. ``--malloc keep`` (the default) appli
 ``fqt_compile.cpu.keep_freed_memory()`` to the whole process first, so every variant's large
 tensors reuse freed memory instead of page-faulting fresh memory each step; ``--malloc
 default`` measures glibc's default behaviour. "saved MB" is the size of the tensors autograd keeps
-for the backward (parameters excluded), measured with saved_tensors_hooks on one step: the
-activation memory of the step. "GEMM %" is the share of profiled CPU time spent in matrix
+for the backward (tensors on a parameter's storage excluded), measured with saved_tensors_hooks on one step: the
+activation memory of the step. "peak MB" is the peak of torch's CPU allocations during one step
+above what the step started with (profiler memory events; ``resident_MB`` in the JSON is that
+start: parameters, gradients, optimizer state). "GEMM %" is the share of profiled CPU time spent in matrix
 products (aten mm/addmm/bmm/_int_mm/convolution and fqt::int_mm calls; inductor's own GEMM
 templates count when their kernel names say so). Writes JSON (``--out``).
 """
@@ -146,14 +148,37 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[], Any]]] 
 # --------------------------------------------------------------------------------------------
 
 
-def saved_bytes(step: Callable[[], float], params: set[int]) -> dict[str, int]:
-    """Bytes autograd keeps for the backward, by dtype (one count per storage)."""
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(key, bytes) of a tensor's storage; a wrapper subclass without one (torchao's weights)
+    is keyed by its id and counted at its own size."""
+    try:
+        st = t.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return id(t), t.numel() * t.element_size()
+
+
+def _param_keys(p: torch.Tensor) -> set[int]:
+    """Storage keys of a parameter; a wrapper subclass contributes its inner tensors' storages
+    (a compiled graph saves those plain tensors), and its own id."""
+    keys = {_storage(p)[0]}
+    if hasattr(p, "__tensor_flatten__"):
+        names, _ = p.__tensor_flatten__()
+        for name in names:
+            keys |= _param_keys(getattr(p, name))
+    return keys
+
+
+def saved_bytes(step: Callable[[], float], param_storages: set[int]) -> dict[str, int]:
+    """Bytes autograd keeps for the backward, by dtype (one count per storage). Tensors on a
+    parameter's storage (the parameter, or a view of it such as the ``weight.t()`` that
+    eager ``addmm`` saves) are not activation memory and are not counted."""
     seen: dict[int, tuple[int, str]] = {}
 
     def pack(t: torch.Tensor):
-        if id(t) not in params and t.device.type != "meta":
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = (st.nbytes(), str(t.dtype).replace("torch.", ""))
+        key, nbytes = _storage(t) if t.device.type != "meta" else (None, 0)
+        if key is not None and key not in param_storages:
+            seen[key] = (nbytes, str(t.dtype).replace("torch.", ""))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -162,6 +187,32 @@ def saved_bytes(step: Callable[[], float], params: set[int]) -> dict[str, int]:
     for nbytes, dtype in seen.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
     return by_dtype
+
+
+def peak_step_bytes(step: Callable[[], float]) -> int:
+    """Peak of torch's CPU allocations during one step, above what was allocated when it
+    began (parameters, their gradients from the step before, optimizer state, inputs): the
+    profiler's memory events (every allocation and free through c10's CPU allocator, eager
+    ops and inductor's buffers alike), summed in time order. glibc's own caching (see
+    ``--malloc``) is not in it: this is what the step asks for, not the process's RSS."""
+    import itertools
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    return max(itertools.accumulate((n for _, n in events), initial=0))
+
+
+def resident_bytes(opt: torch.optim.Optimizer) -> int:
+    """Parameters, their gradients and the optimizer's state: what a step starts from."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    tensors = params + [p.grad for p in params if p.grad is not None]
+    tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return sum(dict(_storage(t) for t in tensors).values())
 
 
 def gemm_share(step: Callable[[], float]) -> float:
@@ -173,7 +224,8 @@ def gemm_share(step: Callable[[], float]) -> float:
     for ev in prof.key_averages():
         t = ev.self_cpu_time_total
         total += t
-        if any(k in ev.key for k in GEMM_KEYS):
+        # (not the compiled graph's own call event: its hash-like name can contain "gemm")
+        if not ev.key.startswith("## Call CompiledFxGraph") and any(k in ev.key for k in GEMM_KEYS):
             gemm += t
     return gemm / total if total else float("nan")
 
@@ -203,7 +255,7 @@ def run_variant(name: str, make, quick: bool, steps: int, warmup: int, profile: 
         losses.append(step())
         times.append(time.perf_counter() - t)
         log(f"  {name}: step {i + 1}/{steps} {times[-1]:.3f} s")
-    params = {id(p) for p in model.parameters()}
+    params = set().union(*(_param_keys(p) for g in opt.param_groups for p in g["params"]))
     res = {
         "variant": name,
         "model": desc,
@@ -215,6 +267,8 @@ def run_variant(name: str, make, quick: bool, steps: int, warmup: int, profile: 
         "loss_last": losses[-1],
     }
     res["saved_MB"] = sum(res["saved_MB_by_dtype"].values())
+    res["peak_step_MB"] = peak_step_bytes(step) / 2**20
+    res["resident_MB"] = resident_bytes(opt) / 2**20
     if profile:
         res["gemm_share"] = gemm_share(step)
     recs = fqt_compile.frontend._BACKENDS.get(model) if isinstance(model, nn.Module) else None
@@ -260,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                 if ref in ok:
                     r[f"time_vs_{ref}"] = r["step_s_median"] / ok[ref]["step_s_median"]
                     r[f"saved_vs_{ref}"] = r["saved_MB"] / ok[ref]["saved_MB"] if ok[ref]["saved_MB"] else None
+                    r[f"peak_vs_{ref}"] = r["peak_step_MB"] / ok[ref]["peak_step_MB"] if ok[ref]["peak_step_MB"] else None
         results["models"][mname] = rows
         print(f"\n{mname}: {rows[0].get('model', '')}")
-        print(f"{'variant':26s} {'step s':>8s} {'units/s':>9s} {'vs fp32':>8s} {'vs bf16':>8s} {'saved MB':>9s} {'vs fp32':>8s} {'GEMM %':>7s} {'lowered':>8s}")
+        print(f"{'variant':26s} {'step s':>8s} {'units/s':>9s} {'vs fp32':>8s} {'vs bf16':>8s} {'saved MB':>9s} {'vs fp32':>8s} {'peak MB':>8s} {'GEMM %':>7s} {'lowered':>8s}")
         for r in rows:
             if "error" in r:
                 print(f"{r['variant']:26s} error: {r['error'][:80]}")
@@ -271,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{r['variant']:26s} {r['step_s_median']:8.3f} {r['units_per_s']:9.0f} "
                 f"{r.get('time_vs_fp32_eager', float('nan')):8.2f} {r.get('time_vs_bf16_autocast_eager', float('nan')):8.2f} "
-                f"{r['saved_MB']:9.1f} {r.get('saved_vs_fp32_eager') or float('nan'):8.2f} "
+                f"{r['saved_MB']:9.1f} {r.get('saved_vs_fp32_eager') or float('nan'):8.2f} {r['peak_step_MB']:8.0f} "
                 f"{100 * r.get('gemm_share', float('nan')):7.1f} {low:>8s}"
             )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
