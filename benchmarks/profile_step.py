@@ -4,6 +4,7 @@ batch 8 x 512, AdamW): the table docs/performance.md quotes for where an fqt ste
     python benchmarks/profile_step.py                      # fqt (default config), malloc keep
     python benchmarks/profile_step.py --variant fp32       # fp32 eager, for comparison
     python benchmarks/profile_step.py --config 'FQTConfig(sdpa="full_precision")' --rows 30
+    python benchmarks/profile_step.py --batch 1            # 1 x 512 tokens instead of 8 x 512
 
 Compiles, runs 2 warm-up steps and 3 timed steps (median printed), then profiles one step with
 ``torch.profiler`` and inductor's per-kernel profiling (``cpp.enable_kernel_profile``), so every
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=("fqt", "fp32"), default="fqt")
     ap.add_argument("--config", default="FQTConfig()", help="FQTConfig expression for --variant fqt")
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8, help="sequences of 512 tokens per step")
     ap.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
     add_malloc_argument(ap)
     args = ap.parse_args(argv)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "fqt":
         fqt_compile.compile(model, eval(args.config))  # noqa: S307 - a command-line config expression
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = torch.randint(0, 256, (8, 512)), torch.randint(0, 256, (8, 512))
+    x, y = torch.randint(0, 256, (args.batch, 512)), torch.randint(0, 256, (args.batch, 512))
 
     def step() -> None:
         loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
