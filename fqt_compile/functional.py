@@ -447,6 +447,11 @@ def fqt_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: flo
     return addmm_with(lambda x, y: fqt_matmul(x, y, spec=spec), bias, a, b, beta, alpha)
 
 
+def _mask_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where ``keep``, -inf elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+
+
 def sdpa_with(
     matmul: Callable[[Tensor, Tensor, str], Tensor],
     query: Tensor,
@@ -472,14 +477,16 @@ def sdpa_with(
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
     scores = matmul(query, key.transpose(-2, -1), "q@k") * scale_f
+    # Boolean masks are added as a 0 / -inf bias (as PyTorch's own math attention does), not
+    # applied with masked_fill: the gradient of an addition needs no mask, so the backward
+    # does not read one. The masked positions' gradient is still exactly zero: softmax's
+    # backward multiplies by P, which is 0 there. (A masked load per element was the hottest
+    # instruction sequence of the compiled softmax backward: inductor's C++ converts a bool
+    # vector element by element.)
     if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = scores + _mask_bias(torch.ones(L, S, dtype=torch.bool, device=query.device).tril(), scores.dtype)
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
+        scores = scores + (_mask_bias(attn_mask, scores.dtype) if attn_mask.dtype == torch.bool else attn_mask)
     attn = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p, training=True)

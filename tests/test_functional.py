@@ -201,3 +201,41 @@ def test_every_layout_gives_unbiased_gradients(fn, shapes, kind):
         one = torch.stack([(d[i] - ref[i]).norm() for d in draws]).mean()
         mean_err = (torch.stack([d[i] for d in draws]).mean(0) - ref[i]).norm()
         assert mean_err < 0.25 * one, f"{name} operand: mean error {mean_err:.4g} vs one draw {one:.4g}"
+
+
+def test_sdpa_boolean_masks_are_a_bias_and_the_backward_reads_no_mask():
+    """sdpa_with adds boolean masks as a 0 / -inf bias instead of masked_fill: same outputs and
+    gradients as PyTorch's attention (float64, exact products), and the traced backward takes
+    no boolean tensor (masked_fill's backward needs the mask; inductor's C++ loads a bool
+    vector element by element, the hottest part of the compiled softmax backward)."""
+    from torch._functorch.aot_autograd import aot_function
+
+    from fqt_compile.functional import sdpa_with
+
+    def exact(a, b, which):
+        return a @ b
+
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keep = torch.rand(6, 6) > 0.3
+    keep[:, 0] = True  # no row fully masked
+    for kw in (dict(is_causal=True), dict(attn_mask=keep), dict(attn_mask=torch.randn(6, 6, dtype=torch.float64))):
+        out = sdpa_with(exact, q, k, v, **kw)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+        torch.testing.assert_close(out, ref)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+
+    backward_graphs = []
+
+    def keep_backward(gm, _):
+        backward_graphs.append(gm)
+        return gm
+
+    f = aot_function(lambda q, k, v: sdpa_with(exact, q, k, v, is_causal=True),
+                     fw_compiler=lambda gm, _: gm, bw_compiler=keep_backward)
+    f(q, k, v).sum().backward()
+    inputs = [n.meta.get("val") for n in backward_graphs[0].graph.nodes if n.op == "placeholder"]
+    assert inputs and not any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in inputs)
