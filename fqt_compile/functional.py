@@ -462,13 +462,16 @@ def sdpa_with(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    mask_as_bias: bool = True,
 ) -> Tensor:
     """``F.scaled_dot_product_attention`` decomposed around a product ``matmul(a, b, which)``
     (``which``: ``"q@k"`` or ``"p@v"``)::
 
         scores = (Q @ K^T) * scale + mask;  P = softmax(scores);  out = P @ V
 
-    softmax, masking and dropout stay in full precision.
+    softmax, masking and dropout stay in full precision. ``mask_as_bias``: apply boolean
+    masks as an added 0 / -inf bias (the backward reads no mask) rather than with
+    ``masked_fill``; the two give the same values and gradients.
     """
     L, S = query.shape[-2], key.shape[-2]
     scale_f = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
@@ -482,11 +485,17 @@ def sdpa_with(
     # does not read one. The masked positions' gradient is still exactly zero: softmax's
     # backward multiplies by P, which is 0 there. (A masked load per element was the hottest
     # instruction sequence of the compiled softmax backward: inductor's C++ converts a bool
-    # vector element by element.)
+    # vector element by element.) insert_qdq turns this off where the attention is
+    # recomputed in the backward (config.sdpa="recompute"): there the bias form led inductor
+    # to run the recomputed score GEMM next to the backward's and keep both products and
+    # their float forms alive together (peak step memory of a GPT block 577 -> 973 MB).
+    def masked(scores: Tensor, keep: Tensor) -> Tensor:
+        return scores + _mask_bias(keep, scores.dtype) if mask_as_bias else scores.masked_fill(~keep, float("-inf"))
+
     if is_causal:
-        scores = scores + _mask_bias(torch.ones(L, S, dtype=torch.bool, device=query.device).tril(), scores.dtype)
+        scores = masked(scores, torch.ones(L, S, dtype=torch.bool, device=query.device).tril())
     if attn_mask is not None:
-        scores = scores + (_mask_bias(attn_mask, scores.dtype) if attn_mask.dtype == torch.bool else attn_mask)
+        scores = masked(scores, attn_mask) if attn_mask.dtype == torch.bool else scores + attn_mask
     attn = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p, training=True)
@@ -504,6 +513,7 @@ def fqt_sdpa(
     enable_gqa: bool = False,
     *,
     spec: QSpec = QSpec(),
+    mask_as_bias: bool = True,
 ) -> Tensor:
     """``F.scaled_dot_product_attention`` with both products FQT (see :func:`sdpa_with`); the
     GEMM tags name them ``<module>[q@k]`` and ``<module>[p@v]``."""
@@ -511,4 +521,4 @@ def fqt_sdpa(
     def matmul(a: Tensor, b: Tensor, which: str) -> Tensor:
         return fqt_matmul(a, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
 
-    return sdpa_with(matmul, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return sdpa_with(matmul, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask_as_bias)

@@ -449,6 +449,8 @@ def _mark_recompute(node: fx.Node) -> str:
         return "quantized (config.sdpa='recompute' not applied: dropout_p is not 0)"
     proj = _qkv_projection(node)
     _tag_for_recompute([node, *proj])
+    # masked_fill rather than an added bias: see functional.sdpa_with (peak memory)
+    node.kwargs = {**node.kwargs, "mask_as_bias": False}
     if proj:
         return ("quantized; attention probabilities and the q/k/v projection recomputed in the backward "
                 "(config.sdpa='recompute')")  # fmt: skip

@@ -220,13 +220,14 @@ def test_sdpa_boolean_masks_are_a_bias_and_the_backward_reads_no_mask():
     keep = torch.rand(6, 6) > 0.3
     keep[:, 0] = True  # no row fully masked
     for kw in (dict(is_causal=True), dict(attn_mask=keep), dict(attn_mask=torch.randn(6, 6, dtype=torch.float64))):
-        out = sdpa_with(exact, q, k, v, **kw)
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
-        torch.testing.assert_close(out, ref)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
         ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r)
+        for as_bias in (True, False):  # the masked_fill form (used where attention is recomputed)
+            out = sdpa_with(exact, q, k, v, **kw, mask_as_bias=as_bias)
+            torch.testing.assert_close(out, ref)
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g, r)
 
     backward_graphs = []
 
