@@ -95,6 +95,11 @@ def _fqt_variants() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
             "psq(codes)": grad("row"), "column(codes)": grad("column")}
 
 
+def _error_text(e: Exception) -> str:
+    """A failed variant's error as recorded in its row: type and first line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) -> list[dict]:
     """Per mode: compile every variant (first call), then ``warmup`` + ``repeats`` rounds, each
     calling every variant once in turn with a fresh seed. ``ms`` is a variant's median over the
@@ -126,7 +131,7 @@ def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) 
                     row["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
                 ready[name] = f
             except Exception as e:  # noqa: BLE001 - a benchmark records failures, it does not stop
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                row["error"] = _error_text(e)
         times: dict[str, list[float]] = {name: [] for name in ready}
         for r in range(warmup + repeats):
             for name, f in list(ready.items()):
@@ -136,7 +141,7 @@ def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) 
                     f(x, seed)
                     dt = time.perf_counter() - t0
                 except Exception as e:  # noqa: BLE001
-                    mode_rows[name]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    mode_rows[name]["error"] = _error_text(e)
                     del ready[name], times[name]
                     continue
                 if r >= warmup:
