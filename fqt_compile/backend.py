@@ -33,6 +33,7 @@ from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
 from .passes.decompose_fqt import decompose_fqt
 from .passes.lower_int_gemm import lower_int_gemm
+from .passes.split_seeds import split_seeds
 
 __all__ = ["FQTBackend", "GraphRecord", "fqt_backend", "fqt_eager_backend", "resolve_config"]
 
@@ -129,7 +130,8 @@ class FQTBackend:
 
     #: aten-level passes run on each forward/backward/inference graph before the inner
     #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
-    aten_passes: list[tuple[str, AtenPass]] = [("lower_int_gemm", lower_int_gemm)]
+    #: ``split_seeds`` first: AOTAutograd's CSE merges the quantizers' seed draws into one.
+    aten_passes: list[tuple[str, AtenPass]] = [("split_seeds", split_seeds), ("lower_int_gemm", lower_int_gemm)]
 
     def __init__(
         self,

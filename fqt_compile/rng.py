@@ -17,9 +17,10 @@ writes the logical shift; the multiply wraps modulo 2**32 (two's complement). It
 twice, with the seed's two halves (each hashed) mixed in before each. The top 24 bits of the
 result give ``u = k * 2**-24``, which is exact in float32 and lies in ``[0, 1)``.
 
-:func:`new_seed` is the custom op ``fqt::new_seed`` (tagged ``nondeterministic_seeded``, so no
-graph pass merges two draws): inside a compiled graph it stays one call that writes a 0-d
-tensor, which the quantize kernels read. A ``torch.randint`` node there would instead be inlined
+:func:`new_seed` is the custom op ``fqt::new_seed`` (tagged ``nondeterministic_seeded``): inside
+a compiled graph it stays one call that writes a 0-d tensor, which the quantize kernels read.
+The tag does not stop AOTAutograd's CSE from merging identical ``new_seed`` calls; the
+backend's ``passes/split_seeds.py`` splits them again (one seed node per quantizer). A ``torch.randint`` node there would instead be inlined
 by inductor into every kernel that reads the seed and re-run (a Philox draw) for every vector of
 16 elements.
 """

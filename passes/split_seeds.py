@@ -1,0 +1,56 @@
+"""One random seed per stochastic quantizer: undo AOTAutograd's merging of seed draws.
+
+Every gradient quantizer draws its own seed (``fqt::new_seed``, one call per quantizer in the
+autograd formulas of ``fqt_compile.functional``), so that the quantizers of one backward are
+independent: DESIGN.md section 3 requires Q_b1(G) and Q_b2(G) to be independent, and the
+quantizers of consecutive layers must be too, or the rounding of a layer's gradient reuses the
+uniform draws that produced its input (stochastic rounding is unbiased only for a draw
+independent of the value it rounds).
+
+AOTAutograd's common-subexpression elimination (``torch._functorch.compile_utils.fx_graph_cse``)
+skips only a fixed list of aten random ops; it does not read the ``nondeterministic_seeded`` tag
+of ``fqt::new_seed``. So the traced backward holds *one* ``new_seed(device)`` node feeding every
+quantizer: every stochastic rounding of the step used the same seed and, as the draws are keyed
+by element index, the same uniform number at the same index. This pass, the first aten pass of
+the backend, gives every consumer after the first a new ``new_seed`` node of its own, inserted
+right before it (so the draw order follows the graph order, and runs stay reproducible under
+``torch.manual_seed``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..rng import new_seed  # noqa: F401  (registers fqt::new_seed)
+
+__all__ = ["split_seeds"]
+
+
+def _is_seed(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.fqt.new_seed.default
+
+
+def split_seeds(gm: fx.GraphModule, cfg: Any = None, kind: str | None = None) -> dict[str, int]:
+    """Give each consumer of a ``fqt::new_seed`` node a seed node of its own, in place.
+
+    Returns ``{"seeds": n, "added": k}``: the seed nodes in the graph afterwards and how many
+    of them this pass added (``cfg`` and ``kind`` are unused: the signature of an aten pass)."""
+    graph = gm.graph
+    added = 0
+    for node in [n for n in graph.nodes if _is_seed(n)]:
+        for user in list(node.users)[1:]:
+            with graph.inserting_before(user):
+                fresh = graph.call_function(node.target, node.args, node.kwargs)
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                # a fake tensor of its own (no two nodes share one value object)
+                fresh.meta["val"] = torch.empty_like(val)
+            user.replace_input_with(node, fresh)
+            added += 1
+    if added:
+        graph.lint()
+        gm.recompile()
+    return {"seeds": sum(1 for n in graph.nodes if _is_seed(n)), "added": added}
