@@ -7,10 +7,11 @@ quantizers of consecutive layers must be too, or the rounding of a layer's gradi
 uniform draws that produced its input (stochastic rounding is unbiased only for a draw
 independent of the value it rounds).
 
-AOTAutograd's common-subexpression elimination (``torch._functorch.compile_utils.fx_graph_cse``)
-skips only a fixed list of aten random ops; it does not read the ``nondeterministic_seeded`` tag
-of ``fqt::new_seed``. So the traced backward holds *one* ``new_seed(device)`` node feeding every
-quantizer: every stochastic rounding of the step used the same seed and, as the draws are keyed
+The min-cut partitioner of AOTAutograd (the one inductor uses; the eager inner compiler's
+default partitioner does not) runs common-subexpression elimination on the joint graph
+(``torch._functorch.compile_utils.fx_graph_cse``), which spares only a fixed list of aten random
+ops; it does not read the ``nondeterministic_seeded`` tag of ``fqt::new_seed``. So the backward
+that inductor received held *one* ``new_seed(device)`` node feeding every quantizer: every stochastic rounding of the step used the same seed and, as the draws are keyed
 by element index, the same uniform number at the same index. This pass, the first aten pass of
 the backend, gives every consumer after the first a new ``new_seed`` node of its own, inserted
 right before it (so the draw order follows the graph order, and runs stay reproducible under

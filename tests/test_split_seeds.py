@@ -1,5 +1,6 @@
 """passes/split_seeds.py: every stochastic quantizer of a compiled backward draws its own seed
-(AOTAutograd's CSE merges the ``fqt::new_seed`` calls of the autograd formulas into one)."""
+(the CSE of AOTAutograd's min-cut partitioner merges the ``fqt::new_seed`` calls of the autograd
+formulas into one)."""
 
 from __future__ import annotations
 
@@ -75,5 +76,6 @@ def test_grad_input_and_grad_weight_quantizers_round_independently(compiler):
     results = dict(rec.aten_passes["backward"])
     sr = [n for n in rec.backward.graph.nodes if n.target is SR]
     assert len(sr) == 2 and len({n.args[1] for n in sr}) == 2
-    # (torch 2.13's inductor path merged the two draws, ``added`` 1; the eager path did not)
+    # (the inductor path's min-cut partitioner merged the two draws, ``added`` 1; the eager
+    # inner compiler's default partitioner does not run CSE)
     assert results["split_seeds"]["seeds"] == 2
