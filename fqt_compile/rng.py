@@ -50,6 +50,27 @@ def _new_seed_fake(device: torch.device) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device=device)
 
 
+def _exempt_from_aot_cse() -> bool:
+    """Add ``fqt::new_seed`` to the random ops that AOTAutograd's CSE leaves alone (its list
+    ``torch._functorch.compile_utils.rand_ops``; the CSE does not read the op's tag), so that a
+    graph compiled by any backend, plain inductor included, keeps one seed draw per quantizer.
+    The fqt backend does not rely on this: its first pass, ``passes/split_seeds.py``, splits
+    merged draws again. False where this torch has no such list."""
+    try:
+        from torch._functorch import compile_utils
+    except ImportError:  # pragma: no cover - torch without functorch's compile utils
+        return False
+    ops = getattr(compile_utils, "rand_ops", None)
+    if not isinstance(ops, list):
+        return False
+    if torch.ops.fqt.new_seed not in ops:
+        ops.append(torch.ops.fqt.new_seed)
+    return True
+
+
+CSE_EXEMPT = _exempt_from_aot_cse()
+
+
 def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
     """Logical right shift of int32 bits."""
     return (x >> n) & ((1 << (32 - n)) - 1)

@@ -11,11 +11,13 @@ The min-cut partitioner of AOTAutograd (the one inductor uses; the eager inner c
 default partitioner does not) runs common-subexpression elimination on the joint graph
 (``torch._functorch.compile_utils.fx_graph_cse``), which spares only a fixed list of aten random
 ops; it does not read the ``nondeterministic_seeded`` tag of ``fqt::new_seed``. So the backward
-that inductor received held *one* ``new_seed(device)`` node feeding every quantizer: every stochastic rounding of the step used the same seed and, as the draws are keyed
-by element index, the same uniform number at the same index. This pass, the first aten pass of
-the backend, gives every consumer after the first a new ``new_seed`` node of its own, inserted
-right before it (so the draw order follows the graph order, and runs stay reproducible under
-``torch.manual_seed``).
+that inductor received held *one* ``new_seed(device)`` node feeding every quantizer: every
+stochastic rounding of the step used the same seed and, as the draws are keyed by element
+index, the same uniform number at the same index. ``fqt_compile.rng`` now exempts the op from
+that CSE where torch keeps its list of random ops (``rng.CSE_EXEMPT``); this pass does not
+depend on it. It runs first among the backend's aten passes and gives every consumer after the
+first a new ``new_seed`` node of its own, inserted right before it (so the draw order follows
+the graph order, and runs stay reproducible under ``torch.manual_seed``).
 """
 
 from __future__ import annotations
