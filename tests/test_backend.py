@@ -45,15 +45,21 @@ def _block():
 
 
 @pytest.mark.parametrize("make", [_cnn, _block], ids=["cnn", "block"])
-@pytest.mark.parametrize("recipe", ["psq4", "bhq4"])
-def test_mean_fqt_gradient_converges_to_qat_gradient(make, recipe):
+@pytest.mark.parametrize("recipe,compiler", [
+    ("psq4", "eager"),
+    ("bhq4", "eager"),
+    # the default path: inductor, integer GEMMs, the quantizers inlined into its kernels
+    pytest.param("psq4", "inductor", marks=needs_inductor_torch),
+])
+def test_mean_fqt_gradient_converges_to_qat_gradient(make, recipe, compiler):
     """The mean of K independent FQT gradients of the same batch approaches the QAT gradient
     (same forward quantizers, exact backward) with error ~ 1/sqrt(K).
 
     Tolerance: the squared error of a mean of K unbiased draws is sum(var)/K; summed over the
     n >= 1000 gradient elements it is a chi-square-like sum with n degrees of freedom, so
-    err(16)/err(64) concentrates around sqrt(64/16) = 2 (measured 1.87-2.08 with these seeds);
-    [1.5, 2.7] leaves room for the spread. A bias b would pin the error at |b| and drive the
+    err(16)/err(64) concentrates around sqrt(64/16) = 2 (measured 1.87-2.08 with these seeds
+    on the eager inner compiler, 1.75 (block) and 2.14 (cnn) on inductor, whose kernels round
+    in another order); [1.5, 2.7] leaves room for the spread. A bias b would pin the error at |b| and drive the
     ratio to 1. Per parameter the mean of 64 must beat a single draw (expected factor 8).
     """
     torch.manual_seed(0)
@@ -62,7 +68,7 @@ def test_mean_fqt_gradient_converges_to_qat_gradient(make, recipe):
     fqt_compile.compile(qat, FQTConfig.recipe("qat8", compiler="eager"))
     g_qat = flat_grad(qat, x, y)
     model = copy.deepcopy(base)
-    fqt_compile.compile(model, FQTConfig.recipe(recipe, compiler="eager"))
+    fqt_compile.compile(model, FQTConfig.recipe(recipe, compiler=compiler))
     torch.manual_seed(1)
     draws = torch.stack([flat_grad(model, x, y) for _ in range(80)])
     err16 = (draws[:16].mean(0) - g_qat).norm() / g_qat.norm()
