@@ -58,8 +58,8 @@ def test_mean_fqt_gradient_converges_to_qat_gradient(make, recipe, compiler):
     Tolerance: the squared error of a mean of K unbiased draws is sum(var)/K; summed over the
     n >= 1000 gradient elements it is a chi-square-like sum with n degrees of freedom, so
     err(16)/err(64) concentrates around sqrt(64/16) = 2 (measured 1.87-2.08 with these seeds
-    on the eager inner compiler, 1.75 (block) and 2.14 (cnn) on inductor, whose kernels round
-    in another order); [1.5, 2.7] leaves room for the spread. A bias b would pin the error at |b| and drive the
+    on the eager inner compiler, 1.75 (block) and 2.14 (cnn) on inductor, whose graph draws
+    its seeds in another order); [1.5, 2.7] leaves room for the spread. A bias b would pin the error at |b| and drive the
     ratio to 1. Per parameter the mean of 64 must beat a single draw (expected factor 8).
     """
     torch.manual_seed(0)
