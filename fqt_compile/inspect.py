@@ -164,6 +164,10 @@ class Report:
     training: bool
     forward_graph: str = ""  # aten forward graph(s), readable text
     backward_graph: str = ""  # aten backward graph(s)
+    #: stochastic gradient quantizers (``fqt::sr_quantize`` nodes) in the backward graph(s),
+    #: and the distinct seed nodes they read (equal when every quantizer draws its own seed)
+    stochastic_quantizers: int = 0
+    seeds: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -191,6 +195,8 @@ class Report:
             "gemm_flops": gemm_flops,
             "gemm_flops_lowered": gemm_lowered,
             "lowered": gemm_lowered / gemm_flops if gemm_flops else 0.0,
+            "stochastic_quantizers": self.stochastic_quantizers,
+            "seeds": self.seeds,
         }
 
     def row(self, key: str) -> Row:
@@ -292,6 +298,13 @@ class Report:
             f"lowered to integer GEMMs {100 * t['lowered']:.1f}% of GEMM FLOPs"
             + ("" if self.lowering_pass_run else f" ({_NOT_RUN})"),
         ]
+        if self.stochastic_quantizers:
+            shared = self.stochastic_quantizers - self.seeds
+            lines.append(
+                f"Backward: {self.stochastic_quantizers} stochastic gradient quantizers, {self.seeds} seeds"
+                + (" (one per quantizer: independent rounding)" if not shared else
+                   f" ({shared} quantizers share a seed with another: their roundings are correlated)")
+            )
         return "\n".join(lines)
 
     # -- drawing ------------------------------------------------------------------------
@@ -372,6 +385,13 @@ def report_from_records(
                 flops=int(d.flops), quantizers=_quantizers(d.spec), gemms=gemms, overrides=list(d.overrides),
             ))  # fmt: skip
 
+    quantizers = seeds = 0
+    for rec in records:
+        if rec.backward is not None:
+            sr = [n for n in rec.backward.graph.nodes if n.target is torch.ops.fqt.sr_quantize.default]
+            quantizers += len(sr)
+            seeds += len({n.args[1] for n in sr})
+
     def text(kind: str) -> str:
         gms = [getattr(r, kind) for r in records if getattr(r, kind) is not None]
         parts = []
@@ -383,6 +403,7 @@ def report_from_records(
     return Report(
         model=model, config=cfg, rows=rows, full_precision=full_precision, graphs=len(records),
         lowering_pass_run=ran, training=training, forward_graph=text("forward"), backward_graph=text("backward"),
+        stochastic_quantizers=quantizers, seeds=seeds,
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

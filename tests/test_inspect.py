@@ -199,7 +199,7 @@ _REPORT_KEYS = {"schema", "model", "config", "config_summary", "graphs", "traini
 _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason", "shapes", "out_shape",
              "flops", "quantizers", "gemms", "overrides"}  # fmt: skip
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
-               "gemm_flops", "gemm_flops_lowered", "lowered"}  # fmt: skip
+               "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds"}  # fmt: skip
 
 
 def test_json_schema_is_stable(tmp_path):
@@ -237,6 +237,12 @@ def test_printed_table_and_graph_text():
     assert "fqt.quantize.default" in report.forward_graph
     assert "fqt.sr_quantize.default" in report.backward_graph
     assert "fqt.sr_quantize" not in report.forward_graph
+    # every stochastic quantizer of the backward reads a seed of its own
+    n_sr = report.backward_graph.count("fqt.sr_quantize.default(")
+    assert report.stochastic_quantizers == report.seeds == n_sr > 0
+    assert f"Backward: {n_sr} stochastic gradient quantizers, {n_sr} seeds (one per quantizer" in text
+    shared = dataclasses.replace(report, seeds=n_sr - 2)
+    assert "(2 quantizers share a seed with another: their roundings are correlated)" in str(shared)
 
 
 def test_forward_only_has_no_backward_graph():
