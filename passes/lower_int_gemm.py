@@ -9,10 +9,12 @@ the scales and offsets are constant along the contracted axis K (DESIGN.md secti
           + sA * rowsum_K(cA) * oB          rank-1 zero-point corrections
           + oA * colsum_K(B~)
 
-``rowsum``/``colsum`` are exact in float32 (|sum| <= 128 K < 2^24). The integer GEMM is
-``aten._int_mm`` for 2-D CPU operands whose K keeps ``K * max|a| * max|b|`` below 2^31 (known
-at compile time), ``fqt::bmm_int8`` (int32 out) for batched ones, else ``fqt::int_mm``, which
-splits K into int32-safe chunks at run time and pads for cuBLASLt. A qmm node is left simulated, with the
+``rowsum``/``colsum`` are exact in float32 (|sum| <= 128 K < 2^24). The integer GEMM, for
+CPU operands whose K keeps ``K * max|a| * max|b|`` below 2^31 (known at compile time), is
+``fqt::int_mm_amx`` (2-D and batched; ``fqt_compile/amx.py``) where the CPU has AMX-INT8,
+else ``aten._int_mm`` for 2-D operands and ``fqt::bmm_int8`` (int32 out) for batched ones;
+otherwise ``fqt::int_mm``, which splits K into int32-safe chunks at run time and pads for
+cuBLASLt. A qmm node is left simulated, with the
 reason recorded, when a scale or offset varies along K (e.g. per-row Q_b2 in ``grad_weight``,
 per-output-channel weights in ``grad_input``), when an operand is a float estimate rather than
 codes (a BHQ/Hadamard transform on the contracted axis; exact QAT gradients), when the device
@@ -38,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from .. import amx
 from ..config import FQTConfig
 from ..gemm import int32_safe_k
 from .decompose_fqt import Emitter
@@ -64,7 +67,7 @@ class GemmDecision:
     gemm: str  # "output" | "grad_input" | "grad_weight"
     lowered: bool
     reason: str
-    kernel: str  # "aten._int_mm", "fqt.bmm_int8", "fqt.int_mm" (+ "im2col+" for convs) or "simulated"
+    kernel: str  # "fqt.int_mm_amx", "aten._int_mm", "fqt.bmm_int8", "fqt.int_mm" (+ "im2col+" for convs) or "simulated"
     mkn: tuple[int, ...] = ()  # (M, K, N) or (B, M, K, N); -1 where symbolic
     node: str = ""
 
@@ -626,7 +629,11 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
         # the kernel that produces the codes (a strided copy inside the op ran at ~1 GB/s).
         static_k = isinstance(k, int) and k <= max_k
         row_major = lambda x: x if _val(x).is_contiguous() else e(aten.clone.default, x, memory_format=torch.contiguous_format)  # noqa: E731
-        if va.dim() == 2 and va.device.type == "cpu" and static_k:
+        if va.dim() in (2, 3) and va.device.type == "cpu" and static_k and amx.available():
+            # takes both operands in the layout they come in (packs b, transposes a K-major a)
+            acc = e(_convert, e(torch.ops.fqt.int_mm_amx.default, a_codes, b_codes), f32)
+            d.kernel = "fqt.int_mm_amx"
+        elif va.dim() == 2 and va.device.type == "cpu" and static_k:
             acc = e(_convert, e(aten._int_mm.default, row_major(a_codes), row_major(b_codes)), f32)
             d.kernel = "aten._int_mm"
         elif va.dim() == 3 and va.device.type in ("cpu", "cuda") and static_k:

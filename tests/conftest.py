@@ -36,3 +36,11 @@ def import_transformers_or_skip():
 needs_inductor_torch = pytest.mark.skipif(
     torch_version() < MIN_INDUCTOR_TORCH, reason="the fqt backend does not use inductor on this torch (MIN_INDUCTOR_TORCH)"
 )
+
+
+#: the kernel lower_int_gemm uses for a 2-D CPU integer GEMM here: our AMX kernel where the CPU
+#: has AMX-INT8 (fqt_compile/amx.py), else aten._int_mm (batched: fqt.bmm_int8)
+from fqt_compile import amx as _amx  # noqa: E402
+
+CPU_INT_MM = "fqt.int_mm_amx" if _amx.available() else "aten._int_mm"
+CPU_BMM = "fqt.int_mm_amx" if _amx.available() else "fqt.bmm_int8"

@@ -23,7 +23,7 @@ from fqt_compile.models import MLP, SmallCNN, TransformerBlock
 from fqt_compile.passes.lower_int_gemm import LowerResult, lower_int_gemm
 
 from test_insert_qdq import fqt_counts
-from conftest import needs_inductor_torch
+from conftest import CPU_INT_MM, needs_inductor_torch
 
 
 def _lowering(rec, kind) -> LowerResult:
@@ -130,10 +130,10 @@ def test_lowered_gemm_counts_in_training_graphs():
         assert (len(fw.simulated), len(bw.simulated)) == (fw_sim, bw_sim), type(model).__name__
         c_fw, c_bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
         assert c_fw["qmm"] == 0 and c_bw["qmm"] == 0
-        assert c_fw["aten_int_mm"] + c_fw["bmm_int8"] + c_fw["int_mm"] == fw_low
-        assert c_bw["aten_int_mm"] + c_bw["bmm_int8"] + c_bw["int_mm"] == bw_low
+        assert c_fw["int_gemm"] + c_fw["int_mm"] == fw_low
+        assert c_bw["int_gemm"] + c_bw["int_mm"] == bw_low
     conv = next(d for d in _lowering(rec, "forward").decisions if d.module == "qkv")
-    assert conv.kernel == "aten._int_mm" and conv.mkn == (16, 32, 96)
+    assert conv.kernel == CPU_INT_MM and conv.mkn == (16, 32, 96)
 
 
 # Convolutions (im2col): geometries that exercise padding corrections, strides (a zero-dilated
@@ -165,7 +165,7 @@ def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd
         base, x = make(), torch.randn(*shape, requires_grad=True)
         rec_l, _ = _lowered_vs_simulated(base, x, cfg, name)
         got = {d.gemm: d for k in ("forward", "backward") for d in _lowering(rec_l, k).decisions}
-        assert got["output"].kernel == "im2col+aten._int_mm", name
+        assert got["output"].kernel == "im2col+" + CPU_INT_MM, name
         # grad_input: per-sample / per-tensor Q_b1 (BHQ: its inverse mixes samples, which the
         # per-sample transposed convolution commutes with); per-column scales the out-channels
         assert got["grad_input"].lowered == (gi_kind != "column"), name
@@ -214,8 +214,8 @@ def test_conv_training_graph_lowers_where_the_rule_says():
     assert "K=9 < 64" in got[("stem", "output")].reason
     assert ("stem", "grad_input") not in got  # the input needs no gradient
     c_fw, c_bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
-    assert (c_fw["aten_int_mm"], c_fw["qconv"]) == (1, 1)
-    assert (c_bw["aten_int_mm"], c_bw["qconv_grad_weight"], c_bw["qconv_grad_input"]) == (2, 1, 0)
+    assert (c_fw["int_gemm"], c_fw["qconv"]) == (1, 1)
+    assert (c_bw["int_gemm"], c_bw["qconv_grad_weight"], c_bw["qconv_grad_input"]) == (2, 1, 0)
 
 
 def test_per_channel_weights_keep_grad_input_simulated_with_reason():
@@ -295,7 +295,7 @@ def test_small_k_uses_aten_int_mm_and_symmetric_offsets_drop_corrections():
     b = torch.randint(-8, 8, (16, 5), dtype=torch.int8)
     gm = _qmm_graph(a, b, 4, 4)
     (d,) = lower_int_gemm(gm, FQTConfig()).decisions
-    assert d.kernel == "aten._int_mm"
+    assert d.kernel == CPU_INT_MM
     ref = (a.float() * 0.5 + 0.25) @ (b.float() * 2.0 - 1.0)
     torch.testing.assert_close(gm(a, b), ref)
     # a symmetric forward quantizer: its offset is zero and the correction terms vanish
@@ -339,7 +339,7 @@ def test_inductor_partitioner_saves_int8_codes_for_backward():
     # the conv GEMMs lowered under inductor (im2col of the int8 codes) compute what the
     # simulated float convolution computes (the forward is deterministic)
     fw, bw = _lowering(rec, "forward"), _lowering(rec, "backward")
-    assert {d.module: d.kernel for d in fw.decisions} == {"conv": "im2col+aten._int_mm", "fc": "aten._int_mm"}
+    assert {d.module: d.kernel for d in fw.decisions} == {"conv": "im2col+" + CPU_INT_MM, "fc": CPU_INT_MM}
     assert sorted(d.module for d in bw.lowered if d.gemm == "grad_input") == ["conv", "fc"]
     fqt_compile.compile(ref, FQTConfig.recipe("psq8", compiler="eager", lower_int_gemm=False))
     _close(out.detach(), ref(x).detach(), "inductor lowered vs eager simulated output")

@@ -1,0 +1,378 @@
+"""Integer GEMMs on AMX tiles: ``fqt::int_mm_amx``, an int8 x int8 -> int32 kernel of our own.
+
+``torch._int_mm`` runs oneDNN's AVX-512 VNNI kernel on this project's CPUs; its AMX path is
+taken only for operands that are strided along both dimensions, where it fell back to a
+kernel 300x slower (docs/performance.md), and torch's bundled oneDNN is not callable from an
+extension. So where the CPU has AMX-INT8 this module compiles a small C kernel (gcc, at first
+use, cached under ``$FQT_CACHE_DIR`` or ``~/.cache/fqt_compile``) and runs it through ctypes:
+
+* B (K x N, any strides; fast paths for K- or N-contiguous) is packed into AMX's VNNI layout
+  (16-column blocks of 64 x 16 bytes), in parallel over column blocks;
+* each thread computes its half of the rows, 32 x 32 blocks of C in four int32 accumulator
+  tiles (``tdpbssd``), over panels of B of about 1 MiB that stay in L2;
+* a batch (attention's per-head products) is split over threads entry by entry.
+
+The result is exact integer arithmetic, so it equals ``torch._int_mm`` bit for bit
+(``tests/test_amx.py``); the caller keeps K within the int32-safe bound as for ``_int_mm``.
+Operands are zero-padded to M, N multiples of 32 and K a multiple of 64 where needed (exact).
+``FQT_AMX=0`` in the environment turns it off (``torch._int_mm`` and ``fqt::bmm_int8`` are
+then used, as on CPUs without AMX); :func:`status` says why it is or is not in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "status", "int_mm_amx"]
+
+log = logging.getLogger(__name__)
+
+_FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-fopenmp"]
+
+_SOURCE = r"""
+// int8 x int8 -> int32 GEMM on AMX tiles
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <omp.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+int fqt_amx_request(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+typedef struct {
+    uint8_t palette_id, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+static void config_tiles(void) {
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
+    _tile_loadconfig(&c);
+}
+
+// one 16-column block of B (K, N) strides (sk, sn) -> dst[kb][16][64]:
+// dst[kb][r][n*4+j] = B[kb*64 + r*4 + j][n0 + n]; K % 64 == 0, n0 + 16 <= N
+static void pack_b_block(const int8_t* b, int64_t sk, int64_t sn, int64_t n0, int64_t kblocks, int8_t* dst) {
+    if (sk == 1) {  // K contiguous: 4-byte units of each column, transposed 16 x 16
+        for (int64_t kb = 0; kb < kblocks; kb++) {
+            int32_t* d = (int32_t*)(dst + kb * 1024);
+            for (int n = 0; n < 16; n++) {
+                const int32_t* src = (const int32_t*)(b + (n0 + n) * sn + kb * 64);
+                for (int r = 0; r < 16; r++) d[r * 16 + n] = src[r];  // unaligned reads are fine on x86
+            }
+        }
+    } else if (sn == 1) {  // N contiguous: interleave 4 rows of 16 bytes
+        for (int64_t kb = 0; kb < kblocks; kb++) {
+            for (int r = 0; r < 16; r++) {
+                const int8_t* s = b + (kb * 64 + r * 4) * sk + n0;
+                __m128i r0 = _mm_loadu_si128((const __m128i*)s);
+                __m128i r1 = _mm_loadu_si128((const __m128i*)(s + sk));
+                __m128i r2 = _mm_loadu_si128((const __m128i*)(s + 2 * sk));
+                __m128i r3 = _mm_loadu_si128((const __m128i*)(s + 3 * sk));
+                __m128i a01l = _mm_unpacklo_epi8(r0, r1), a01h = _mm_unpackhi_epi8(r0, r1);
+                __m128i a23l = _mm_unpacklo_epi8(r2, r3), a23h = _mm_unpackhi_epi8(r2, r3);
+                int8_t* d = dst + kb * 1024 + r * 64;
+                _mm_storeu_si128((__m128i*)d, _mm_unpacklo_epi16(a01l, a23l));
+                _mm_storeu_si128((__m128i*)(d + 16), _mm_unpackhi_epi16(a01l, a23l));
+                _mm_storeu_si128((__m128i*)(d + 32), _mm_unpacklo_epi16(a01h, a23h));
+                _mm_storeu_si128((__m128i*)(d + 48), _mm_unpackhi_epi16(a01h, a23h));
+            }
+        }
+    } else {
+        for (int64_t kb = 0; kb < kblocks; kb++)
+            for (int r = 0; r < 16; r++)
+                for (int n = 0; n < 16; n++)
+                    for (int j = 0; j < 4; j++)
+                        dst[kb * 1024 + r * 64 + n * 4 + j] = b[(kb * 64 + r * 4 + j) * sk + (n0 + n) * sn];
+    }
+}
+
+// rows [m0, m1) (multiples of 32) x columns [c0, c1) (multiples of 32) of C (ldc) from
+// A rows (lda) and packed B (bp: 16-column blocks of kblocks * 1024 bytes)
+static void kernel_2x2(const int8_t* a, int64_t lda, const int8_t* bp, int32_t* c, int64_t ldc,
+                       int64_t m0, int64_t m1, int64_t c0, int64_t c1, int64_t kblocks) {
+    const int64_t bstride = kblocks * 1024;
+    for (int64_t m = m0; m < m1; m += 32) {
+        const int8_t* a0 = a + m * lda;
+        const int8_t* a1 = a0 + 16 * lda;
+        for (int64_t n = c0; n < c1; n += 32) {
+            const int8_t* b0 = bp + (n / 16) * bstride;
+            const int8_t* b1 = b0 + bstride;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t kb = 0; kb < kblocks; kb++) {
+                _tile_loadd(4, a0 + kb * 64, lda);
+                _tile_loadd(6, b0 + kb * 1024, 64);
+                _tile_dpbssd(0, 4, 6);
+                _tile_loadd(7, b1 + kb * 1024, 64);
+                _tile_dpbssd(1, 4, 7);
+                _tile_loadd(5, a1 + kb * 64, lda);
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            }
+            int32_t* cc = c + m * ldc + n;
+            _tile_stored(0, cc, ldc * 4);
+            _tile_stored(1, cc + 16, ldc * 4);
+            _tile_stored(2, cc + 16 * ldc, ldc * 4);
+            _tile_stored(3, cc + 16 * ldc + 16, ldc * 4);
+        }
+    }
+}
+
+// 16 x 16 bytes: dst row j = column j of src (4 rounds of unpacks)
+static inline void transpose16(const int8_t* src, int64_t ss, int8_t* dst, int64_t ds) {
+    __m128i r[16], l[8], h[8], p[2][4][2], q[2][2][2][2];
+    for (int i = 0; i < 16; i++) r[i] = _mm_loadu_si128((const __m128i*)(src + i * ss));
+    for (int i = 0; i < 8; i++) {
+        l[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+        h[i] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        p[0][i][0] = _mm_unpacklo_epi16(l[2 * i], l[2 * i + 1]);
+        p[0][i][1] = _mm_unpackhi_epi16(l[2 * i], l[2 * i + 1]);
+        p[1][i][0] = _mm_unpacklo_epi16(h[2 * i], h[2 * i + 1]);
+        p[1][i][1] = _mm_unpackhi_epi16(h[2 * i], h[2 * i + 1]);
+    }
+    for (int g = 0; g < 2; g++)
+        for (int hh = 0; hh < 2; hh++)
+            for (int i = 0; i < 2; i++) {
+                q[g][hh][i][0] = _mm_unpacklo_epi32(p[g][2 * i][hh], p[g][2 * i + 1][hh]);
+                q[g][hh][i][1] = _mm_unpackhi_epi32(p[g][2 * i][hh], p[g][2 * i + 1][hh]);
+            }
+    for (int g = 0; g < 2; g++)
+        for (int hh = 0; hh < 2; hh++)
+            for (int qq = 0; qq < 2; qq++) {
+                int col = 8 * g + 4 * hh + 2 * qq;
+                _mm_storeu_si128((__m128i*)(dst + col * ds), _mm_unpacklo_epi64(q[g][hh][0][qq], q[g][hh][1][qq]));
+                _mm_storeu_si128((__m128i*)(dst + (col + 1) * ds), _mm_unpackhi_epi64(q[g][hh][0][qq], q[g][hh][1][qq]));
+            }
+}
+
+// A stored transposed (element [m][k] at a[k * sak + m]) -> ap (M, K) row-major;
+// M % 16 == 0 and K % 16 == 0 (the caller pads otherwise), 64 x 64 blocks of 16 x 16 transposes
+void fqt_amx_transpose_a(const int8_t* a, int64_t sak, int8_t* ap, int64_t M, int64_t K, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t mb = 0; mb < M; mb += 64) {
+        for (int64_t kb = 0; kb < K; kb += 64) {
+            int64_t m1 = mb + 64 < M ? mb + 64 : M, k1 = kb + 64 < K ? kb + 64 : K;
+            for (int64_t m = mb; m < m1; m += 16)
+                for (int64_t k = kb; k < k1; k += 16)
+                    transpose16(a + k * sak + m, sak, ap + m * K + k, K);
+        }
+    }
+}
+
+size_t fqt_amx_packed_b_bytes(int64_t K, int64_t N) {
+    return (size_t)((K / 64) * (N / 16) * 1024);
+}
+
+// c[i] (M, N) contiguous = a[i] (M, K; strides sam, 1) @ b[i] (K, N; strides sbk, sbn), i < B.
+// M % 32 == 0, N % 32 == 0, K % 64 == 0 (the caller pads). bp: scratch, B * packed bytes
+// when B > 1 (one packed B per entry), else packed bytes.
+int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int64_t sbb, int64_t sbk, int64_t sbn,
+                int32_t* c, int8_t* bp, int64_t B, int64_t M, int64_t K, int64_t N, int nthreads, int64_t ncols) {
+    const int64_t kblocks = K / 64, nblocks = N / 16, per = kblocks * nblocks * 1024;
+    if (ncols <= 0) {  // a K x ncols panel of packed B of about 1 MiB stays in L2 across the rows
+        ncols = ((1 << 20) / K) / 32 * 32;
+        if (ncols < 32) ncols = 32;
+    }
+    if (ncols > N) ncols = N;
+    if (B > 1) {
+        #pragma omp parallel num_threads(nthreads)
+        {
+            config_tiles();
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < B; i++) {
+                int8_t* p = bp + i * per;
+                for (int64_t nb = 0; nb < nblocks; nb++)
+                    pack_b_block(b + i * sbb, sbk, sbn, nb * 16, kblocks, p + nb * kblocks * 1024);
+                kernel_2x2(a + i * sab, sam, p, c + i * M * N, N, 0, M, 0, N, kblocks);
+            }
+            _tile_release();
+        }
+        return 0;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < nblocks; nb++)
+            pack_b_block(b, sbk, sbn, nb * 16, kblocks, bp + nb * kblocks * 1024);
+        config_tiles();
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t mblocks = M / 32;
+        int64_t m0 = (mblocks * t / nt) * 32, m1 = (mblocks * (t + 1) / nt) * 32;
+        for (int64_t c0 = 0; c0 < N; c0 += ncols) {
+            int64_t c1 = c0 + ncols < N ? c0 + ncols : N;
+            kernel_2x2(a, sam, bp, c, N, m0, m1, c0, c1, kblocks);
+        }
+        _tile_release();
+    }
+    return 0;
+}
+"""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("FQT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fqt_compile")
+    try:
+        os.makedirs(base, exist_ok=True)
+        return base
+    except OSError:
+        return tempfile.gettempdir()
+
+
+def _build() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc) on PATH")
+    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cc).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"amx_gemm_{key}.so")
+    if os.path.exists(path):
+        return path
+    with tempfile.TemporaryDirectory() as tmp:
+        c_file, so_file = os.path.join(tmp, "amx_gemm.c"), os.path.join(tmp, "amx_gemm.so")
+        with open(c_file, "w", encoding="utf-8") as f:
+            f.write(_SOURCE)
+        res = subprocess.run([cc, *_FLAGS, c_file, "-o", so_file], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-400:]}")
+        shutil.copyfile(so_file, path + f".{os.getpid()}.tmp")
+        os.replace(path + f".{os.getpid()}.tmp", path)  # atomic: concurrent builds are safe
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("FQT_AMX", "1") == "0":
+        return None, "off (FQT_AMX=0)"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"not available: {platform.system()} {platform.machine()} (needs Linux x86-64)"
+    missing = {"amx_tile", "amx_int8"} - _cpu_flags()
+    if missing:
+        return None, f"not available: the CPU lacks {sorted(missing)}"
+    try:
+        lib = ctypes.CDLL(_build())
+    except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch._int_mm
+        log.warning("fqt AMX kernel not built (%s); integer GEMMs use torch._int_mm", e)
+        return None, f"not available: build failed ({e})"
+    if not lib.fqt_amx_request():
+        return None, "not available: the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.fqt_amx_packed_b_bytes.argtypes, lib.fqt_amx_packed_b_bytes.restype = [i64, i64], ctypes.c_size_t
+    lib.fqt_amx_bmm.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, i64]
+    lib.fqt_amx_bmm.restype = ctypes.c_int
+    lib.fqt_amx_transpose_a.argtypes = [ptr, i64, ptr, i64, i64, ctypes.c_int]
+    lib.fqt_amx_transpose_a.restype = None
+    return lib, "in use (AMX-INT8)"
+
+
+def available() -> bool:
+    """True when ``fqt::int_mm_amx`` runs on AMX tiles here (built and permitted)."""
+    return _load()[0] is not None
+
+
+def status() -> str:
+    """Why the AMX kernel is or is not in use, in words."""
+    return _load()[1]
+
+
+def _pad(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if tuple(x.shape) == shape:
+        return x
+    out = x.new_zeros(shape)
+    out[tuple(slice(0, s) for s in x.shape)] = x
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# Inductor hands a custom op's inputs over in whatever layout it chose for them unless the op
+# carries a layout tag; with none, a row-major copy the lowering pass asked for (``clone``) came
+# in transposed, and ``.contiguous()`` here then cost an ATen strided copy (162 ms per GPT
+# block step). ``needs_exact_strides`` makes inductor pass the strides of the graph's values
+# (torch 2.5 lacks the tag; the fixed stride order is the same constraint for these operands).
+_LAYOUT_TAG = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
+torch.library.define("fqt::int_mm_amx", "(Tensor a, Tensor b) -> Tensor", tags=(_LAYOUT_TAG,))
+
+
+@torch.library.impl("fqt::int_mm_amx", "CPU")
+def int_mm_amx(a: Tensor, b: Tensor) -> Tensor:
+    """Exact int8 GEMM with int32 result on AMX: (M, K) @ (K, N) or (B, M, K) @ (B, K, N).
+    The caller keeps K within the int32-safe bound of its codes. Where AMX is not available
+    it computes the same with ``torch._int_mm``."""
+    _check(a, b)
+    if not available():
+        from .gemm import _bmm_int32
+
+        return _bmm_int32(a[None], b[None])[0] if a.dim() == 2 else _bmm_int32(a, b)
+    squeeze = a.dim() == 2
+    a3, b3 = (a[None], b[None]) if squeeze else (a, b)
+    nb, m, k = a3.shape
+    n = b3.shape[2]
+    mp, kp, np_ = _round_up(m, 32), _round_up(k, 64), _round_up(n, 32)
+    if a3.stride(2) != 1 and a3.stride(1) == 1 and nb == 1 and m % 16 == 0 and k % 16 == 0:
+        # K-major (a transposed view): transposed in C, 16 x 16 bytes at a time
+        t = torch.empty((1, m, k), dtype=torch.int8)
+        lib = _load()[0]
+        lib.fqt_amx_transpose_a(a3.data_ptr(), a3.stride(2), t.data_ptr(), m, k, torch.get_num_threads())
+        a3 = t
+    if (mp, kp) != (m, k) or a3.stride(2) != 1:
+        a3 = _pad(a3.contiguous(), (nb, mp, kp))
+    if (kp, np_) != (k, n):
+        b3 = _pad(b3, (nb, kp, np_))
+    lib = _load()[0]
+    c = torch.empty((nb, mp, np_), dtype=torch.int32)
+    scratch = torch.empty(nb * lib.fqt_amx_packed_b_bytes(kp, np_), dtype=torch.int8)
+    lib.fqt_amx_bmm(a3.data_ptr(), a3.stride(0), a3.stride(1), b3.data_ptr(), b3.stride(0), b3.stride(1),
+                    b3.stride(2), c.data_ptr(), scratch.data_ptr(), nb, mp, kp, np_, torch.get_num_threads(), 0)
+    if (mp, np_) != (m, n):
+        c = c[:, :m, :n].contiguous()
+    return c[0] if squeeze else c
+
+
+def _check(a: Tensor, b: Tensor) -> None:
+    torch._check(a.dim() in (2, 3) and b.dim() == a.dim(), lambda: "fqt::int_mm_amx: operands must both be 2-D or 3-D")
+    torch._check(a.shape[-1] == b.shape[-2], lambda: f"fqt::int_mm_amx: contraction sizes differ: {a.shape} @ {b.shape}")
+    torch._check(a.dtype == torch.int8 and b.dtype == torch.int8, lambda: "fqt::int_mm_amx: int8 operands only")
+    torch._check(a.dim() == 2 or a.shape[0] == b.shape[0], lambda: "fqt::int_mm_amx: batch sizes differ")
+    torch._check(a.device.type == "cpu" and b.device.type == "cpu", lambda: "fqt::int_mm_amx: CPU tensors only")
+
+
+@torch.library.register_fake("fqt::int_mm_amx")
+def _(a, b):
+    _check(a, b)
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
