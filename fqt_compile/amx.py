@@ -34,7 +34,7 @@ import tempfile
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "int_mm_amx"]
+__all__ = ["available", "status", "suits", "int_mm_amx"]
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +306,19 @@ def available() -> bool:
 def status() -> str:
     """Why the AMX kernel is or is not in use, in words."""
     return _load()[1]
+
+
+#: below this many multiply-adds (B * M * K * N) the ctypes call and thread start-up cost more
+#: than AMX saves: a single 512 x 64 x 512 product took 0.08 ms against 0.04 ms with
+#: torch._int_mm (benchmarks/bench_gemm.py), 128 of them batched 10.8 ms against 25.5 ms
+MIN_MACS = 2**25
+
+
+def suits(b: int, m: int, k: int, n: int) -> bool:
+    """Whether the lowering pass should use the AMX kernel for a (b x) m x k x n product: it is
+    available, no operand needs zero padding (M, N multiples of 32, K of 64: a padded copy of a
+    convolution's im2col columns made a small CNN's step slower), and the product is large."""
+    return available() and m % 32 == 0 and n % 32 == 0 and k % 64 == 0 and b * m * k * n >= MIN_MACS
 
 
 def _pad(x: Tensor, shape: tuple[int, ...]) -> Tensor:

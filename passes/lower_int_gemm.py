@@ -629,7 +629,11 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
         # the kernel that produces the codes (a strided copy inside the op ran at ~1 GB/s).
         static_k = isinstance(k, int) and k <= max_k
         row_major = lambda x: x if _val(x).is_contiguous() else e(aten.clone.default, x, memory_format=torch.contiguous_format)  # noqa: E731
-        if va.dim() in (2, 3) and va.device.type == "cpu" and static_k and amx.available():
+        vb = _val(b_codes)
+        sizes = [_static(s) for s in (*va.shape, vb.shape[-1])]  # ([B,] M, K, N), -1 if symbolic
+        bmkn = ([1] if va.dim() == 2 else []) + sizes
+        if (va.dim() in (2, 3) and va.device.type == "cpu" and static_k and min(bmkn) > 0
+                and amx.suits(*bmkn)):
             # takes both operands in the layout they come in (packs b, transposes a K-major a)
             acc = e(_convert, e(torch.ops.fqt.int_mm_amx.default, a_codes, b_codes), f32)
             d.kernel = "fqt.int_mm_amx"

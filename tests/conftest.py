@@ -38,9 +38,7 @@ needs_inductor_torch = pytest.mark.skipif(
 )
 
 
-#: the kernel lower_int_gemm uses for a 2-D CPU integer GEMM here: our AMX kernel where the CPU
-#: has AMX-INT8 (fqt_compile/amx.py), else aten._int_mm (batched: fqt.bmm_int8)
-from fqt_compile import amx as _amx  # noqa: E402
-
-CPU_INT_MM = "fqt.int_mm_amx" if _amx.available() else "aten._int_mm"
-CPU_BMM = "fqt.int_mm_amx" if _amx.available() else "fqt.bmm_int8"
+#: the kernel lower_int_gemm uses for the test models' 2-D CPU integer GEMMs: aten._int_mm, as
+#: they are all below fqt_compile.amx.MIN_MACS (the AMX kernel's lowering is tested with larger
+#: products in tests/test_amx.py)
+CPU_INT_MM = "aten._int_mm"

@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 
-from fqt_compile import amx
+import fqt_compile
+from fqt_compile import FQTConfig, amx
+
+from conftest import needs_inductor_torch
 
 needs_amx = pytest.mark.skipif(not amx.available(), reason=f"AMX kernel {amx.status()}")
 
@@ -99,3 +102,29 @@ def test_fqt_amx_0_turns_it_off():
 def test_status_says_why():
     s = amx.status()
     assert s == "in use (AMX-INT8)" if amx.available() else s.startswith(("off", "not available"))
+
+
+@needs_amx
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=needs_inductor_torch)])
+def test_lowering_uses_amx_for_large_products_and_matches_the_simulated_graph(compiler):
+    """A 512 x 256 x 256 linear layer (2^25 multiply-adds per GEMM, amx.MIN_MACS) lowers all
+    three GEMMs to the AMX kernel; a small one keeps aten._int_mm. The lowered step gives the
+    simulated step's output and gradients (same seeds) to float rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 256)
+    results = {}
+    for lower in (True, False):
+        torch.manual_seed(1)
+        lin = torch.nn.Linear(256, 256)
+        model = fqt_compile.compile(lin, FQTConfig(compiler=compiler, lower_int_gemm=lower))
+        torch.manual_seed(2)
+        out = model(x)
+        out.square().mean().backward()
+        results[lower] = (out.detach(), lin.weight.grad.clone(), fqt_compile.records(model)[0])
+    rec = results[True][2]
+    kernels = {d.gemm: d.kernel for k in ("forward", "backward")
+               for d in dict(rec.aten_passes[k])["lower_int_gemm"].decisions}
+    assert kernels == {"output": "fqt.int_mm_amx", "grad_weight": "fqt.int_mm_amx"}  # x needs no grad
+    for got, want in zip(results[True][:2], results[False][:2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert amx.suits(1, 512, 256, 256) and not amx.suits(1, 8, 64, 32) and not amx.suits(1, 512, 288, 256)
