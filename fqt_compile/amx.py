@@ -34,6 +34,8 @@ import tempfile
 import torch
 from torch import Tensor
 
+from .gemm import _bmm_int32, _pad_to
+
 __all__ = ["available", "status", "suits", "int_mm_amx"]
 
 log = logging.getLogger(__name__)
@@ -321,14 +323,6 @@ def suits(b: int, m: int, k: int, n: int) -> bool:
     return available() and m % 32 == 0 and n % 32 == 0 and k % 64 == 0 and b * m * k * n >= MIN_MACS
 
 
-def _pad(x: Tensor, shape: tuple[int, ...]) -> Tensor:
-    if tuple(x.shape) == shape:
-        return x
-    out = x.new_zeros(shape)
-    out[tuple(slice(0, s) for s in x.shape)] = x
-    return out
-
-
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -349,8 +343,6 @@ def int_mm_amx(a: Tensor, b: Tensor) -> Tensor:
     it computes the same with ``torch._int_mm``."""
     _check(a, b)
     if not available():
-        from .gemm import _bmm_int32
-
         return _bmm_int32(a[None], b[None])[0] if a.dim() == 2 else _bmm_int32(a, b)
     squeeze = a.dim() == 2
     a3, b3 = (a[None], b[None]) if squeeze else (a, b)
@@ -364,9 +356,9 @@ def int_mm_amx(a: Tensor, b: Tensor) -> Tensor:
         lib.fqt_amx_transpose_a(a3.data_ptr(), a3.stride(2), t.data_ptr(), m, k, torch.get_num_threads())
         a3 = t
     if (mp, kp) != (m, k) or a3.stride(2) != 1:
-        a3 = _pad(a3.contiguous(), (nb, mp, kp))
+        a3 = _pad_to(_pad_to(a3.contiguous(), 1, 32), 2, 64)
     if (kp, np_) != (k, n):
-        b3 = _pad(b3, (nb, kp, np_))
+        b3 = _pad_to(_pad_to(b3, 1, 64), 2, 32)
     lib = _load()[0]
     c = torch.empty((nb, mp, np_), dtype=torch.int32)
     scratch = torch.empty(nb * lib.fqt_amx_packed_b_bytes(kp, np_), dtype=torch.int8)
