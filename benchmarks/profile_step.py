@@ -3,6 +3,7 @@ batch 8 x 512, AdamW): the table docs/performance.md quotes for where an fqt ste
 
     python benchmarks/profile_step.py                      # fqt (default config), malloc keep
     python benchmarks/profile_step.py --variant fp32       # fp32 eager, for comparison
+    python benchmarks/profile_step.py --variant bf16       # bf16 autocast eager, for comparison
     python benchmarks/profile_step.py --config 'FQTConfig(sdpa="full_precision")' --rows 30
     python benchmarks/profile_step.py --batch 1            # 1 x 512 tokens instead of 8 x 512
 
@@ -31,7 +32,7 @@ from malloc_option import add_malloc_argument, apply_malloc  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", choices=("fqt", "fp32"), default="fqt")
+    ap.add_argument("--variant", choices=("fqt", "fp32", "bf16"), default="fqt")
     ap.add_argument("--config", default="FQTConfig()", help="FQTConfig expression for --variant fqt")
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8, help="sequences of 512 tokens per step")
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     x, y = torch.randint(0, 256, (args.batch, 512)), torch.randint(0, 256, (args.batch, 512))
 
     def step() -> None:
-        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.variant == "bf16"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad()

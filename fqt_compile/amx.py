@@ -7,7 +7,8 @@ extension. So where the CPU has AMX-INT8 this module compiles a small C kernel (
 use, cached under ``$FQT_CACHE_DIR`` or ``~/.cache/fqt_compile``) and runs it through ctypes:
 
 * B (K x N, any strides; fast paths for K- or N-contiguous) is packed into AMX's VNNI layout
-  (16-column blocks of 64 x 16 bytes), in parallel over column blocks;
+  (16-column blocks of 64 x 16 bytes), in parallel over column blocks; an N-contiguous B is
+  read 64 columns (one cache line per row) at a time;
 * each thread computes its half of the rows, 32 x 32 blocks of C in four int32 accumulator
   tiles (``tdpbssd``), over panels of B of about 1 MiB that stay in L2;
 * a batch (attention's per-head products) is split over threads entry by entry.
@@ -40,7 +41,7 @@ __all__ = ["available", "status", "suits", "int_mm_amx"]
 
 log = logging.getLogger(__name__)
 
-_FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-fopenmp"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
 _SOURCE = r"""
 // int8 x int8 -> int32 GEMM on AMX tiles
@@ -111,6 +112,32 @@ static void pack_b_block(const int8_t* b, int64_t sk, int64_t sn, int64_t n0, in
     }
 }
 
+
+// four 16-column blocks at once (N contiguous, n0 + 64 <= N): 64-byte rows, the 128-bit lanes
+// of the unpacks are the four blocks
+static void pack_b_block4(const int8_t* b, int64_t sk, int64_t n0, int64_t kblocks, int8_t* dst, int64_t bstride) {
+    for (int64_t kb = 0; kb < kblocks; kb++) {
+        for (int r = 0; r < 16; r++) {
+            const int8_t* s = b + (kb * 64 + r * 4) * sk + n0;
+            __m512i r0 = _mm512_loadu_si512((const void*)s);
+            __m512i r1 = _mm512_loadu_si512((const void*)(s + sk));
+            __m512i r2 = _mm512_loadu_si512((const void*)(s + 2 * sk));
+            __m512i r3 = _mm512_loadu_si512((const void*)(s + 3 * sk));
+            __m512i a01l = _mm512_unpacklo_epi8(r0, r1), a01h = _mm512_unpackhi_epi8(r0, r1);
+            __m512i a23l = _mm512_unpacklo_epi8(r2, r3), a23h = _mm512_unpackhi_epi8(r2, r3);
+            __m512i o0 = _mm512_unpacklo_epi16(a01l, a23l), o1 = _mm512_unpackhi_epi16(a01l, a23l);
+            __m512i o2 = _mm512_unpacklo_epi16(a01h, a23h), o3 = _mm512_unpackhi_epi16(a01h, a23h);
+            __m512i t0 = _mm512_shuffle_i64x2(o0, o1, 0x44), t1 = _mm512_shuffle_i64x2(o2, o3, 0x44);
+            __m512i t2 = _mm512_shuffle_i64x2(o0, o1, 0xEE), t3 = _mm512_shuffle_i64x2(o2, o3, 0xEE);
+            int8_t* d = dst + kb * 1024 + r * 64;
+            _mm512_storeu_si512((void*)d, _mm512_shuffle_i64x2(t0, t1, 0x88));
+            _mm512_storeu_si512((void*)(d + bstride), _mm512_shuffle_i64x2(t0, t1, 0xDD));
+            _mm512_storeu_si512((void*)(d + 2 * bstride), _mm512_shuffle_i64x2(t2, t3, 0x88));
+            _mm512_storeu_si512((void*)(d + 3 * bstride), _mm512_shuffle_i64x2(t2, t3, 0xDD));
+        }
+    }
+}
+
 // rows [m0, m1) (multiples of 32) x columns [c0, c1) (multiples of 32) of C (ldc) from
 // A rows (lda) and packed B (bp: 16-column blocks of kblocks * 1024 bytes)
 static void kernel_2x2(const int8_t* a, int64_t lda, const int8_t* bp, int32_t* c, int64_t ldc,
@@ -171,22 +198,87 @@ static inline void transpose16(const int8_t* src, int64_t ss, int8_t* dst, int64
             }
 }
 
-// A stored transposed (element [m][k] at a[k * sak + m]) -> ap (M, K) row-major;
-// M % 16 == 0 and K % 16 == 0 (the caller pads otherwise), 64 x 64 blocks of 16 x 16 transposes
-void fqt_amx_transpose_a(const int8_t* a, int64_t sak, int8_t* ap, int64_t M, int64_t K, int nthreads) {
+// the same for 16 rows of 64 bytes (four 16 x 16 blocks side by side, one per 128-bit lane):
+// dst row (16 * L + c) = column c of lane L, for L < 4 and c < 16
+static inline void transpose16x64(const int8_t* src, int64_t ss, int8_t* dst, int64_t ds) {
+    __m512i r[16], l[8], h[8], p[2][4][2], q[2][2][2][2];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void*)(src + i * ss));
+    for (int i = 0; i < 8; i++) {
+        l[i] = _mm512_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+        h[i] = _mm512_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        p[0][i][0] = _mm512_unpacklo_epi16(l[2 * i], l[2 * i + 1]);
+        p[0][i][1] = _mm512_unpackhi_epi16(l[2 * i], l[2 * i + 1]);
+        p[1][i][0] = _mm512_unpacklo_epi16(h[2 * i], h[2 * i + 1]);
+        p[1][i][1] = _mm512_unpackhi_epi16(h[2 * i], h[2 * i + 1]);
+    }
+    for (int g = 0; g < 2; g++)
+        for (int hh = 0; hh < 2; hh++)
+            for (int i = 0; i < 2; i++) {
+                q[g][hh][i][0] = _mm512_unpacklo_epi32(p[g][2 * i][hh], p[g][2 * i + 1][hh]);
+                q[g][hh][i][1] = _mm512_unpackhi_epi32(p[g][2 * i][hh], p[g][2 * i + 1][hh]);
+            }
+#define FQT_STORE_LANES(v, col) do { \
+        _mm_storeu_si128((__m128i*)(dst + (col) * ds), _mm512_extracti32x4_epi32((v), 0)); \
+        _mm_storeu_si128((__m128i*)(dst + (16 + (col)) * ds), _mm512_extracti32x4_epi32((v), 1)); \
+        _mm_storeu_si128((__m128i*)(dst + (32 + (col)) * ds), _mm512_extracti32x4_epi32((v), 2)); \
+        _mm_storeu_si128((__m128i*)(dst + (48 + (col)) * ds), _mm512_extracti32x4_epi32((v), 3)); \
+    } while (0)
+    for (int g = 0; g < 2; g++)
+        for (int hh = 0; hh < 2; hh++)
+            for (int qq = 0; qq < 2; qq++) {
+                int col = 8 * g + 4 * hh + 2 * qq;
+                FQT_STORE_LANES(_mm512_unpacklo_epi64(q[g][hh][0][qq], q[g][hh][1][qq]), col);
+                FQT_STORE_LANES(_mm512_unpackhi_epi64(q[g][hh][0][qq], q[g][hh][1][qq]), col + 1);
+            }
+#undef FQT_STORE_LANES
+}
+
+// B matrices A[i] stored transposed (element [i][m][k] at a[i * sab + k * sak + m]) -> ap
+// (B, M, K) contiguous; M % 16 == 0 and K % 16 == 0 (the caller pads otherwise). Blocks of 64
+// rows of ap, filled 16 columns at a time from 16 source rows of 64 bytes (whole cache lines).
+void fqt_amx_transpose_a(const int8_t* a, int64_t sab, int64_t sak, int8_t* ap, int64_t B, int64_t M, int64_t K,
+                         int nthreads) {
+    const int64_t mblocks = (M + 63) / 64;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t mb = 0; mb < M; mb += 64) {
-        for (int64_t kb = 0; kb < K; kb += 64) {
-            int64_t m1 = mb + 64 < M ? mb + 64 : M, k1 = kb + 64 < K ? kb + 64 : K;
-            for (int64_t m = mb; m < m1; m += 16)
-                for (int64_t k = kb; k < k1; k += 16)
-                    transpose16(a + k * sak + m, sak, ap + m * K + k, K);
+    for (int64_t t = 0; t < B * mblocks; t++) {
+        const int64_t i = t / mblocks, mb = (t % mblocks) * 64;
+        const int8_t* src = a + i * sab;
+        int8_t* dst = ap + i * M * K;
+        if (mb + 64 <= M) {
+            // 64 x 64 bytes through an L1 buffer, written out as whole rows of 64 bytes:
+            // with a stride of 4096 (K = 4096) 16-byte stores straight into ap kept evicting
+            // each other's lines (one L1 set)
+            int8_t buf[64 * 64] __attribute__((aligned(64)));
+            int64_t k = 0;
+            for (; k + 64 <= K; k += 64) {
+                for (int kg = 0; kg < 64; kg += 16)
+                    transpose16x64(src + (k + kg) * sak + mb, sak, buf + kg, 64);
+                for (int r = 0; r < 64; r++)
+                    _mm512_storeu_si512((void*)(dst + (mb + r) * K + k), _mm512_load_si512((const void*)(buf + r * 64)));
+            }
+            for (; k < K; k += 16)
+                transpose16x64(src + k * sak + mb, sak, dst + mb * K + k, K);
+        } else {
+            for (int64_t m = mb; m < M; m += 16)
+                for (int64_t k = 0; k < K; k += 16)
+                    transpose16(src + k * sak + m, sak, dst + m * K + k, K);
         }
     }
 }
 
 size_t fqt_amx_packed_b_bytes(int64_t K, int64_t N) {
     return (size_t)((K / 64) * (N / 16) * 1024);
+}
+
+
+static void pack_b(const int8_t* b, int64_t sk, int64_t sn, int64_t nb0, int64_t nb1, int64_t kblocks, int8_t* dst) {
+    const int64_t bstride = kblocks * 1024;
+    for (int64_t nb = nb0; nb < nb1;) {
+        if (sn == 1 && sk != 1 && nb + 4 <= nb1) { pack_b_block4(b, sk, nb * 16, kblocks, dst + nb * bstride, bstride); nb += 4; }
+        else { pack_b_block(b, sk, sn, nb * 16, kblocks, dst + nb * bstride); nb += 1; }
+    }
 }
 
 // c[i] (M, N) contiguous = a[i] (M, K; strides sam, 1) @ b[i] (K, N; strides sbk, sbn), i < B.
@@ -207,8 +299,7 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int6
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < B; i++) {
                 int8_t* p = bp + i * per;
-                for (int64_t nb = 0; nb < nblocks; nb++)
-                    pack_b_block(b + i * sbb, sbk, sbn, nb * 16, kblocks, p + nb * kblocks * 1024);
+                pack_b(b + i * sbb, sbk, sbn, 0, nblocks, kblocks, p);
                 kernel_2x2(a + i * sab, sam, p, c + i * M * N, N, 0, M, 0, N, kblocks);
             }
             _tile_release();
@@ -218,8 +309,8 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int6
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < nblocks; nb++)
-            pack_b_block(b, sbk, sbn, nb * 16, kblocks, bp + nb * kblocks * 1024);
+        for (int64_t ng = 0; ng < (nblocks + 3) / 4; ng++)
+            pack_b(b, sbk, sbn, ng * 4, ng * 4 + 4 < nblocks ? ng * 4 + 4 : nblocks, kblocks, bp);
         config_tiles();
         int nt = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t mblocks = M / 32;
@@ -281,7 +372,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "off (FQT_AMX=0)"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"not available: {platform.system()} {platform.machine()} (needs Linux x86-64)"
-    missing = {"amx_tile", "amx_int8"} - _cpu_flags()
+    missing = {"amx_tile", "amx_int8", "avx512bw"} - _cpu_flags()
     if missing:
         return None, f"not available: the CPU lacks {sorted(missing)}"
     try:
@@ -295,7 +386,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.fqt_amx_packed_b_bytes.argtypes, lib.fqt_amx_packed_b_bytes.restype = [i64, i64], ctypes.c_size_t
     lib.fqt_amx_bmm.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, i64]
     lib.fqt_amx_bmm.restype = ctypes.c_int
-    lib.fqt_amx_transpose_a.argtypes = [ptr, i64, ptr, i64, i64, ctypes.c_int]
+    lib.fqt_amx_transpose_a.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
     lib.fqt_amx_transpose_a.restype = None
     return lib, "in use (AMX-INT8)"
 
@@ -349,11 +440,14 @@ def int_mm_amx(a: Tensor, b: Tensor) -> Tensor:
     nb, m, k = a3.shape
     n = b3.shape[2]
     mp, kp, np_ = _round_up(m, 32), _round_up(k, 64), _round_up(n, 32)
-    if a3.stride(2) != 1 and a3.stride(1) == 1 and nb == 1 and m % 16 == 0 and k % 16 == 0:
-        # K-major (a transposed view): transposed in C, 16 x 16 bytes at a time
-        t = torch.empty((1, m, k), dtype=torch.int8)
+    if a3.stride(2) != 1 and a3.stride(1) == 1 and m % 16 == 0 and k % 16 == 0:
+        # K-major (a transposed view: grad_weight's Q_b2(G)^T, attention's P^T and dS^T):
+        # transposed in C, whole cache lines at a time (ATen's strided copy took 20 ms for
+        # attention's (128, 512, 512) codes)
+        t = torch.empty((nb, m, k), dtype=torch.int8)
         lib = _load()[0]
-        lib.fqt_amx_transpose_a(a3.data_ptr(), a3.stride(2), t.data_ptr(), m, k, torch.get_num_threads())
+        lib.fqt_amx_transpose_a(a3.data_ptr(), a3.stride(0), a3.stride(2), t.data_ptr(), nb, m, k,
+                                torch.get_num_threads())
         a3 = t
     if (mp, kp) != (m, k) or a3.stride(2) != 1:
         a3 = _pad_to(_pad_to(a3.contiguous(), 1, 32), 2, 64)

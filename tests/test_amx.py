@@ -56,6 +56,12 @@ def test_amx_batched_gemm_is_exact_with_transposed_operands():
     at = a.transpose(1, 2).contiguous().transpose(1, 2)  # K-major entries (attention's P^T, dS^T)
     bt = b.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(torch.ops.fqt.int_mm_amx(at, bt), exact)
+    # K-major batched entries are transposed in C: 64-row blocks (through an L1 buffer for
+    # each 64 columns, 16 at a time after that) and 16-row remainders (M = 80, K = 208)
+    a = torch.randint(-128, 128, (3, 80, 208), dtype=torch.int8)
+    b = torch.randint(-128, 128, (3, 208, 32), dtype=torch.int8)
+    at = a.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(torch.ops.fqt.int_mm_amx(at, b), torch.bmm(a.int(), b.int()))
     # int32 accumulation at the largest int32-safe K for int8 codes stays exact
     k = 2**31 // 2**14 - 64
     big_a = torch.full((32, k), -128, dtype=torch.int8)
