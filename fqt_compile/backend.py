@@ -19,8 +19,9 @@ for :meth:`FQTConfig.from_dict`.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
+import functools
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -130,13 +131,22 @@ CPU_ATEN_KERNELS: tuple[Any, ...] = (torch.ops.aten.embedding_dense_backward.def
 
 def _inductor_decompositions(example_inputs: Sequence[Any]) -> dict[Any, Any] | None:
     """Inductor's decomposition table without :data:`CPU_ATEN_KERNELS` when the graph runs on
-    CPU (None, inductor's own table, otherwise)."""
+    CPU and this torch's inductor can fall back to ATen for an op its global table decomposes
+    (its ``make_fallback`` checks the graph's own table: ``get_decomp_fn``, torch 2.13 on;
+    2.11's asserts "both a fallback and a decomp"). None, inductor's own table, otherwise."""
     devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    if devices != {"cpu"}:
+    if devices != {"cpu"} or not _fallback_checks_graph_table():
         return None
     from torch._inductor.decomposition import select_decomp_table
 
     return {op: fn for op, fn in select_decomp_table().items() if op not in CPU_ATEN_KERNELS}
+
+
+@functools.lru_cache(maxsize=None)
+def _fallback_checks_graph_table() -> bool:
+    from torch._inductor import lowering
+
+    return "get_decomp_fn" in inspect.signature(lowering.make_fallback).parameters
 
 
 class FQTBackend:
