@@ -34,7 +34,6 @@ from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
 from .passes.decompose_fqt import decompose_fqt
 from .passes.lower_int_gemm import lower_int_gemm
-from .passes.materialize_softmax import materialize_softmax
 from .passes.split_seeds import split_seeds
 
 __all__ = ["FQTBackend", "GraphRecord", "fqt_backend", "fqt_eager_backend", "resolve_config"]
@@ -158,13 +157,8 @@ class FQTBackend:
 
     #: aten-level passes run on each forward/backward/inference graph before the inner
     #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
-    #: ``split_seeds`` first: AOTAutograd's CSE merges the quantizers' seed draws into one;
-    #: ``materialize_softmax``: a softmax recomputed in the backward is stored once there.
-    aten_passes: list[tuple[str, AtenPass]] = [
-        ("split_seeds", split_seeds),
-        ("materialize_softmax", materialize_softmax),
-        ("lower_int_gemm", lower_int_gemm),
-    ]
+    #: ``split_seeds`` first: AOTAutograd's CSE merges the quantizers' seed draws into one.
+    aten_passes: list[tuple[str, AtenPass]] = [("split_seeds", split_seeds), ("lower_int_gemm", lower_int_gemm)]
 
     def __init__(
         self,
