@@ -130,11 +130,10 @@ CPU_ATEN_KERNELS: tuple[Any, ...] = (torch.ops.aten.embedding_dense_backward.def
 
 def _inductor_decompositions(example_inputs: Sequence[Any]) -> dict[Any, Any] | None:
     """Inductor's decomposition table without :data:`CPU_ATEN_KERNELS` when the graph runs on
-    CPU and this torch's inductor can fall back to ATen for an op its global table decomposes
-    (its ``make_fallback`` checks the graph's own table: ``get_decomp_fn``, torch 2.13 on;
-    2.11's asserts "both a fallback and a decomp"). None, inductor's own table, otherwise."""
+    CPU and their fallback lowerings are registered (:func:`_register_cpu_fallbacks`); None,
+    inductor's own table, otherwise."""
     devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    if devices != {"cpu"} or not _fallback_checks_graph_table():
+    if devices != {"cpu"} or not _register_cpu_fallbacks():
         return None
     from torch._inductor.decomposition import select_decomp_table
 
@@ -142,10 +141,22 @@ def _inductor_decompositions(example_inputs: Sequence[Any]) -> dict[Any, Any] | 
 
 
 @functools.lru_cache(maxsize=None)
-def _fallback_checks_graph_table() -> bool:
+def _register_cpu_fallbacks() -> bool:
+    """Register inductor's ATen-fallback lowering for each of :data:`CPU_ATEN_KERNELS`, once per
+    process, as inductor's ``make_fallback`` does for its own fallbacks (``override_decomp``:
+    the op keeps its decomposition in inductor's global table, so every other compile still
+    decomposes it and never reaches this lowering; the layout constraint of inductor's implicit
+    fallbacks in a backward). Without it inductor makes an implicit fallback, which asserts
+    when the environment sets ``CI`` ("a decomposition exists") and, on torch 2.11, always.
+    False where this torch's ``make_fallback`` cannot override a decomposition."""
     from torch._inductor import lowering
 
-    return "get_decomp_fn" in inspect.signature(lowering.make_fallback).parameters
+    if "override_decomp" not in inspect.signature(lowering.make_fallback).parameters:
+        return False
+    for op in CPU_ATEN_KERNELS:
+        if op not in lowering.lowerings:
+            lowering.make_fallback(op, layout_constraint=lowering.require_contiguous, warn=False, override_decomp=True)
+    return True
 
 
 class FQTBackend:
