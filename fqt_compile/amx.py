@@ -169,40 +169,13 @@ static void kernel_2x2(const int8_t* a, int64_t lda, const int8_t* bp, int32_t* 
     }
 }
 
-// 16 x 16 bytes: dst row j = column j of src (4 rounds of unpacks)
-static inline void transpose16(const int8_t* src, int64_t ss, int8_t* dst, int64_t ds) {
-    __m128i r[16], l[8], h[8], p[2][4][2], q[2][2][2][2];
-    for (int i = 0; i < 16; i++) r[i] = _mm_loadu_si128((const __m128i*)(src + i * ss));
-    for (int i = 0; i < 8; i++) {
-        l[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
-        h[i] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {
-        p[0][i][0] = _mm_unpacklo_epi16(l[2 * i], l[2 * i + 1]);
-        p[0][i][1] = _mm_unpackhi_epi16(l[2 * i], l[2 * i + 1]);
-        p[1][i][0] = _mm_unpacklo_epi16(h[2 * i], h[2 * i + 1]);
-        p[1][i][1] = _mm_unpackhi_epi16(h[2 * i], h[2 * i + 1]);
-    }
-    for (int g = 0; g < 2; g++)
-        for (int hh = 0; hh < 2; hh++)
-            for (int i = 0; i < 2; i++) {
-                q[g][hh][i][0] = _mm_unpacklo_epi32(p[g][2 * i][hh], p[g][2 * i + 1][hh]);
-                q[g][hh][i][1] = _mm_unpackhi_epi32(p[g][2 * i][hh], p[g][2 * i + 1][hh]);
-            }
-    for (int g = 0; g < 2; g++)
-        for (int hh = 0; hh < 2; hh++)
-            for (int qq = 0; qq < 2; qq++) {
-                int col = 8 * g + 4 * hh + 2 * qq;
-                _mm_storeu_si128((__m128i*)(dst + col * ds), _mm_unpacklo_epi64(q[g][hh][0][qq], q[g][hh][1][qq]));
-                _mm_storeu_si128((__m128i*)(dst + (col + 1) * ds), _mm_unpackhi_epi64(q[g][hh][0][qq], q[g][hh][1][qq]));
-            }
-}
-
-// the same for 16 rows of 64 bytes (four 16 x 16 blocks side by side, one per 128-bit lane):
-// dst row (16 * L + c) = column c of lane L, for L < 4 and c < 16
-static inline void transpose16x64(const int8_t* src, int64_t ss, int8_t* dst, int64_t ds) {
+// 16 source rows of 16 * lanes bytes (lanes <= 4 blocks of 16 x 16 side by side, one per
+// 128-bit lane), transposed with 4 rounds of unpacks: dst row (16 * L + c) = column c of
+// lane L, for L < lanes and c < 16. Bytes past 16 * lanes are neither read nor written.
+static inline void transpose16xl(const int8_t* src, int64_t ss, int8_t* dst, int64_t ds, int lanes) {
+    const __mmask64 mask = lanes >= 4 ? ~0ULL : (1ULL << (16 * lanes)) - 1;
     __m512i r[16], l[8], h[8], p[2][4][2], q[2][2][2][2];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void*)(src + i * ss));
+    for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi8(mask, (const void*)(src + i * ss));
     for (int i = 0; i < 8; i++) {
         l[i] = _mm512_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
         h[i] = _mm512_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
@@ -220,10 +193,11 @@ static inline void transpose16x64(const int8_t* src, int64_t ss, int8_t* dst, in
                 q[g][hh][i][1] = _mm512_unpackhi_epi32(p[g][2 * i][hh], p[g][2 * i + 1][hh]);
             }
 #define FQT_STORE_LANES(v, col) do { \
-        _mm_storeu_si128((__m128i*)(dst + (col) * ds), _mm512_extracti32x4_epi32((v), 0)); \
-        _mm_storeu_si128((__m128i*)(dst + (16 + (col)) * ds), _mm512_extracti32x4_epi32((v), 1)); \
-        _mm_storeu_si128((__m128i*)(dst + (32 + (col)) * ds), _mm512_extracti32x4_epi32((v), 2)); \
-        _mm_storeu_si128((__m128i*)(dst + (48 + (col)) * ds), _mm512_extracti32x4_epi32((v), 3)); \
+        __m512i v_ = (v); \
+        _mm_storeu_si128((__m128i*)(dst + (col) * ds), _mm512_castsi512_si128(v_)); \
+        if (lanes > 1) _mm_storeu_si128((__m128i*)(dst + (16 + (col)) * ds), _mm512_extracti32x4_epi32(v_, 1)); \
+        if (lanes > 2) _mm_storeu_si128((__m128i*)(dst + (32 + (col)) * ds), _mm512_extracti32x4_epi32(v_, 2)); \
+        if (lanes > 3) _mm_storeu_si128((__m128i*)(dst + (48 + (col)) * ds), _mm512_extracti32x4_epi32(v_, 3)); \
     } while (0)
     for (int g = 0; g < 2; g++)
         for (int hh = 0; hh < 2; hh++)
@@ -254,16 +228,15 @@ void fqt_amx_transpose_a(const int8_t* a, int64_t sab, int64_t sak, int8_t* ap, 
             int64_t k = 0;
             for (; k + 64 <= K; k += 64) {
                 for (int kg = 0; kg < 64; kg += 16)
-                    transpose16x64(src + (k + kg) * sak + mb, sak, buf + kg, 64);
+                    transpose16xl(src + (k + kg) * sak + mb, sak, buf + kg, 64, 4);
                 for (int r = 0; r < 64; r++)
                     _mm512_storeu_si512((void*)(dst + (mb + r) * K + k), _mm512_load_si512((const void*)(buf + r * 64)));
             }
             for (; k < K; k += 16)
-                transpose16x64(src + k * sak + mb, sak, dst + mb * K + k, K);
-        } else {
-            for (int64_t m = mb; m < M; m += 16)
-                for (int64_t k = 0; k < K; k += 16)
-                    transpose16(src + k * sak + m, sak, dst + m * K + k, K);
+                transpose16xl(src + k * sak + mb, sak, dst + mb * K + k, K, 4);
+        } else {  // the last 16, 32 or 48 rows
+            for (int64_t k = 0; k < K; k += 16)
+                transpose16xl(src + k * sak + mb, sak, dst + mb * K + k, K, (int)((M - mb) / 16));
         }
     }
 }
