@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import torch
 from torch import Tensor
 
+from . import cbuild
 from .gemm import _bmm_int32, _pad_to
 
 __all__ = ["available", "status", "suits", "int_mm_amx"]
@@ -299,57 +295,15 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int6
 """
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cache_dir() -> str:
-    base = os.environ.get("FQT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fqt_compile")
-    try:
-        os.makedirs(base, exist_ok=True)
-        return base
-    except OSError:
-        return tempfile.gettempdir()
-
-
-def _build() -> str:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc) on PATH")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cc).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"amx_gemm_{key}.so")
-    if os.path.exists(path):
-        return path
-    with tempfile.TemporaryDirectory() as tmp:
-        c_file, so_file = os.path.join(tmp, "amx_gemm.c"), os.path.join(tmp, "amx_gemm.so")
-        with open(c_file, "w", encoding="utf-8") as f:
-            f.write(_SOURCE)
-        res = subprocess.run([cc, *_FLAGS, c_file, "-o", so_file], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-400:]}")
-        shutil.copyfile(so_file, path + f".{os.getpid()}.tmp")
-        os.replace(path + f".{os.getpid()}.tmp", path)  # atomic: concurrent builds are safe
-    return path
-
-
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("FQT_AMX", "1") == "0":
         return None, "off (FQT_AMX=0)"
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"not available: {platform.system()} {platform.machine()} (needs Linux x86-64)"
-    missing = {"amx_tile", "amx_int8", "avx512bw"} - _cpu_flags()
-    if missing:
-        return None, f"not available: the CPU lacks {sorted(missing)}"
+    why = cbuild.unsupported_platform({"amx_tile", "amx_int8", "avx512bw"})
+    if why:
+        return None, f"not available: {why}"
     try:
-        lib = ctypes.CDLL(_build())
+        lib = ctypes.CDLL(cbuild.build("amx_gemm", _SOURCE, _FLAGS))
     except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch._int_mm
         log.warning("fqt AMX kernel not built (%s); integer GEMMs use torch._int_mm", e)
         return None, f"not available: build failed ({e})"
