@@ -33,6 +33,7 @@ import torch.fx as fx
 from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
 from .passes.decompose_fqt import decompose_fqt
+from .passes.fuse_softmax import fuse_softmax
 from .passes.lower_int_gemm import lower_int_gemm
 from .passes.split_seeds import split_seeds
 
@@ -169,7 +170,10 @@ class FQTBackend:
     #: aten-level passes run on each forward/backward/inference graph before the inner
     #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
     #: ``split_seeds`` first: AOTAutograd's CSE merges the quantizers' seed draws into one.
-    aten_passes: list[tuple[str, AtenPass]] = [("split_seeds", split_seeds), ("lower_int_gemm", lower_int_gemm)]
+    #: ``fuse_softmax`` after the lowering (it only runs where the GEMMs are lowered).
+    aten_passes: list[tuple[str, AtenPass]] = [
+        ("split_seeds", split_seeds), ("lower_int_gemm", lower_int_gemm), ("fuse_softmax", fuse_softmax),
+    ]
 
     def __init__(
         self,

@@ -245,6 +245,12 @@ class FQTConfig:
     #: (from the layer's input) instead of saving GELU's float input: less activation memory,
     #: one more forward GEMM per such pair; identical gradients (round-to-nearest forward).
     recompute_mlp: bool = False
+    #: where the GEMMs are lowered and the CPU has AVX-512: compute an attention softmax and the
+    #: quantizer of its output in one fused kernel (``fqt::softmax_quantize``), and softmax's
+    #: backward with the stochastic quantizers of its result in another
+    #: (``fqt::softmax_backward_sr_quantize``): same quantizers and random draws, the softmax
+    #: within float rounding of the aten one (passes/fuse_softmax.py)
+    fuse_softmax: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum_value(Mode, self.mode, "FQTConfig.mode"))
@@ -273,7 +279,7 @@ class FQTConfig:
             if not isinstance(o, Override):
                 raise TypeError(f"FQTConfig.overrides must hold Override objects, got {o!r}")
         object.__setattr__(self, "overrides", overrides)
-        for name in ("lower_int_gemm", "recompute_mlp"):
+        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FQTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

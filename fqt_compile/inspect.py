@@ -43,6 +43,9 @@ __all__ = ["inspect", "Report", "Row", "GemmStatus", "SCHEMA", "GEMMS", "report_
 
 #: Version tag of :meth:`Report.to_dict`. Bump it when a key is renamed or removed.
 SCHEMA = "fqt_compile.inspect/1"
+
+_FUSED_FWD = torch.ops.fqt.softmax_quantize.default
+_FUSED_BWD = torch.ops.fqt.softmax_backward_sr_quantize.default
 GEMMS = ("output", "grad_input", "grad_weight")
 
 _LOWER_PASS = "lower_int_gemm"
@@ -168,6 +171,11 @@ class Report:
     #: and the distinct seed nodes they read (equal when every quantizer draws its own seed)
     stochastic_quantizers: int = 0
     seeds: int = 0
+    #: fused kernels put in by ``passes/fuse_softmax.py``: softmax + its output's quantizer
+    #: (forward graphs, and backward graphs that recompute attention), and softmax's backward +
+    #: the stochastic quantizers of its result (whose quantizers count above)
+    fused_softmax: int = 0
+    fused_softmax_backward: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -197,6 +205,8 @@ class Report:
             "lowered": gemm_lowered / gemm_flops if gemm_flops else 0.0,
             "stochastic_quantizers": self.stochastic_quantizers,
             "seeds": self.seeds,
+            "fused_softmax": self.fused_softmax,
+            "fused_softmax_backward": self.fused_softmax_backward,
         }
 
     def row(self, key: str) -> Row:
@@ -305,6 +315,12 @@ class Report:
                 + (" (one per quantizer: independent rounding)" if not shared else
                    f" ({shared} quantizers share a seed with another: their roundings are correlated)")
             )
+        if self.fused_softmax or self.fused_softmax_backward:
+            lines.append(
+                f"Fused kernels: {self.fused_softmax} softmax + quantizer of its output (fqt::softmax_quantize), "
+                f"{self.fused_softmax_backward} softmax backward + its stochastic quantizers "
+                "(fqt::softmax_backward_sr_quantize)"
+            )
         return "\n".join(lines)
 
     # -- drawing ------------------------------------------------------------------------
@@ -386,11 +402,18 @@ def report_from_records(
             ))  # fmt: skip
 
     quantizers = seeds = 0
+    fused = {"forward": 0, "backward": 0}
     for rec in records:
+        for gm in (rec.forward, rec.backward, rec.inference):
+            if gm is not None:
+                fused["forward"] += sum(n.target is _FUSED_FWD for n in gm.graph.nodes)
         if rec.backward is not None:
             sr = [n for n in rec.backward.graph.nodes if n.target is torch.ops.fqt.sr_quantize.default]
-            quantizers += len(sr)
-            seeds += len({n.args[1] for n in sr})
+            fused_bw = [n for n in rec.backward.graph.nodes if n.target is _FUSED_BWD]
+            fused["backward"] += len(fused_bw)
+            draws = [n.args[1] for n in sr] + [sd for n in fused_bw for sd in n.args[3]]
+            quantizers += len(draws)
+            seeds += len(set(draws))
 
     def text(kind: str) -> str:
         gms = [getattr(r, kind) for r in records if getattr(r, kind) is not None]
@@ -403,7 +426,8 @@ def report_from_records(
     return Report(
         model=model, config=cfg, rows=rows, full_precision=full_precision, graphs=len(records),
         lowering_pass_run=ran, training=training, forward_graph=text("forward"), backward_graph=text("backward"),
-        stochastic_quantizers=quantizers, seeds=seeds,
+        stochastic_quantizers=quantizers, seeds=seeds, fused_softmax=fused["forward"],
+        fused_softmax_backward=fused["backward"],
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

@@ -164,25 +164,52 @@ def quantize_forward(
         return QuantizedTensor(x.to(torch.int8), one, one * 0, bits, x.dtype)
     lo, hi = _minmax(xf, dims)
     _check_finite_range(lo, hi, name)
+    p = forward_params(lo, hi, bits, scheme)
+    if scheme == "symmetric":
+        codes = torch.clamp(torch.round(xf / p.div), p.cmin, p.cmax)
+    elif scheme == "affine":
+        codes = torch.clamp(torch.round((xf - p.shift) / p.div), p.cmin, p.cmax) - half
+    else:  # affine_zero
+        codes = torch.clamp(torch.round(xf / p.div) + p.zero, p.cmin, p.cmax) - half
+    return QuantizedTensor(codes.to(torch.int8), p.scale, p.offset, bits, x.dtype)
+
+
+@dataclass(frozen=True)
+class ForwardParams:
+    """What :func:`quantize_forward` derives from a range ``[lo, hi]``: every scheme's codes
+    are ``clamp(round((x - shift) / div) + zero, cmin, cmax) - bias`` (``shift`` 0 except for
+    ``affine``, ``zero`` 0 except for ``affine_zero``; ``x - 0.0`` and ``y + 0.0`` change no
+    float value, so one formula gives the codes of all three bit for bit), and
+    ``codes * scale + offset`` is the dequantized value."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    div: torch.Tensor
+    shift: torch.Tensor
+    zero: torch.Tensor
+    cmin: int
+    cmax: int
+    bias: int
+
+
+def forward_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: str) -> ForwardParams:
+    """The scale, offset and level mapping of a forward quantizer with range ``[lo, hi]``."""
+    half = 2 ** (bits - 1)
     if scheme == "symmetric":
         qmax = half - 1
         scale, div = _safe_scale(torch.maximum(lo.abs(), hi.abs()), qmax)
-        codes = torch.clamp(torch.round(xf / div), -qmax, qmax)
-        offset = torch.zeros_like(scale)
-    elif scheme == "affine":
-        levels = 2**bits - 1
+        zeros = torch.zeros_like(scale)
+        return ForwardParams(scale, zeros, div, zeros, zeros, -qmax, qmax, 0)
+    levels = 2**bits - 1
+    if scheme == "affine":
         scale, div = _safe_scale(hi - lo, levels)
-        codes = torch.clamp(torch.round((xf - lo) / div), 0, levels) - half
-        offset = lo + half * scale
-    else:  # affine_zero
-        levels = 2**bits - 1
-        lo = torch.clamp(lo, max=0.0)
-        hi = torch.clamp(hi, min=0.0)
-        scale, div = _safe_scale(hi - lo, levels)
-        zero = torch.clamp(torch.round(-lo / div), 0, levels)  # the level of 0.0
-        codes = torch.clamp(torch.round(xf / div) + zero, 0, levels) - half
-        offset = -(zero - half) * scale
-    return QuantizedTensor(codes.to(torch.int8), scale, offset, bits, x.dtype)
+        return ForwardParams(scale, lo + half * scale, div, lo, torch.zeros_like(scale), 0, levels, half)
+    # affine_zero
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale, div = _safe_scale(hi - lo, levels)
+    zero = torch.clamp(torch.round(-lo / div), 0, levels)  # the level of 0.0
+    return ForwardParams(scale, -(zero - half) * scale, div, torch.zeros_like(scale), zero, 0, levels, half)
 
 
 def fake_quantize_forward(

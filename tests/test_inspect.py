@@ -199,7 +199,8 @@ _REPORT_KEYS = {"schema", "model", "config", "config_summary", "graphs", "traini
 _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason", "shapes", "out_shape",
              "flops", "quantizers", "gemms", "overrides"}  # fmt: skip
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
-               "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds"}  # fmt: skip
+               "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds",
+               "fused_softmax", "fused_softmax_backward"}  # fmt: skip
 
 
 def test_json_schema_is_stable(tmp_path):

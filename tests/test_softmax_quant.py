@@ -1,0 +1,179 @@
+"""fqt_compile/softmax_quant.py: the fused softmax + quantizer kernels.
+
+What is exact and what is not (the module docstring's claims):
+* given the kernel's own softmax output P (forward) or softmax gradient ds (backward), the codes,
+  scales and offsets equal ``quantize_forward`` / ``stochastic_quantize`` bit for bit (same
+  formulas, same counter-based draws): so the fused backward quantizers are the unbiased
+  quantizers of ``tests/test_quantizers.py``, with the same random numbers;
+* P and ds themselves equal torch's to float rounding (another exp and summation order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fqt_compile import quantizers as Q
+from fqt_compile import softmax_quant as SQ
+
+needs_kernel = pytest.mark.skipif(not SQ.available(), reason=f"fused softmax kernel {SQ.status()}")
+
+SHAPES = [(2, 3, 37), (4, 64, 64), (5, 1), (3, 16)]  # row tails (37 % 16), whole vectors, 1-wide rows
+
+
+def _scores(shape, causal=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    if causal and shape[-1] == shape[-2]:
+        x = x.masked_fill(~torch.ones(shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return x
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scheme", Q.FORWARD_SCHEMES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_forward_rounds_its_softmax_exactly_like_quantize_forward(shape, scheme, bits):
+    x = _scores(shape, causal=True)
+    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, bits, scheme)
+    ref = Q.quantize_forward(p, bits, scheme, "tensor")
+    assert torch.equal(codes, ref.codes)
+    assert torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
+    assert scale.shape == offset.shape == ()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_softmax_equals_torch_to_float_rounding(shape):
+    """Tolerance: our exp is within 2 ulp and the row sum is taken in another order (at most
+    L ulp of the sum, L <= 64 here); rtol 1e-5 is ~80 ulp. Measured on (128, 512, 512) causal
+    scores: 4.2e-7 relative at most, no code differing from torch's softmax + quantize_forward."""
+    x = _scores(shape, causal=True)
+    p, codes, scale, _ = torch.ops.fqt.softmax_quantize(x, 8, "affine_zero")
+    ref_p = torch.softmax(x, -1)
+    torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-30)
+    ref = Q.quantize_forward(ref_p, 8, "affine_zero", "tensor")
+    torch.testing.assert_close(scale, ref.scale, rtol=1e-5, atol=0)
+    # a code can differ only where P / scale lies within P's float error of a rounding boundary
+    diff = (codes.int() - ref.codes.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", ["nan", "inf", "masked_row"])
+def test_forward_non_finite_input_raises(bad):
+    x = _scores((2, 8, 8))
+    if bad == "nan":
+        x[1, 3, 5] = float("nan")
+    elif bad == "inf":
+        x[0, 0, 0] = float("inf")
+    else:  # a row masked entirely: torch's softmax gives NaN there too
+        x[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.ops.fqt.softmax_quantize(x, 8, "affine_zero")
+
+
+def test_forward_without_the_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
+    x = _scores((2, 5, 9))
+    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, 8, "affine")
+    ref_p = torch.softmax(x, -1)
+    ref = Q.quantize_forward(ref_p, 8, "affine", "tensor")
+    assert torch.equal(p, ref_p) and torch.equal(codes, ref.codes)
+    assert torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
+
+
+def test_forward_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="bits"):
+        torch.ops.fqt.softmax_quantize(torch.randn(2, 4), 1, "affine_zero")
+    with pytest.raises(RuntimeError, match="scheme"):
+        torch.ops.fqt.softmax_quantize(torch.randn(2, 4), 8, "log")
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.fqt.softmax_quantize(torch.randn(2, 4, dtype=torch.float64), 8, "affine_zero")
+
+
+# --- backward ---------------------------------------------------------------------------------
+
+QUANTIZER_SETS = [  # (bits, granularities): the default Q_b1 + Q_b2 pair, and others
+    ([8, 8], "row,column"), ([4], "tensor"), ([8, 5, 4, 2], "column,row,tensor,row"),
+]
+
+
+def _bwd_inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(_scores(shape, causal=True, seed=seed), -1)
+    return torch.randn(shape, generator=g) * 1e-3, p
+
+
+def _seeds(n):
+    return [torch.tensor(s, dtype=torch.int64) for s in (123456789012345, 42, 2**40 + 7, 99)[:n]]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 3, 37), (4, 64, 64), (6, 1)])
+@pytest.mark.parametrize("bits,grans", QUANTIZER_SETS)
+def test_backward_rounds_its_gradient_exactly_like_stochastic_quantize(shape, bits, grans):
+    g, p = _bwd_inputs(shape)
+    seeds = _seeds(len(bits))
+    out = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, seeds, bits, grans)
+    ds = out[0]
+    assert ds.shape == (g.numel() // shape[-1], shape[-1]) and len(out) == 1 + 3 * len(bits)
+    for k, (b, gran) in enumerate(zip(bits, grans.split(","))):
+        ref = Q.stochastic_quantize(ds, b, gran, seeds[k])
+        codes, scale, offset = out[1 + 3 * k: 4 + 3 * k]
+        assert torch.equal(codes, ref.codes), (k, gran)
+        assert torch.equal(scale, ref.scale.expand_as(scale)) and torch.equal(offset, ref.offset.expand_as(offset))
+        assert scale.shape == {"tensor": (), "row": (ds.shape[0], 1), "column": (1, ds.shape[1])}[gran]
+
+
+@needs_kernel
+def test_backward_gradient_equals_softmax_backward_to_float_rounding():
+    """ds = (g*p - p*sum(g*p)) * c with one fused multiply-add; torch's decomposition rounds
+    twice and sums in another order. Tolerance 1e-5 of the largest |ds| (measured 3.4e-7 on
+    (128, 512, 512))."""
+    g, p = _bwd_inputs((4, 64, 64))
+    ds = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, _seeds(1), [8], "row")[0]
+    ref = torch.ops.aten._softmax_backward_data(g, p, -1, torch.float32) * 0.125
+    torch.testing.assert_close(ds, ref.reshape(ds.shape), rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_kernel
+def test_backward_non_finite_gradient_raises():
+    g, p = _bwd_inputs((2, 8, 8))
+    g[1, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(2), [8, 8], "row,column")
+
+
+def test_backward_without_the_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
+    g, p = _bwd_inputs((2, 4, 9))
+    seeds = _seeds(2)
+    out = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.5, seeds, [8, 6], "row,column")
+    gp = g * p
+    ds = ((gp - p * gp.sum(-1, keepdim=True)) * 0.5).reshape(-1, 9)
+    assert torch.equal(out[0], ds)
+    for k, (b, gran) in enumerate([(8, "row"), (6, "column")]):
+        ref = Q.stochastic_quantize(ds, b, gran, seeds[k])
+        assert torch.equal(out[1 + 3 * k], ref.codes)
+
+
+def test_backward_rejects_bad_arguments():
+    g, p = _bwd_inputs((2, 4, 4))
+    with pytest.raises(RuntimeError, match="granularity"):
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(1), [8], "channel")
+    with pytest.raises(RuntimeError, match="one bits/granularity/seed each"):
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(2), [8], "row")
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p[..., :2], 1.0, _seeds(1), [8], "row")
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_ops_pass_opcheck(which):
+    """Schema, fake (meta) implementation and dispatch are consistent (torch.library.opcheck)."""
+    if which == "forward":
+        torch.library.opcheck(torch.ops.fqt.softmax_quantize.default, (_scores((2, 4, 19)), 8, "affine_zero"))
+    else:
+        g, p = _bwd_inputs((2, 4, 19))
+        torch.library.opcheck(torch.ops.fqt.softmax_backward_sr_quantize.default,
+                              (g, p, 0.25, _seeds(2), [8, 8], "row,column"))
