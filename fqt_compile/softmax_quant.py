@@ -33,6 +33,7 @@ import ctypes
 import functools
 import logging
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -147,11 +148,53 @@ void fqt_quantize_affine(const float* p, int8_t* codes, int64_t n, float shift, 
 
 // ---- backward -------------------------------------------------------------------------------
 
+// fqt_compile.rng.hash32 on 16 lanes: x ^= x >> 16; x *= M; x ^= x >> 16; x *= M; x ^= x >> 16
+static inline __m512i hash32x16(__m512i x) {
+    const __m512i mult = _mm512_set1_epi32(0x45D9F3B);
+    x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
+    x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
+    return _mm512_xor_si512(_mm512_srli_epi32(x, 16), x);
+}
+
+// one row i of a stochastic rounding (quantizers.stochastic_quantize): codes = clamp(floor((x - lo)
+// / div + u), 0, levels) - half, u the draw of rng.uniform_from_seed at the flat index i * D + j
+// (below 2**31 elements: a 32-bit index) for the seed words (slo, shi); lo/div per column from
+// the arrays clo/cdiv, else the scalars lo/div
+static inline void sr_round_row(const float* xr, int64_t i, int64_t D, const float* clo, const float* cdiv,
+                                float lo, float div, int levels, int half, uint32_t slo, uint32_t shi,
+                                int8_t* cr) {
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 inv24 = _mm512_set1_ps(1.0f / 16777216.0f);
+    __m512 vlo = _mm512_set1_ps(lo), vdiv = _mm512_set1_ps(div), vtop = _mm512_set1_ps((float)levels);
+    __m512i vhalf = _mm512_set1_epi32(half), vslo = _mm512_set1_epi32((int)slo), vshi = _mm512_set1_epi32((int)shi);
+    for (int64_t j = 0; j < D; j += 16) {
+        __mmask16 m = tail_mask(D - j);
+        if (clo) {
+            vlo = _mm512_maskz_loadu_ps(m, clo + j);
+            vdiv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, cdiv + j);
+        }
+        __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)(i * D + j)), iota);
+        __m512i h = hash32x16(_mm512_xor_si512(hash32x16(_mm512_xor_si512(idx, vslo)), vshi));
+        __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), inv24);
+        __m512 y = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + j), vlo), vdiv), u);
+        y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), vtop);
+        __m512i q = _mm512_sub_epi32(_mm512_cvtps_epi32(y), vhalf);
+        if (m == 0xFFFF)
+            _mm_storeu_si128((__m128i*)(cr + j), _mm512_cvtepi32_epi8(q));
+        else
+            _mm512_mask_cvtepi32_storeu_epi8(cr + j, m, q);
+    }
+}
+
 // pass 1: ds = (g * p - p * sum(g * p)) * c per row (softmax's backward, then the scale of the
 // scores); rmin/rmax: each row's range of ds (NaN for a row holding a NaN); cmin/cmax: one
-// (D) row per thread of column ranges, which the caller reduces (NULL: not needed)
+// (D) row per thread of column ranges, which the caller reduces (NULL: not needed); and the
+// nr stochastic roundings with a row range, while the row is in cache (div as _safe_scale)
 void fqt_softmax_bwd_rows(const float* g, const float* p, float* ds, float* rmin, float* rmax, float* cmin,
-                          float* cmax, int64_t rows, int64_t D, float c, int nthreads) {
+                          float* cmax, int64_t rows, int64_t D, float c, int nr, const int* levels,
+                          const int* half, const uint32_t* slo, const uint32_t* shi, int8_t* const* codes,
+                          int nthreads) {
     #pragma omp parallel num_threads(nthreads)
     {
         float* tmin = cmin ? cmin + (int64_t)omp_get_thread_num() * D : 0;
@@ -185,62 +228,30 @@ void fqt_softmax_bwd_rows(const float* g, const float* p, float* ds, float* rmin
                     _mm512_mask_storeu_ps(tmax + j, m, _mm512_max_ps(_mm512_maskz_loadu_ps(m, tmax + j), v));
                 }
             }
-            rmin[i] = bad ? NAN : _mm512_reduce_min_ps(lo);
-            rmax[i] = bad ? NAN : _mm512_reduce_max_ps(hi);
+            float rlo = _mm512_reduce_min_ps(lo), rhi = _mm512_reduce_max_ps(hi);
+            rmin[i] = bad ? NAN : rlo;
+            rmax[i] = bad ? NAN : rhi;
+            for (int k = 0; k < nr; k++) {
+                float scale = (rhi - rlo) / (float)levels[k];
+                sr_round_row(dr, i, D, 0, 0, rlo, scale > 0.0f ? scale : 1.0f, levels[k], half[k], slo[k], shi[k],
+                             codes[k] + i * D);
+            }
         }
     }
 }
 
-// fqt_compile.rng.hash32 on 16 lanes: x ^= x >> 16; x *= M; x ^= x >> 16; x *= M; x ^= x >> 16
-static inline __m512i hash32x16(__m512i x) {
-    const __m512i mult = _mm512_set1_epi32(0x45D9F3B);
-    x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
-    x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
-    return _mm512_xor_si512(_mm512_srli_epi32(x, 16), x);
-}
-
-// pass 2: nq stochastic roundings of the (rows, D) tensor x (quantizers.stochastic_quantize):
-// codes_k = clamp(floor((x - lo_k) / div_k + u_k), 0, levels_k) - half_k with u_k the draw of
-// rng.uniform_from_seed at the flat index i * D + j (below 2**31 elements: 32-bit index);
-// gran_k: 0 one range, 1 one per row, 2 one per column
+// pass 2: the stochastic roundings of the (rows, D) tensor x with a column or tensor range
+// (the row-range ones are done in pass 1): arrays of nq quantizers as in sr_round_row, lo/div
+// pointing at D (column) or 1 (tensor) floats
 void fqt_sr_quantize_rows(const float* x, int64_t rows, int64_t D, int nq, const int* gran,
                           const float* const* lo, const float* const* div, const int* levels,
                           const int* half, const uint32_t* slo, const uint32_t* shi, int8_t* const* codes,
                           int nthreads) {
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 inv24 = _mm512_set1_ps(1.0f / 16777216.0f);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < rows; i++) {
-        const float* xr = x + i * D;
-        for (int k = 0; k < nq; k++) {
-            const float* lk = lo[k];
-            const float* dk = div[k];
-            __m512 vlo = _mm512_set1_ps(gran[k] == 1 ? lk[i] : lk[0]);
-            __m512 vdiv = _mm512_set1_ps(gran[k] == 1 ? dk[i] : dk[0]);
-            __m512 vtop = _mm512_set1_ps((float)levels[k]);
-            __m512i vhalf = _mm512_set1_epi32(half[k]);
-            __m512i vslo = _mm512_set1_epi32((int)slo[k]), vshi = _mm512_set1_epi32((int)shi[k]);
-            int8_t* cr = codes[k] + i * D;
-            for (int64_t j = 0; j < D; j += 16) {
-                __mmask16 m = tail_mask(D - j);
-                if (gran[k] == 2) {
-                    vlo = _mm512_maskz_loadu_ps(m, lk + j);
-                    vdiv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, dk + j);
-                }
-                __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)(i * D + j)), iota);
-                __m512i h = hash32x16(_mm512_xor_si512(hash32x16(_mm512_xor_si512(idx, vslo)), vshi));
-                __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), inv24);
-                __m512 y = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + j), vlo), vdiv), u);
-                y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-                y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), vtop);
-                __m512i q = _mm512_sub_epi32(_mm512_cvtps_epi32(y), vhalf);
-                if (m == 0xFFFF)
-                    _mm_storeu_si128((__m128i*)(cr + j), _mm512_cvtepi32_epi8(q));
-                else
-                    _mm512_mask_cvtepi32_storeu_epi8(cr + j, m, q);
-            }
-        }
-    }
+    for (int64_t i = 0; i < rows; i++)
+        for (int k = 0; k < nq; k++)
+            sr_round_row(x + i * D, i, D, gran[k] == 2 ? lo[k] : 0, gran[k] == 2 ? div[k] : 0, lo[k][0], div[k][0],
+                         levels[k], half[k], slo[k], shi[k], codes[k] + i * D);
 }
 """
 
@@ -262,7 +273,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.fqt_softmax_rows.restype = None
     lib.fqt_quantize_affine.argtypes = [ptr, ptr, i64, f32, f32, f32, f32, f32, f32, ctypes.c_int]
     lib.fqt_quantize_affine.restype = None
-    lib.fqt_softmax_bwd_rows.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ctypes.c_int]
+    lib.fqt_softmax_bwd_rows.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ctypes.c_int] + [ptr] * 5 + [
+        ctypes.c_int]
     lib.fqt_softmax_bwd_rows.restype = None
     lib.fqt_sr_quantize_rows.argtypes = [ptr, i64, i64, ctypes.c_int] + [ptr] * 8 + [ctypes.c_int]
     lib.fqt_sr_quantize_rows.restype = None
@@ -370,38 +382,53 @@ def softmax_backward_sr_quantize(
     cols = "column" in grans
     cmin = torch.full((threads, d), float("inf")) if cols else None
     cmax = torch.full((threads, d), float("-inf")) if cols else None
-    lib.fqt_softmax_bwd_rows(g.data_ptr(), p.data_ptr(), ds.data_ptr(), rmin.data_ptr(), rmax.data_ptr(),
-                             cmin.data_ptr() if cols else None, cmax.data_ptr() if cols else None, n, d,
-                             float(scale), threads)
+    codes = [torch.empty((n, d), dtype=torch.int8) for _ in grans]
+    words = [tuple(int(w) & 0xFFFFFFFF for w in seed_words(sd)) for sd in seeds]
+    levels = [2**b - 1 for b in bits]
+    halves = [2 ** (b - 1) for b in bits]
+    rows_k = [k for k, gr in enumerate(grans) if gr == "row"]  # rounded in pass 1
+    rest_k = [k for k, gr in enumerate(grans) if gr != "row"]  # rounded in pass 2
+    lib.fqt_softmax_bwd_rows(
+        g.data_ptr(), p.data_ptr(), ds.data_ptr(), rmin.data_ptr(), rmax.data_ptr(),
+        cmin.data_ptr() if cols else None, cmax.data_ptr() if cols else None, n, d, float(scale), len(rows_k),
+        *_c_arrays(rows_k, levels, halves, [w[0] for w in words], [w[1] for w in words], codes), threads,
+    )
     Q._check_finite_range(rmin, rmax, "gradient")
     ranges = {
         "tensor": (rmin.amin(), rmax.amax()),
         "row": (rmin.unsqueeze(1), rmax.unsqueeze(1)),
         "column": (cmin.amin(0, keepdim=True), cmax.amax(0, keepdim=True)) if cols else None,
     }
-    out, keep = [ds], []
-    nq = len(bits)
-    arrays = {name: [] for name in ("gran", "lo", "div", "levels", "half", "slo", "shi", "codes")}
-    for seed, b, gr in zip(seeds, bits, grans):
+    out: list[Tensor] = [ds]
+    los, divs = [], []
+    for k, gr in enumerate(grans):
         lo, hi = ranges[gr]
-        levels, half = 2**b - 1, 2 ** (b - 1)
-        sc, div = Q._safe_scale(hi - lo, levels)
-        lo, div = lo.contiguous(), div.contiguous()
-        codes = torch.empty((n, d), dtype=torch.int8)
-        s_lo, s_hi = seed_words(seed)
-        keep += [lo, div]
-        for name, v in (("gran", _GRANS[gr]), ("lo", lo.data_ptr()), ("div", div.data_ptr()), ("levels", levels),
-                        ("half", half), ("slo", int(s_lo) & 0xFFFFFFFF), ("shi", int(s_hi) & 0xFFFFFFFF),
-                        ("codes", codes.data_ptr())):
-            arrays[name].append(v)
-        out += [codes, sc.expand(_range_shape(gr, n, d)).contiguous(), (lo + half * sc).expand(_range_shape(gr, n, d)).contiguous()]
-    c_int, c_u32, c_ptr = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
-    lib.fqt_sr_quantize_rows(
-        ds.data_ptr(), n, d, nq, (c_int * nq)(*arrays["gran"]), (c_ptr * nq)(*arrays["lo"]), (c_ptr * nq)(*arrays["div"]),
-        (c_int * nq)(*arrays["levels"]), (c_int * nq)(*arrays["half"]), (c_u32 * nq)(*arrays["slo"]),
-        (c_u32 * nq)(*arrays["shi"]), (c_ptr * nq)(*arrays["codes"]), threads,
-    )
+        sc, div = Q._safe_scale(hi - lo, levels[k])
+        los.append(lo.contiguous())
+        divs.append(div.contiguous())
+        shape = _range_shape(gr, n, d)
+        out += [codes[k], sc.expand(shape).contiguous(), (lo + halves[k] * sc).expand(shape).contiguous()]
+    if rest_k:
+        c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
+        nq = len(rest_k)
+        lib.fqt_sr_quantize_rows(
+            ds.data_ptr(), n, d, nq, (c_int * nq)(*[_GRANS[grans[k]] for k in rest_k]),
+            (c_ptr * nq)(*[los[k].data_ptr() for k in rest_k]), (c_ptr * nq)(*[divs[k].data_ptr() for k in rest_k]),
+            *_c_arrays(rest_k, levels, halves, [w[0] for w in words], [w[1] for w in words], codes), threads,
+        )
     return out
+
+
+def _c_arrays(ks: list[int], levels: list[int], halves: list[int], slo: list[int], shi: list[int],
+              codes: list[Tensor]) -> tuple[Any, ...]:
+    """The kernels' per-quantizer arrays (levels, half, seed words, code pointers) for the
+    quantizers ``ks``."""
+    n = len(ks)
+    return (
+        (ctypes.c_int * n)(*[levels[k] for k in ks]), (ctypes.c_int * n)(*[halves[k] for k in ks]),
+        (ctypes.c_uint32 * n)(*[slo[k] for k in ks]), (ctypes.c_uint32 * n)(*[shi[k] for k in ks]),
+        (ctypes.c_void_p * n)(*[codes[k].data_ptr() for k in ks]),
+    )
 
 
 @softmax_backward_sr_quantize.register_fake
