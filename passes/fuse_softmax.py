@@ -1,5 +1,7 @@
 """fuse_softmax: a softmax whose output a per-tensor forward quantizer rounds becomes one call
-of ``fqt::softmax_quantize`` (``fqt_compile/softmax_quant.py``).
+of ``fqt::softmax_quantize``, and softmax's backward whose result stochastic gradient
+quantizers round becomes one call of ``fqt::softmax_backward_sr_quantize``
+(``fqt_compile/softmax_quant.py``).
 
 Attention's probabilities ``P = softmax(S)`` feed the quantized product ``P @ V``; the
 quantizer's per-tensor range needs all of ``P`` before any code, and inductor compiled the
@@ -16,6 +18,14 @@ Matched on the aten graphs of the backend's inner compiler (after ``lower_int_ge
 * ``x`` float32 on the CPU.
 
 ``P``'s other users (the softmax backward, a saved activation) read the fused op's ``P``.
+
+Backward: ``sr_quantize(view(ds, [N, D]), seed, bits, gran)`` nodes (1 to 4, granularity
+tensor/row/column) on ``ds = softmax_backward(g, p) [* c]``, softmax's backward written as
+``aten._softmax_backward_data(g, p, d, float32)`` or as inductor's decomposition
+``prims.fma(neg(p), sum(g * p, [d], True), g * p)``, ``c`` a constant (the scores' scale).
+Other users of the (N, D) view (a BHQ transform) read the fused op's ``ds``. The seed draws
+after the view move up to the fused call with every seed draw in between, so the graph draws
+its seeds in the same order as before and each quantizer keeps its seed (and its draws).
 Runs only where the lowering does (``lower_int_gemm=True``: the simulated graph stays the
 reference) and the kernel is available; the result says how many were fused and, if none
 could be, why.
@@ -184,10 +194,11 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
 
 
 def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str, Any]:
-    """Fuse every matched softmax + quantizer pair of ``gm`` in place.
+    """Fuse every matched softmax + quantizer pattern of ``gm`` in place.
 
-    Returns ``{"fused": n, "kernel": <kernel status>}`` and, where the pass did not run,
-    ``"skipped": <why>``."""
+    Returns ``{"fused": n, "fused_backward": m, "kernel": <kernel status>}`` (forward-style
+    softmax + quantizer fusions, softmax-backward + stochastic quantizer fusions) and, where the
+    pass did not run, ``"skipped": <why>``."""
     status = softmax_quant.status()
     if not cfg.fuse_softmax:
         return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": "fuse_softmax=False"}

@@ -32,7 +32,7 @@ import torch.nn as nn
 import fqt_compile
 from fqt_compile import FQTConfig, FQTTraceError
 from fqt_compile.backend import default_records
-from conftest import import_transformers_or_skip
+from conftest import import_transformers_or_skip, quantizer_entries
 
 transformers = import_transformers_or_skip()
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -170,6 +170,11 @@ def _covered(records, kind: str) -> Counter:
 
 
 def _count(gm, target) -> int:
+    """Nodes of ``target``; for QUANTIZE / SR_QUANTIZE the quantizers, fused into a softmax
+    kernel or not (conftest.quantizer_entries)."""
+    if target in (QUANTIZE, SR_QUANTIZE):
+        op = "quantize" if target is QUANTIZE else "sr_quantize"
+        return sum(1 for e in quantizer_entries(gm) if e[0] == op)
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 

@@ -15,18 +15,25 @@ from fqt_compile.functional import fqt_conv, fqt_linear, fqt_matmul, fqt_sdpa
 from fqt_compile.models import MLP, SmallCNN, TransformerBlock
 from fqt_compile.passes.insert_qdq import NodeDecision, insert_qdq, module_path_of
 
+from conftest import quantizer_entries
+
 
 def fqt_counts(gm: fx.GraphModule) -> Counter:
-    """Counts of fqt:: op nodes by op name, plus sr_quantize by granularity."""
+    """Counts of fqt:: op nodes by op name, except ``quantize`` and ``sr_quantize``: those count
+    quantizers, whether a node of their own or inside a fused softmax kernel
+    (conftest.quantizer_entries); plus sr_quantize by granularity."""
     c: Counter = Counter()
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is torch.ops.aten._int_mm.default:
             c["aten_int_mm"] += 1
         if n.op == "call_function" and str(n.target).startswith("fqt."):
             name = str(n.target).split(".")[1]
-            c[name] += 1
-            if name == "sr_quantize":
-                c[f"sr_quantize:{n.args[3]}"] += 1
+            if name not in ("quantize", "sr_quantize"):
+                c[name] += 1
+    for op, _, gran in quantizer_entries(gm):
+        c[op] += 1
+        if op == "sr_quantize":
+            c[f"sr_quantize:{gran}"] += 1
     # simulated + lowered (a lowered convolution GEMM is an aten._int_mm on im2col columns)
     # lowered 2-D/batched CPU GEMMs: aten._int_mm and fqt.bmm_int8, or fqt.int_mm_amx (AMX CPUs)
     c["int_gemm"] = c["aten_int_mm"] + c["bmm_int8"] + c["int_mm_amx"]
@@ -82,7 +89,7 @@ def test_bhq_backward_graph_has_the_transform_nodes():
     bw = fqt_counts(rec.backward)
     assert bw["bhq_plan"] == bw["bhq_transform"] == bw["bhq_inverse"] == 6
     assert bw["sr_quantize:row"] == 6 and bw["sr_quantize:column"] == 6
-    bits = sorted(n.args[2] for n in rec.backward.graph.nodes if str(n.target) == "fqt.sr_quantize.default")
+    bits = sorted(b for op, b, _ in quantizer_entries(rec.backward) if op == "sr_quantize")
     assert bits == [5] * 6 + [8] * 6
 
 
