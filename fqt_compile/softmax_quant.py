@@ -33,7 +33,7 @@ import ctypes
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, List  # typing.List: torch 2.5's schema inference rejects list[...]
 
 import torch
 from torch import Tensor
@@ -355,8 +355,8 @@ def _range_shape(gran: str, n: int, d: int) -> list[int]:
 
 @torch.library.custom_op("fqt::softmax_backward_sr_quantize", mutates_args=())
 def softmax_backward_sr_quantize(
-    g: Tensor, p: Tensor, scale: float, seeds: list[Tensor], bits: list[int], granularities: str
-) -> list[Tensor]:
+    g: Tensor, p: Tensor, scale: float, seeds: List[Tensor], bits: List[int], granularities: str
+) -> List[Tensor]:
     """``ds = softmax_backward(g, p) * scale`` (softmax over the last dimension, ``p`` its
     output) viewed as ``(N, D)`` with ``D`` the last dimension, and ``fqt::sr_quantize(ds,
     seed_k, bits_k, gran_k)`` for each quantizer (``granularities``: comma-separated, e.g.
