@@ -1,4 +1,5 @@
-"""Attention's softmax fused with the quantizer of its output: ``fqt::softmax_quantize``.
+"""Attention's softmax fused with its quantizers: ``fqt::softmax_quantize`` (forward) and
+``fqt::softmax_backward_sr_quantize`` (backward).
 
 In a quantized attention block the probabilities ``P = softmax(S)`` (B x H x L x L, the
 largest tensor of the step) feed the integer product ``P @ V`` through a per-tensor forward
@@ -19,12 +20,22 @@ The rounding and the range are those of :func:`fqt_compile.quantizers.quantize_f
 for bit given ``P``; ``P`` itself differs from torch's softmax by float rounding only (our
 ``exp`` is a degree-7 polynomial after range reduction, within 2 ulp; the row sum is taken in
 another order), so a code can differ by one level where ``P / div`` lies within an ulp of a
-rounding boundary (``tests/test_softmax_quant.py`` measures how often). A NaN or Inf in the
-input makes the quantizer's range non-finite and the op raises, as ``fqt::quantize`` does.
+rounding boundary (``tests/test_softmax_quant.py`` bounds how often). A NaN or Inf in the
+input makes the quantizer's range non-finite and the op raises, as ``fqt::quantize`` does
+(the backward likewise, as ``fqt::sr_quantize``).
 
-Where the kernel cannot run (no AVX-512, no compiler, ``FQT_FUSED_SOFTMAX=0``) the op computes
-``torch.softmax`` and ``quantize_forward``; the graph pass ``passes/fuse_softmax.py`` only
-puts the op into graphs where the kernel runs.
+The backward, ``fqt::softmax_backward_sr_quantize``, is the same two-pass scheme for softmax's
+backward and the stochastic quantizers of its result (the attention scores' gradient, rounded
+by Q_b1 = PSQ and Q_b2 = per column by default): pass 1 writes ``ds = (g p - p sum(g p)) c``
+per row with the row's range, per-thread column ranges, and rounds the row-range quantizers
+while the row is in cache; pass 2 rounds the column- and tensor-range ones. Given the kernel's
+``ds``, codes, scales and offsets are those of :func:`fqt_compile.quantizers.stochastic_quantize`
+bit for bit, with the same counter-based draws (``fqt_compile.rng``, hashed in 16 lanes).
+
+Where the kernel cannot run (no AVX-512, no compiler, ``FQT_FUSED_SOFTMAX=0``) the ops compute
+the same with torch (``torch.softmax`` / the softmax-backward formula, then the reference
+quantizers); the graph pass ``passes/fuse_softmax.py`` only puts them into graphs where the
+kernel runs.
 """
 
 from __future__ import annotations
