@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 
 import torch
 from torch import Tensor
@@ -35,7 +33,6 @@ from .gemm import _bmm_int32, _pad_to
 
 __all__ = ["available", "status", "suits", "int_mm_amx"]
 
-log = logging.getLogger(__name__)
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -297,16 +294,10 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int6
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("FQT_AMX", "1") == "0":
-        return None, "off (FQT_AMX=0)"
-    why = cbuild.unsupported_platform({"amx_tile", "amx_int8", "avx512bw"})
-    if why:
-        return None, f"not available: {why}"
-    try:
-        lib = ctypes.CDLL(cbuild.build("amx_gemm", _SOURCE, _FLAGS))
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch._int_mm
-        log.warning("fqt AMX kernel not built (%s); integer GEMMs use torch._int_mm", e)
-        return None, f"not available: build failed ({e})"
+    lib, why = cbuild.load("amx_gemm", _SOURCE, _FLAGS, env="FQT_AMX", needs={"amx_tile", "amx_int8", "avx512bw"},
+                           fallback="integer GEMMs use torch._int_mm")
+    if lib is None:
+        return None, why
     if not lib.fqt_amx_request():
         return None, "not available: the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

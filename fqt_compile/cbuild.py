@@ -8,14 +8,18 @@ writes to a temporary file and renames it into place, so concurrent processes ar
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 
-__all__ = ["build", "cpu_flags", "unsupported_platform"]
+log = logging.getLogger(__name__)
+
+__all__ = ["build", "cpu_flags", "load", "unsupported_platform"]
 
 
 def cpu_flags() -> set[str]:
@@ -68,3 +72,20 @@ def build(name: str, source: str, flags: list[str]) -> str:
         shutil.copyfile(so_file, path + f".{os.getpid()}.tmp")
         os.replace(path + f".{os.getpid()}.tmp", path)  # atomic: concurrent builds are safe
     return path
+
+
+def load(name: str, source: str, flags: list[str], *, env: str, needs: set[str],
+         fallback: str) -> tuple[ctypes.CDLL | None, str]:
+    """The kernel library built from ``source``, or None, and why, in words: off when the
+    environment sets ``env=0``, not available where the CPU lacks a flag of ``needs`` or the
+    build fails (logged, with ``fallback``: what runs instead)."""
+    if os.environ.get(env, "1") == "0":
+        return None, f"off ({env}=0)"
+    why = unsupported_platform(needs)
+    if why:
+        return None, f"not available: {why}"
+    try:
+        return ctypes.CDLL(build(name, source, flags)), ""
+    except Exception as e:  # noqa: BLE001 - any build/load failure means: the fallback runs
+        log.warning("fqt %s kernel not built (%s); %s", name, e, fallback)
+        return None, f"not available: build failed ({e})"

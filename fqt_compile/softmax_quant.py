@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 from typing import Any, List  # typing.List: torch 2.5's schema inference rejects list[...]
 
 import torch
@@ -55,7 +53,6 @@ from .rng import seed_words
 
 __all__ = ["available", "status", "softmax_quantize", "softmax_backward_sr_quantize"]
 
-log = logging.getLogger(__name__)
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-fopenmp"]
 
@@ -269,16 +266,10 @@ void fqt_sr_quantize_rows(const float* x, int64_t rows, int64_t D, int nq, const
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("FQT_FUSED_SOFTMAX", "1") == "0":
-        return None, "off (FQT_FUSED_SOFTMAX=0)"
-    why = cbuild.unsupported_platform({"avx512f"})
-    if why:
-        return None, f"not available: {why}"
-    try:
-        lib = ctypes.CDLL(cbuild.build("softmax_quant", _SOURCE, _FLAGS))
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: the aten path
-        log.warning("fqt fused softmax kernel not built (%s); softmax stays in the compiled graph", e)
-        return None, f"not available: build failed ({e})"
+    lib, why = cbuild.load("softmax_quant", _SOURCE, _FLAGS, env="FQT_FUSED_SOFTMAX", needs={"avx512f"},
+                           fallback="softmax stays in the compiled graph")
+    if lib is None:
+        return None, why
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.fqt_softmax_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.fqt_softmax_rows.restype = None
