@@ -42,54 +42,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Any, List  # typing.List: torch 2.5's schema inference rejects list[...]
+from typing import List  # typing.List: torch 2.5's schema inference rejects list[...]
 
 import torch
 from torch import Tensor
 
-from . import cbuild
+from . import cbuild, sr_fused
 from . import quantizers as Q
-from .rng import seed_words
 
 __all__ = ["available", "status", "softmax_quantize", "softmax_backward_sr_quantize"]
 
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-fopenmp"]
 
-_SOURCE = r"""
-#include <immintrin.h>
-#include <stdint.h>
-#include <math.h>
-#include <omp.h>
-
-// exp(x) in float32: x = n ln2 + r (|r| <= ln2/2, ln2 in two parts), e^r by its Taylor
-// polynomial of degree 7 (truncation error < 1e-8 relative), times 2^n by scalef. Results
-// below the smallest normal float (x < -87.3365) are 0, as with flush-to-zero: denormal
-// results take a microcode assist on these CPUs (a causal mask's -inf entries made the pass
-// 3.7x slower). exp(0) is exactly 1; NaN stays NaN.
-static inline __m512 exp512(__m512 x0) {
-    __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x0);  // NaN in the second operand is kept
-    x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __mmask16 tiny = _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-87.33654475f), _CMP_LT_OQ);
-    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
-}
-
-static inline __mmask16 tail_mask(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
-
+_SOURCE = sr_fused.COMMON_C + r"""
 // pass 1: p = softmax(x) over rows of length L; rmin/rmax: each row's min and max of p
 // (NaN for a row with a NaN, an Inf or only -Inf, where p is NaN too)
 void fqt_softmax_rows(const float* x, float* p, float* rmin, float* rmax, int64_t rows, int64_t L,
@@ -156,50 +122,14 @@ void fqt_quantize_affine(const float* p, int8_t* codes, int64_t n, float shift, 
 
 // ---- backward -------------------------------------------------------------------------------
 
-// fqt_compile.rng.hash32 on 16 lanes: x ^= x >> 16; x *= M; x ^= x >> 16; x *= M; x ^= x >> 16
-static inline __m512i hash32x16(__m512i x) {
-    const __m512i mult = _mm512_set1_epi32(0x45D9F3B);
-    x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
-    x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
-    return _mm512_xor_si512(_mm512_srli_epi32(x, 16), x);
-}
-
-// one row i of a stochastic rounding (quantizers.stochastic_quantize): codes = clamp(floor((x - lo)
-// / div + u), 0, levels) - half, u the draw of rng.uniform_from_seed at the flat index i * D + j
-// (below 2**31 elements: a 32-bit index) for the seed words (slo, shi); lo/div per column from
-// the arrays clo/cdiv, else the scalars lo/div
-static inline void sr_round_row(const float* xr, int64_t i, int64_t D, const float* clo, const float* cdiv,
-                                float lo, float div, int levels, int half, uint32_t slo, uint32_t shi,
-                                int8_t* cr) {
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 inv24 = _mm512_set1_ps(1.0f / 16777216.0f);
-    __m512 vlo = _mm512_set1_ps(lo), vdiv = _mm512_set1_ps(div), vtop = _mm512_set1_ps((float)levels);
-    __m512i vhalf = _mm512_set1_epi32(half), vslo = _mm512_set1_epi32((int)slo), vshi = _mm512_set1_epi32((int)shi);
-    for (int64_t j = 0; j < D; j += 16) {
-        __mmask16 m = tail_mask(D - j);
-        if (clo) {
-            vlo = _mm512_maskz_loadu_ps(m, clo + j);
-            vdiv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, cdiv + j);
-        }
-        __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)(i * D + j)), iota);
-        __m512i h = hash32x16(_mm512_xor_si512(hash32x16(_mm512_xor_si512(idx, vslo)), vshi));
-        __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), inv24);
-        __m512 y = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + j), vlo), vdiv), u);
-        y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-        y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), vtop);
-        __m512i q = _mm512_sub_epi32(_mm512_cvtps_epi32(y), vhalf);
-        if (m == 0xFFFF)
-            _mm_storeu_si128((__m128i*)(cr + j), _mm512_cvtepi32_epi8(q));
-        else
-            _mm512_mask_cvtepi32_storeu_epi8(cr + j, m, q);
-    }
-}
-
 // pass 1: ds = (g * p - p * sum(g * p)) * c per row (softmax's backward, then the scale of the
-// scores); rmin/rmax: each row's range of ds (NaN for a row holding a NaN); cmin/cmax: one
-// (D) row per thread of column ranges, which the caller reduces (NULL: not needed); and the
-// nr stochastic roundings with a row range, while the row is in cache (div as _safe_scale)
-void fqt_softmax_bwd_rows(const float* g, const float* p, float* ds, float* rmin, float* rmax, float* cmin,
+// scores), g read from memory or, where acc is not NULL, computed in cache from the int32
+// product acc and its epilogue (epilogue_row: M rows per batch, nt terms er/ec); rmin/rmax:
+// each row's range of ds (NaN for a row holding a NaN); cmin/cmax: one (D) row per thread of
+// column ranges, which the caller reduces (NULL: not needed); and the nr stochastic roundings
+// with a row range, while the row is in cache (div as _safe_scale)
+void fqt_softmax_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, const float* const* er,
+                          const float* const* ec, const float* p, float* ds, float* rmin, float* rmax, float* cmin,
                           float* cmax, int64_t rows, int64_t D, float c, int nr, const int* levels,
                           const int* half, const uint32_t* slo, const uint32_t* shi, int8_t* const* codes,
                           int nthreads) {
@@ -210,17 +140,21 @@ void fqt_softmax_bwd_rows(const float* g, const float* p, float* ds, float* rmin
         __m512 vc = _mm512_set1_ps(c);
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; i++) {
-            const float* gr = g + i * D;
             const float* pr = p + i * D;
             float* dr = ds + i * D;
-            __m512 acc = _mm512_setzero_ps();
+            const float* gr = g + i * D;
+            if (acc) {  // the row of g in place of ds's row, read back at once from cache
+                epilogue_row(acc, i, D, M, nt, er, ec, dr);
+                gr = dr;
+            }
+            __m512 sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < D; j += 16) {
                 __mmask16 m = tail_mask(D - j);
                 __m512 gp = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + j), _mm512_maskz_loadu_ps(m, pr + j));
                 _mm512_mask_storeu_ps(dr + j, m, gp);
-                acc = _mm512_add_ps(acc, gp);
+                sum = _mm512_add_ps(sum, gp);
             }
-            __m512 vs = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+            __m512 vs = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
             __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
             __mmask16 bad = 0;
             for (int64_t j = 0; j < D; j += 16) {
@@ -228,38 +162,11 @@ void fqt_softmax_bwd_rows(const float* g, const float* p, float* ds, float* rmin
                 __m512 pv = _mm512_maskz_loadu_ps(m, pr + j);
                 __m512 v = _mm512_mul_ps(_mm512_fnmadd_ps(pv, vs, _mm512_maskz_loadu_ps(m, dr + j)), vc);
                 _mm512_mask_storeu_ps(dr + j, m, v);
-                bad |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
-                lo = _mm512_mask_min_ps(lo, m, lo, v);
-                hi = _mm512_mask_max_ps(hi, m, hi, v);
-                if (tmin) {
-                    _mm512_mask_storeu_ps(tmin + j, m, _mm512_min_ps(_mm512_maskz_loadu_ps(m, tmin + j), v));
-                    _mm512_mask_storeu_ps(tmax + j, m, _mm512_max_ps(_mm512_maskz_loadu_ps(m, tmax + j), v));
-                }
+                track_ranges(v, m, j, &lo, &hi, &bad, tmin, tmax);
             }
-            float rlo = _mm512_reduce_min_ps(lo), rhi = _mm512_reduce_max_ps(hi);
-            rmin[i] = bad ? NAN : rlo;
-            rmax[i] = bad ? NAN : rhi;
-            for (int k = 0; k < nr; k++) {
-                float scale = (rhi - rlo) / (float)levels[k];
-                sr_round_row(dr, i, D, 0, 0, rlo, scale > 0.0f ? scale : 1.0f, levels[k], half[k], slo[k], shi[k],
-                             codes[k] + i * D);
-            }
+            finish_row(dr, i, D, lo, hi, bad, rmin, rmax, nr, levels, half, slo, shi, codes);
         }
     }
-}
-
-// pass 2: the stochastic roundings of the (rows, D) tensor x with a column or tensor range
-// (the row-range ones are done in pass 1): arrays of nq quantizers as in sr_round_row, lo/div
-// pointing at D (column) or 1 (tensor) floats
-void fqt_sr_quantize_rows(const float* x, int64_t rows, int64_t D, int nq, const int* gran,
-                          const float* const* lo, const float* const* div, const int* levels,
-                          const int* half, const uint32_t* slo, const uint32_t* shi, int8_t* const* codes,
-                          int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < rows; i++)
-        for (int k = 0; k < nq; k++)
-            sr_round_row(x + i * D, i, D, gran[k] == 2 ? lo[k] : 0, gran[k] == 2 ? div[k] : 0, lo[k][0], div[k][0],
-                         levels[k], half[k], slo[k], shi[k], codes[k] + i * D);
 }
 """
 
@@ -275,11 +182,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.fqt_softmax_rows.restype = None
     lib.fqt_quantize_affine.argtypes = [ptr, ptr, i64, f32, f32, f32, f32, f32, f32, ctypes.c_int]
     lib.fqt_quantize_affine.restype = None
-    lib.fqt_softmax_bwd_rows.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ctypes.c_int] + [ptr] * 5 + [
-        ctypes.c_int]
+    lib.fqt_softmax_bwd_rows.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, ptr] + [ptr] * 6 + [
+        i64, i64, f32, ctypes.c_int] + [ptr] * 5 + [ctypes.c_int]
     lib.fqt_softmax_bwd_rows.restype = None
-    lib.fqt_sr_quantize_rows.argtypes = [ptr, i64, i64, ctypes.c_int] + [ptr] * 8 + [ctypes.c_int]
-    lib.fqt_sr_quantize_rows.restype = None
+    sr_fused.bind_pass2(lib)
     return lib, "in use (AVX-512)"
 
 
@@ -332,115 +238,65 @@ def _(x, bits, scheme):
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.int8), x.new_empty(()), x.new_empty(())
 
 
-_GRANS = {"tensor": 0, "row": 1, "column": 2}
 #: most stochastic quantizers one call of fqt::softmax_backward_sr_quantize applies
-MAX_QUANTIZERS = 4
+MAX_QUANTIZERS = sr_fused.MAX_QUANTIZERS
+_OP = "fqt::softmax_backward_sr_quantize"
 
 
-def _check_bwd(g: Tensor, p: Tensor, bits: list[int], grans: list[str], seeds: list[Tensor]) -> None:
+def _check_bwd(g: Tensor, p: Tensor, bits: list[int], grans: list[str], seeds: list[Tensor], rows: list[Tensor],
+               cols: list[Tensor]) -> None:
     """(``grans`` here is the split list.)"""
-    torch._check(g.shape == p.shape, lambda: f"fqt::softmax_backward_sr_quantize: shapes differ: {g.shape} vs {p.shape}")
-    torch._check(g.dim() >= 1, lambda: "fqt::softmax_backward_sr_quantize: inputs must have a dimension")
-    torch._check(g.dtype == torch.float32 and p.dtype == torch.float32,
-                 lambda: "fqt::softmax_backward_sr_quantize: float32 inputs only")
-    torch._check(len(bits) == len(grans) == len(seeds) and 1 <= len(bits) <= MAX_QUANTIZERS,
-                 lambda: f"fqt::softmax_backward_sr_quantize: 1 to {MAX_QUANTIZERS} quantizers, one bits/granularity/seed each")
-    for b, gr in zip(bits, grans):
-        Q.check_bits(b)
-        torch._check(gr in _GRANS, lambda: f"fqt::softmax_backward_sr_quantize: granularity must be one of {tuple(_GRANS)}, got {gr!r}")
-    torch._check(g.numel() < 2**31, lambda: "fqt::softmax_backward_sr_quantize: below 2**31 elements only")
-
-
-def _range_shape(gran: str, n: int, d: int) -> list[int]:
-    return {"tensor": [], "row": [n, 1], "column": [1, d]}[gran]
+    torch._check(p.dim() >= 1, lambda: f"{_OP}: inputs must have a dimension")
+    torch._check(p.dtype == torch.float32, lambda: f"{_OP}: float32 inputs only")
+    sr_fused.check_epilogue(_OP, g, rows, cols, p.numel(), p.shape[-1])
+    if g.dtype != torch.int32:
+        torch._check(g.shape == p.shape, lambda: f"{_OP}: shapes differ: {g.shape} vs {p.shape}")
+    sr_fused.check_quantizers(_OP, p.numel(), bits, grans, seeds)
 
 
 @torch.library.custom_op("fqt::softmax_backward_sr_quantize", mutates_args=())
 def softmax_backward_sr_quantize(
-    g: Tensor, p: Tensor, scale: float, seeds: List[Tensor], bits: List[int], granularities: str
+    g: Tensor, p: Tensor, scale: float, seeds: List[Tensor], bits: List[int], granularities: str,
+    epi_rows: List[Tensor], epi_cols: List[Tensor],
 ) -> List[Tensor]:
     """``ds = softmax_backward(g, p) * scale`` (softmax over the last dimension, ``p`` its
     output) viewed as ``(N, D)`` with ``D`` the last dimension, and ``fqt::sr_quantize(ds,
     seed_k, bits_k, gran_k)`` for each quantizer (``granularities``: comma-separated, e.g.
-    ``"row,column"``): returns ``[ds, codes_1, scale_1, offset_1, codes_2, ...]``."""
+    ``"row,column"``): returns ``[ds, codes_1, scale_1, offset_1, codes_2, ...]``.
+
+    ``g`` is float32 of ``p``'s shape (``epi_rows``/``epi_cols`` empty), or a lowered GEMM's
+    int32 product ((B, M, N) or (M, N), ``p``'s elements) with the terms of its epilogue:
+    ``g = acc * epi_rows[0] * epi_cols[0] + sum_t epi_rows[t] * epi_cols[t]``
+    (``sr_fused.check_epilogue`` gives the shapes)."""
     grans = granularities.split(",")
-    _check_bwd(g, p, bits, grans, seeds)
-    d = g.shape[-1]
-    n = g.numel() // d
+    _check_bwd(g, p, bits, grans, seeds, epi_rows, epi_cols)
+    d = p.shape[-1]
+    n = p.numel() // d
     lib = _load()[0]
-    if lib is None or g.device.type != "cpu" or g.numel() == 0:
-        gp = g * p
+    if lib is None or p.device.type != "cpu" or p.numel() == 0:
+        gf = sr_fused.epilogue_reference(g, epi_rows, epi_cols).reshape(p.shape)
+        gp = gf * p
         ds = ((gp - p * gp.sum(-1, keepdim=True)) * scale).reshape(n, d)
-        out = [ds]
-        for seed, b, gr in zip(seeds, bits, grans):
-            q = Q.stochastic_quantize(ds, b, gr, seed)  # type: ignore[arg-type]
-            shape = _range_shape(gr, n, d)
-            out += [q.codes, q.scale.expand(shape).contiguous(), q.offset.expand(shape).contiguous()]
-        return out
-    g, p = g.contiguous(), p.contiguous()
+        return [ds, *sr_fused.reference_quantize(ds, seeds, bits, grans)]
+    p = p.contiguous()
+    epi = sr_fused.Epilogue(g, epi_rows, epi_cols)
+    gc = g.contiguous() if g.dtype == torch.float32 else None
     threads = torch.get_num_threads()
     ds = torch.empty((n, d))
     rmin, rmax = torch.empty(n), torch.empty(n)
-    cols = "column" in grans
-    cmin = torch.full((threads, d), float("inf")) if cols else None
-    cmax = torch.full((threads, d), float("-inf")) if cols else None
-    codes = [torch.empty((n, d), dtype=torch.int8) for _ in grans]
-    words = [tuple(int(w) & 0xFFFFFFFF for w in seed_words(sd)) for sd in seeds]
-    levels = [2**b - 1 for b in bits]
-    halves = [2 ** (b - 1) for b in bits]
-    rows_k = [k for k, gr in enumerate(grans) if gr == "row"]  # rounded in pass 1
-    rest_k = [k for k, gr in enumerate(grans) if gr != "row"]  # rounded in pass 2
+    qs = sr_fused.Quantizers(n, d, seeds, bits, grans)
+    cmin, cmax = qs.column_buffers(threads)
     lib.fqt_softmax_bwd_rows(
-        g.data_ptr(), p.data_ptr(), ds.data_ptr(), rmin.data_ptr(), rmax.data_ptr(),
-        cmin.data_ptr() if cols else None, cmax.data_ptr() if cols else None, n, d, float(scale), len(rows_k),
-        *_c_arrays(rows_k, levels, halves, [w[0] for w in words], [w[1] for w in words], codes), threads,
+        sr_fused.ptr_or_none(gc), *epi.args(), p.data_ptr(), ds.data_ptr(), rmin.data_ptr(), rmax.data_ptr(),
+        sr_fused.ptr_or_none(cmin), sr_fused.ptr_or_none(cmax), n, d, float(scale), *qs.pass1_args(), threads,
     )
-    Q._check_finite_range(rmin, rmax, "gradient")
-    ranges = {
-        "tensor": (rmin.amin(), rmax.amax()),
-        "row": (rmin.unsqueeze(1), rmax.unsqueeze(1)),
-        "column": (cmin.amin(0, keepdim=True), cmax.amax(0, keepdim=True)) if cols else None,
-    }
-    out: list[Tensor] = [ds]
-    los, divs = [], []
-    for k, gr in enumerate(grans):
-        lo, hi = ranges[gr]
-        sc, div = Q._safe_scale(hi - lo, levels[k])
-        los.append(lo.contiguous())
-        divs.append(div.contiguous())
-        shape = _range_shape(gr, n, d)
-        out += [codes[k], sc.expand(shape).contiguous(), (lo + halves[k] * sc).expand(shape).contiguous()]
-    if rest_k:
-        c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
-        nq = len(rest_k)
-        lib.fqt_sr_quantize_rows(
-            ds.data_ptr(), n, d, nq, (c_int * nq)(*[_GRANS[grans[k]] for k in rest_k]),
-            (c_ptr * nq)(*[los[k].data_ptr() for k in rest_k]), (c_ptr * nq)(*[divs[k].data_ptr() for k in rest_k]),
-            *_c_arrays(rest_k, levels, halves, [w[0] for w in words], [w[1] for w in words], codes), threads,
-        )
-    return out
-
-
-def _c_arrays(ks: list[int], levels: list[int], halves: list[int], slo: list[int], shi: list[int],
-              codes: list[Tensor]) -> tuple[Any, ...]:
-    """The kernels' per-quantizer arrays (levels, half, seed words, code pointers) for the
-    quantizers ``ks``."""
-    n = len(ks)
-    return (
-        (ctypes.c_int * n)(*[levels[k] for k in ks]), (ctypes.c_int * n)(*[halves[k] for k in ks]),
-        (ctypes.c_uint32 * n)(*[slo[k] for k in ks]), (ctypes.c_uint32 * n)(*[shi[k] for k in ks]),
-        (ctypes.c_void_p * n)(*[codes[k].data_ptr() for k in ks]),
-    )
+    return [ds, *sr_fused.finish(lib, ds, qs, rmin, rmax, cmin, cmax, threads)]
 
 
 @softmax_backward_sr_quantize.register_fake
-def _(g, p, scale, seeds, bits, granularities):
+def _(g, p, scale, seeds, bits, granularities, epi_rows, epi_cols):
     grans = granularities.split(",")
-    _check_bwd(g, p, bits, grans, seeds)
-    d = g.shape[-1]
-    n = g.numel() // d
-    out = [g.new_empty((n, d))]
-    for gr in grans:
-        shape = _range_shape(gr, n, d)
-        out += [g.new_empty((n, d), dtype=torch.int8), g.new_empty(shape), g.new_empty(shape)]
-    return out
+    _check_bwd(g, p, bits, grans, seeds, epi_rows, epi_cols)
+    d = p.shape[-1]
+    n = p.numel() // d
+    return [p.new_empty((n, d)), *sr_fused.fake_outputs(p, n, d, grans)]

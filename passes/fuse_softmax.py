@@ -39,12 +39,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from torch._guards import detect_fake_mode
+
 from ..config import FQTConfig
 from .. import softmax_quant
+from .epilogue import EpilogueMatch, emit_terms, match_epilogue
 
 __all__ = ["fuse_softmax"]
 
 aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _call(node: Any, target: Any) -> bool:
@@ -151,6 +155,7 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
         return False
     if vals[0].shape != vals[1].shape or vals[0].numel() >= 2**31:
         return False
+    ep = _gemm_epilogue(g)
     xv = x2.meta.get("val")
     if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.shape[-1] == vals[0].shape[-1]):
         return False
@@ -168,9 +173,14 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
         pos.append(n)
         pos = n
     with graph.inserting_before(pos.next):
+        rows: list[fx.Node] = []
+        cols: list[fx.Node] = []
+        if ep is not None:
+            rows, cols = emit_terms(graph, ep, detect_fake_mode([n.meta.get("val") for n in (g, p)]))
         node = graph.call_function(
             torch.ops.fqt.softmax_backward_sr_quantize.default,
-            (g, p, scale, seeds, [q.args[2] for q in qs], ",".join(q.args[3] for q in qs)),
+            (ep.acc if ep is not None else g, p, scale, seeds, [q.args[2] for q in qs], ",".join(q.args[3] for q in qs),
+             rows, cols),
         )
         outs = [graph.call_function(operator.getitem, (node, 0))]
         vals_out = [xv]
@@ -190,7 +200,23 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
     if not outs[0].users:
         graph.erase_node(outs[0])
     _erase_dead(x2, stop=g)
+    if ep is not None:
+        _erase_dead(g, stop=ep.acc)
     return True
+
+
+def _gemm_epilogue(g: fx.Node) -> EpilogueMatch | None:
+    """The lowered GEMM epilogue ``g`` is (through views), if ``g`` has no other reader: the
+    fused kernel then computes ``g`` from the int32 product, and the float ``g`` is never
+    written (``passes/epilogue.py``)."""
+    node = g
+    while len(node.users) == 1 and any(_call(node, op) for op in _VIEWS):
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return None
+    if len(g.users) != 1 or len(node.users) != 1:
+        return None
+    return match_epilogue(node)
 
 
 def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 
 from fqt_compile import quantizers as Q
 from fqt_compile import softmax_quant as SQ
+from fqt_compile import sr_fused as SF
 
 needs_kernel = pytest.mark.skipif(not SQ.available(), reason=f"fused softmax kernel {SQ.status()}")
 
@@ -115,7 +116,7 @@ def _seeds(n):
 def test_backward_rounds_its_gradient_exactly_like_stochastic_quantize(shape, bits, grans):
     g, p = _bwd_inputs(shape)
     seeds = _seeds(len(bits))
-    out = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, seeds, bits, grans)
+    out = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, seeds, bits, grans, [], [])
     ds = out[0]
     assert ds.shape == (g.numel() // shape[-1], shape[-1]) and len(out) == 1 + 3 * len(bits)
     for k, (b, gran) in enumerate(zip(bits, grans.split(","))):
@@ -132,7 +133,7 @@ def test_backward_gradient_equals_softmax_backward_to_float_rounding():
     twice and sums in another order. Tolerance 1e-5 of the largest |ds| (measured 3.4e-7 on
     (128, 512, 512))."""
     g, p = _bwd_inputs((4, 64, 64))
-    ds = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, _seeds(1), [8], "row")[0]
+    ds = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, _seeds(1), [8], "row", [], [])[0]
     ref = torch.ops.aten._softmax_backward_data(g, p, -1, torch.float32) * 0.125
     torch.testing.assert_close(ds, ref.reshape(ds.shape), rtol=0, atol=1e-5 * ref.abs().max().item())
 
@@ -142,14 +143,14 @@ def test_backward_non_finite_gradient_raises():
     g, p = _bwd_inputs((2, 8, 8))
     g[1, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(2), [8, 8], "row,column")
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(2), [8, 8], "row,column", [], [])
 
 
 def test_backward_without_the_kernel_is_the_reference(monkeypatch):
     monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
     g, p = _bwd_inputs((2, 4, 9))
     seeds = _seeds(2)
-    out = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.5, seeds, [8, 6], "row,column")
+    out = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.5, seeds, [8, 6], "row,column", [], [])
     gp = g * p
     ds = ((gp - p * gp.sum(-1, keepdim=True)) * 0.5).reshape(-1, 9)
     assert torch.equal(out[0], ds)
@@ -161,11 +162,70 @@ def test_backward_without_the_kernel_is_the_reference(monkeypatch):
 def test_backward_rejects_bad_arguments():
     g, p = _bwd_inputs((2, 4, 4))
     with pytest.raises(RuntimeError, match="granularity"):
-        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(1), [8], "channel")
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(1), [8], "channel", [], [])
     with pytest.raises(RuntimeError, match="one bits/granularity/seed each"):
-        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(2), [8], "row")
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(2), [8], "row", [], [])
     with pytest.raises(RuntimeError, match="shapes differ"):
-        torch.ops.fqt.softmax_backward_sr_quantize(g, p[..., :2], 1.0, _seeds(1), [8], "row")
+        torch.ops.fqt.softmax_backward_sr_quantize(g, p[..., :2], 1.0, _seeds(1), [8], "row", [], [])
+
+
+# --- the incoming gradient as a lowered GEMM's int32 product + epilogue ---------------------------
+
+
+def _epilogue(b, m, n, seed=0):
+    """An int32 product with the three terms lower_int_gemm's epilogue has for affine operands
+    (acc * sA * sB + rowsum * sA * oB + oA * colsum), in the broadcast shapes the graphs have."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-2**20, 2**20, (b, m, n), generator=gen, dtype=torch.int32)
+    rows = [torch.rand(b, m, 1, generator=gen) * 1e-6, torch.rand(b, m, 1, generator=gen) * 1e-3,
+            torch.rand((), generator=gen)]
+    cols = [torch.rand(1, 1, n, generator=gen), torch.rand((), generator=gen), torch.randn(b, 1, n, generator=gen) * 1e-3]
+    return acc, rows, cols
+
+
+@needs_kernel
+@pytest.mark.parametrize("bmn,p_shape", [((6, 37, 37), (2, 3, 37, 37)), ((1, 64, 16), (64, 16))])
+@pytest.mark.parametrize("bits,grans", QUANTIZER_SETS[:2])
+def test_backward_from_int32_product_equals_float_input(bmn, p_shape, bits, grans):
+    """The kernel computes each row of g from acc and the epilogue in cache (one multiply and
+    fused multiply-adds; the reference rounds after each operation), so ds matches the op on
+    the float g to float rounding (tolerance 1e-5 of max |ds|, the tolerance of the softmax
+    backward test above), and its codes are the reference quantizers' on its own ds."""
+    acc, rows, cols = _epilogue(*bmn)
+    if len(p_shape) == 2:
+        acc, rows, cols = acc[0], [r[0] if r.dim() else r for r in rows], [c[0] if c.dim() else c for c in cols]
+    p = torch.softmax(torch.randn(p_shape), -1)
+    seeds = _seeds(len(bits))
+    g = SF.epilogue_reference(acc, rows, cols).reshape(p_shape)
+    out = torch.ops.fqt.softmax_backward_sr_quantize(acc, p, 0.125, seeds, bits, grans, rows, cols)
+    ref = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, seeds, bits, grans, [], [])
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-5 * ref[0].abs().max().item())
+    for k, (b, gran) in enumerate(zip(bits, grans.split(","))):
+        q = Q.stochastic_quantize(out[0], b, gran, seeds[k])
+        assert torch.equal(out[1 + 3 * k], q.codes)
+
+
+def test_backward_from_int32_product_without_the_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
+    acc, rows, cols = _epilogue(4, 8, 8)
+    p = torch.softmax(torch.randn(2, 2, 8, 8), -1)
+    out = torch.ops.fqt.softmax_backward_sr_quantize(acc, p, 0.5, _seeds(1), [8], "row", rows, cols)
+    g = (acc.float() * rows[0] * cols[0] + rows[1] * cols[1] + rows[2] * cols[2]).reshape(p.shape)
+    ref = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.5, _seeds(1), [8], "row", [], [])
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_backward_rejects_bad_epilogues():
+    acc, rows, cols = _epilogue(2, 4, 4)
+    p = torch.softmax(torch.randn(2, 4, 4), -1)
+    with pytest.raises(RuntimeError, match="needs 1 to 4 epilogue terms"):
+        torch.ops.fqt.softmax_backward_sr_quantize(acc, p, 1.0, _seeds(1), [8], "row", [], [])
+    with pytest.raises(RuntimeError, match="epilogue terms given with a float gradient"):
+        torch.ops.fqt.softmax_backward_sr_quantize(acc.float(), p, 1.0, _seeds(1), [8], "row", rows, cols)
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        torch.ops.fqt.softmax_backward_sr_quantize(acc, p, 1.0, _seeds(1), [8], "row", [cols[0]] * 3, cols)
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.fqt.softmax_backward_sr_quantize(acc[:, :2], p, 1.0, _seeds(1), [8], "row", rows, cols)
 
 
 @pytest.mark.parametrize("which", ["forward", "backward"])
@@ -176,4 +236,7 @@ def test_ops_pass_opcheck(which):
     else:
         g, p = _bwd_inputs((2, 4, 19))
         torch.library.opcheck(torch.ops.fqt.softmax_backward_sr_quantize.default,
-                              (g, p, 0.25, _seeds(2), [8, 8], "row,column"))
+                              (g, p, 0.25, _seeds(2), [8, 8], "row,column", [], []))
+        acc, rows, cols = _epilogue(2, 4, 19)
+        torch.library.opcheck(torch.ops.fqt.softmax_backward_sr_quantize.default,
+                              (acc, p.reshape(2, 4, 19), 0.25, _seeds(2), [8, 8], "row,column", rows, cols))
