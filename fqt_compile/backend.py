@@ -33,6 +33,7 @@ import torch.fx as fx
 from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
 from .passes.decompose_fqt import decompose_fqt
+from .passes.fuse_gelu import fuse_gelu
 from .passes.fuse_softmax import fuse_softmax
 from .passes.lower_int_gemm import lower_int_gemm
 from .passes.split_seeds import split_seeds
@@ -170,9 +171,11 @@ class FQTBackend:
     #: aten-level passes run on each forward/backward/inference graph before the inner
     #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
     #: ``split_seeds`` first: AOTAutograd's CSE merges the quantizers' seed draws into one.
-    #: ``fuse_softmax`` after the lowering (it only runs where the GEMMs are lowered).
+    #: ``fuse_softmax`` and ``fuse_gelu`` after the lowering (they only run where the GEMMs are
+    #: lowered, and read the lowered GEMMs' int32 products).
     aten_passes: list[tuple[str, AtenPass]] = [
         ("split_seeds", split_seeds), ("lower_int_gemm", lower_int_gemm), ("fuse_softmax", fuse_softmax),
+        ("fuse_gelu", fuse_gelu),
     ]
 
     def __init__(

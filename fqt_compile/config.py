@@ -251,6 +251,12 @@ class FQTConfig:
     #: (``fqt::softmax_backward_sr_quantize``): same quantizers and random draws, the softmax
     #: within float rounding of the aten one (passes/fuse_softmax.py)
     fuse_softmax: bool = True
+    #: where the GEMMs are lowered and the CPU has AVX-512: compute GELU's backward, the bias
+    #: gradient and the stochastic quantizers of the result in one fused kernel
+    #: (``fqt::gelu_backward_sr_quantize``), reading the incoming gradient as the int32 product
+    #: of fc2's lowered grad_input GEMM: same quantizers and random draws, the gradient within
+    #: float rounding of the aten one (passes/fuse_gelu.py)
+    fuse_gelu: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum_value(Mode, self.mode, "FQTConfig.mode"))
@@ -279,7 +285,7 @@ class FQTConfig:
             if not isinstance(o, Override):
                 raise TypeError(f"FQTConfig.overrides must hold Override objects, got {o!r}")
         object.__setattr__(self, "overrides", overrides)
-        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax"):
+        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax", "fuse_gelu"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FQTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -46,6 +46,7 @@ SCHEMA = "fqt_compile.inspect/1"
 
 _FUSED_FWD = torch.ops.fqt.softmax_quantize.default
 _FUSED_BWD = torch.ops.fqt.softmax_backward_sr_quantize.default
+_FUSED_GELU_BWD = torch.ops.fqt.gelu_backward_sr_quantize.default
 GEMMS = ("output", "grad_input", "grad_weight")
 
 _LOWER_PASS = "lower_int_gemm"
@@ -176,6 +177,9 @@ class Report:
     #: the stochastic quantizers of its result (whose quantizers count above)
     fused_softmax: int = 0
     fused_softmax_backward: int = 0
+    #: fused kernels put in by ``passes/fuse_gelu.py``: GELU's backward + the bias gradient + the
+    #: stochastic quantizers of its result (whose quantizers count above)
+    fused_gelu_backward: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -207,6 +211,7 @@ class Report:
             "seeds": self.seeds,
             "fused_softmax": self.fused_softmax,
             "fused_softmax_backward": self.fused_softmax_backward,
+            "fused_gelu_backward": self.fused_gelu_backward,
         }
 
     def row(self, key: str) -> Row:
@@ -315,11 +320,12 @@ class Report:
                 + (" (one per quantizer: independent rounding)" if not shared else
                    f" ({shared} quantizers share a seed with another: their roundings are correlated)")
             )
-        if self.fused_softmax or self.fused_softmax_backward:
+        if self.fused_softmax or self.fused_softmax_backward or self.fused_gelu_backward:
             lines.append(
                 f"Fused kernels: {self.fused_softmax} softmax + quantizer of its output (fqt::softmax_quantize), "
                 f"{self.fused_softmax_backward} softmax backward + its stochastic quantizers "
-                "(fqt::softmax_backward_sr_quantize)"
+                f"(fqt::softmax_backward_sr_quantize), {self.fused_gelu_backward} GELU backward + bias gradient + "
+                "its stochastic quantizers (fqt::gelu_backward_sr_quantize)"
             )
         return "\n".join(lines)
 
@@ -402,15 +408,17 @@ def report_from_records(
             ))  # fmt: skip
 
     quantizers = seeds = 0
-    fused = {"forward": 0, "backward": 0}
+    fused = {"forward": 0, "backward": 0, "gelu_backward": 0}
     for rec in records:
         for gm in (rec.forward, rec.backward, rec.inference):
             if gm is not None:
                 fused["forward"] += sum(n.target is _FUSED_FWD for n in gm.graph.nodes)
         if rec.backward is not None:
             sr = [n for n in rec.backward.graph.nodes if n.target is torch.ops.fqt.sr_quantize.default]
-            fused_bw = [n for n in rec.backward.graph.nodes if n.target is _FUSED_BWD]
-            fused["backward"] += len(fused_bw)
+            fused_bw = [n for n in rec.backward.graph.nodes if n.target in (_FUSED_BWD, _FUSED_GELU_BWD)]
+            fused["backward"] += sum(n.target is _FUSED_BWD for n in fused_bw)
+            fused["gelu_backward"] += sum(n.target is _FUSED_GELU_BWD for n in fused_bw)
+            # both fused ops take their quantizers' seeds as argument 3
             draws = [n.args[1] for n in sr] + [sd for n in fused_bw for sd in n.args[3]]
             quantizers += len(draws)
             seeds += len(set(draws))
@@ -427,7 +435,7 @@ def report_from_records(
         model=model, config=cfg, rows=rows, full_precision=full_precision, graphs=len(records),
         lowering_pass_run=ran, training=training, forward_graph=text("forward"), backward_graph=text("backward"),
         stochastic_quantizers=quantizers, seeds=seeds, fused_softmax=fused["forward"],
-        fused_softmax_backward=fused["backward"],
+        fused_softmax_backward=fused["backward"], fused_gelu_backward=fused["gelu_backward"],
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

@@ -48,8 +48,8 @@ def quantizer_entries(gm) -> list[tuple[str, int, str]]:
     """The quantizers of an aten graph as ``(op, bits, granularity)``, op ``"quantize"`` (forward)
     or ``"sr_quantize"`` (stochastic), whether a quantizer is its own node or part of a fused
     softmax kernel (``passes/fuse_softmax.py``): ``fqt::softmax_quantize`` holds one per-tensor
-    forward quantizer, ``fqt::softmax_backward_sr_quantize`` one stochastic quantizer per entry
-    of its bits list."""
+    forward quantizer, ``fqt::softmax_backward_sr_quantize`` and ``fqt::gelu_backward_sr_quantize``
+    (``passes/fuse_gelu.py``) one stochastic quantizer per entry of their bits lists."""
     out = []
     for n in gm.graph.nodes:
         if n.op != "call_function":
@@ -60,6 +60,7 @@ def quantizer_entries(gm) -> list[tuple[str, int, str]]:
             out.append(("quantize", n.args[1], "tensor"))
         elif n.target is torch.ops.fqt.sr_quantize.default:
             out.append(("sr_quantize", n.args[2], n.args[3]))
-        elif n.target is torch.ops.fqt.softmax_backward_sr_quantize.default:
+        elif n.target in (torch.ops.fqt.softmax_backward_sr_quantize.default,
+                          torch.ops.fqt.gelu_backward_sr_quantize.default):
             out += [("sr_quantize", b, g) for b, g in zip(n.args[4], n.args[5].split(","))]
     return out

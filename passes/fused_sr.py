@@ -1,0 +1,112 @@
+"""Graph surgery shared by the passes that fuse an elementwise backward with the stochastic
+quantizers of its result (``fuse_softmax.py``, ``fuse_gelu.py``; the kernels are in
+``fqt_compile/sr_fused.py``).
+
+The pattern both passes rewrite: an (N, D) node ``x2`` (the elementwise backward's result,
+viewed 2-D) read by 1 to MAX_QUANTIZERS ``fqt::sr_quantize`` nodes and possibly by others.
+:func:`replace_with_fused` puts one call of the fused op right after ``x2``, rewires each
+quantizer's outputs to the op's, and hands back the op's leading outputs (the gradient itself
+and whatever else the op returns before the quantizers' outputs) for the caller to rewire the
+other readers of ``x2``.
+
+Seeds: the fused call takes every quantizer's seed. Seed draws (``fqt::new_seed``) after ``x2``
+move up to the call, and with them every other seed draw in between, so that the graph draws
+its seeds in the same order as before and each quantizer keeps its seed (and its draws).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from fqt_compile.sr_fused import GRANS, MAX_QUANTIZERS
+
+from .epilogue import EpilogueMatch, match_epilogue
+
+__all__ = ["call", "erase_dead", "sr_readers", "replace_with_fused", "epilogue_through_views"]
+
+aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def call(node: Any, target: Any) -> bool:
+    """``node`` is a call_function node of ``target``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def erase_dead(node: fx.Node, stop: fx.Node) -> None:
+    """Erase ``node`` and then its inputs that it left without users, never ``stop`` nor
+    anything that is not a call_function."""
+    todo, erased = [node], set()
+    while todo:
+        n = todo.pop()
+        if n is stop or n in erased or n.users or n.op != "call_function":
+            continue
+        todo.extend(n.all_input_nodes)
+        n.graph.erase_node(n)
+        erased.add(n)
+
+
+def sr_readers(x2: fx.Node) -> list[fx.Node] | None:
+    """The ``fqt::sr_quantize`` readers of ``x2`` if a fused op can take them all (1 to
+    MAX_QUANTIZERS, known granularities, read only through getitem), else None."""
+    qs = [u for u in x2.users if call(u, torch.ops.fqt.sr_quantize.default)]
+    if not qs or len(qs) > MAX_QUANTIZERS or any(q.args[3] not in GRANS for q in qs):
+        return None
+    if any(u.target is not operator.getitem for q in qs for u in q.users):
+        return None
+    return qs
+
+
+def epilogue_through_views(g: fx.Node) -> EpilogueMatch | None:
+    """The lowered GEMM epilogue that ``g`` is (through views), if nothing else reads ``g`` or the
+    views: a fused kernel then computes ``g`` from the int32 product, and the float ``g`` is never
+    written (``passes/epilogue.py``)."""
+    node = g
+    while len(node.users) == 1 and any(call(node, op) for op in _VIEWS):
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return None
+    if len(g.users) != 1 or len(node.users) != 1:
+        return None
+    return match_epilogue(node)
+
+
+def replace_with_fused(graph: fx.Graph, x2: fx.Node, qs: list[fx.Node], target: Any,
+                       make_args: Callable[[list[fx.Node]], tuple[Any, ...]], head_vals: Sequence[Any]) -> list[fx.Node] | None:
+    """Insert ``target(*make_args(qs))`` after ``x2`` (``qs`` in graph order; ``make_args`` runs
+    at the insertion point, so nodes it emits land there); the op returns ``len(head_vals)`` leading outputs,
+    then codes, scale, offset per quantizer of ``qs``. The quantizers are rewired and erased;
+    returns the getitem nodes of the leading outputs (None, and nothing changed, when a seed
+    is not a movable draw)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    qs = sorted(qs, key=order.__getitem__)
+    seeds = [q.args[1] for q in qs]
+    if any(order[sd] > order[x2] and not call(sd, torch.ops.fqt.new_seed.default) for sd in seeds):
+        return None
+    last = max(order[sd] for sd in seeds)
+    pos = x2
+    for n in [n for n in graph.nodes if order[x2] < order[n] <= last and call(n, torch.ops.fqt.new_seed.default)]:
+        pos.append(n)
+        pos = n
+    with graph.inserting_before(pos.next):
+        node = graph.call_function(target, make_args(qs))
+        vals = list(head_vals)
+        outs = [graph.call_function(operator.getitem, (node, i)) for i in range(len(vals))]
+        for q in qs:
+            for i in range(3):
+                outs.append(graph.call_function(operator.getitem, (node, len(outs))))
+                vals.append(q.meta["val"][i])
+    node.meta["val"] = vals
+    for o, v in zip(outs, vals):
+        o.meta["val"] = v
+    nh = len(head_vals)
+    for k, q in enumerate(qs):
+        for u in list(q.users):
+            u.replace_all_uses_with(outs[nh + 3 * k + u.args[1]])
+            graph.erase_node(u)
+        graph.erase_node(q)
+    return outs[:nh]
