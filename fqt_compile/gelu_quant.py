@@ -41,8 +41,9 @@ import torch
 from torch import Tensor
 
 from . import cbuild, sr_fused
+from . import quantizers as Q
 
-__all__ = ["available", "status", "gelu_backward_sr_quantize"]
+__all__ = ["available", "status", "gelu_quantize", "gelu_backward_sr_quantize"]
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-fopenmp"]
 
@@ -73,6 +74,41 @@ static inline __m512 gelu_grad512(__m512 h) {
     __mmask16 neg = _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_LT_OQ);
     __m512 cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half), half);
     return _mm512_fmadd_ps(h, _mm512_mul_ps(_mm512_set1_ps(0.3989422804014327f), e), cdf);
+}
+
+// gelu(h) = h cdf(h), cdf as in gelu_grad512
+static inline __m512 gelu512(__m512 h) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 e = exp512(_mm512_mul_ps(_mm512_mul_ps(h, h), _mm512_set1_ps(-0.5f)));
+    __m512 z = _mm512_mul_ps(_mm512_abs_ps(h), _mm512_set1_ps(0.70710678118654752f));
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), one));
+""" + _horner_c() + r"""
+    __m512 half = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), e), F);
+    __mmask16 neg = _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mul_ps(h, _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half), half));
+}
+
+// forward pass 1: y = gelu(x + bias) per row (bias NULL: none), each row's min and max of y
+// (NaN for a row holding a NaN)
+void fqt_gelu_rows(const float* x, const float* bias, float* y, float* rmin, float* rmax, int64_t rows, int64_t D,
+                   int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float* xr = x + i * D;
+        float* yr = y + i * D;
+        __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
+        __mmask16 bad = 0;
+        for (int64_t j = 0; j < D; j += 16) {
+            __mmask16 m = tail_mask(D - j);
+            __m512 h = _mm512_maskz_loadu_ps(m, xr + j);
+            if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + j));
+            __m512 v = gelu512(h);
+            _mm512_mask_storeu_ps(yr + j, m, v);
+            track_ranges(v, m, j, &lo, &hi, &bad, 0, 0);
+        }
+        rmin[i] = bad ? NAN : _mm512_reduce_min_ps(lo);
+        rmax[i] = bad ? NAN : _mm512_reduce_max_ps(hi);
+    }
 }
 
 // pass 1: ds = g * gelu'(x + bias) per row (bias NULL: none), g read from memory or, where acc is
@@ -127,6 +163,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.fqt_gelu_bwd_rows.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, ptr] + [ptr] * 8 + [
         i64, i64, ctypes.c_int] + [ptr] * 5 + [ctypes.c_int]
     lib.fqt_gelu_bwd_rows.restype = None
+    lib.fqt_gelu_rows.argtypes = [ptr] * 5 + [i64, i64, ctypes.c_int]
+    lib.fqt_gelu_rows.restype = None
     sr_fused.bind_pass2(lib)
     return lib, "in use (AVX-512)"
 
@@ -139,6 +177,45 @@ def available() -> bool:
 def status() -> str:
     """Why the fused GELU-backward kernel is or is not in use, in words."""
     return _load()[1]
+
+
+def _check_fwd(x: Tensor, bias: Tensor | None, bits: int, scheme: str) -> None:
+    Q.check_bits(bits)
+    torch._check(scheme in Q.FORWARD_SCHEMES, lambda: f"fqt::gelu_quantize: scheme must be one of {Q.FORWARD_SCHEMES}")
+    torch._check(x.dim() >= 1 and x.dtype == torch.float32, lambda: "fqt::gelu_quantize: x must be float32 with a dimension")
+    if bias is not None:
+        d = x.shape[-1]
+        torch._check(bias.dtype == torch.float32 and tuple(bias.shape) == (d,),
+                     lambda: f"fqt::gelu_quantize: bias must be float32 of shape ({d},), got {tuple(bias.shape)}")
+
+
+@torch.library.custom_op("fqt::gelu_quantize", mutates_args=())
+def gelu_quantize(x: Tensor, bias: Optional[Tensor], bits: int, scheme: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``fqt::quantize(gelu(x + bias), bits, scheme, "tensor")`` (exact GELU; ``bias`` (D,) or
+    None): returns ``(codes, scale, offset)``, codes in ``x``'s shape, scale and offset 0-d.
+    GELU's output itself is not returned (the quantizer is its only reader in the graphs the
+    pass fuses)."""
+    _check_fwd(x, bias, bits, scheme)
+    lib = _load()[0]
+    if lib is None or x.device.type != "cpu" or x.numel() == 0:
+        y = torch.nn.functional.gelu(x + bias if bias is not None else x)
+        q = Q.quantize_forward(y, bits, scheme, "tensor", name="GELU output")
+        return q.codes, q.scale.reshape(()), q.offset.reshape(())
+    x = x.contiguous()
+    d = x.shape[-1]
+    rows = x.numel() // d
+    y = torch.empty_like(x)
+    rmin, rmax = torch.empty(rows), torch.empty(rows)
+    threads = torch.get_num_threads()
+    lib.fqt_gelu_rows(x.data_ptr(), sr_fused.ptr_or_none(bias.contiguous() if bias is not None else None), y.data_ptr(),
+                      rmin.data_ptr(), rmax.data_ptr(), rows, d, threads)
+    return sr_fused.forward_quantize(lib, y, rmin, rmax, bits, scheme, "GELU output", threads)
+
+
+@gelu_quantize.register_fake
+def _(x, bias, bits, scheme):
+    _check_fwd(x, bias, bits, scheme)
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(()), x.new_empty(())
 
 
 _OP = "fqt::gelu_backward_sr_quantize"

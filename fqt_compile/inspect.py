@@ -47,6 +47,7 @@ SCHEMA = "fqt_compile.inspect/1"
 _FUSED_FWD = torch.ops.fqt.softmax_quantize.default
 _FUSED_BWD = torch.ops.fqt.softmax_backward_sr_quantize.default
 _FUSED_GELU_BWD = torch.ops.fqt.gelu_backward_sr_quantize.default
+_FUSED_GELU = torch.ops.fqt.gelu_quantize.default
 GEMMS = ("output", "grad_input", "grad_weight")
 
 _LOWER_PASS = "lower_int_gemm"
@@ -177,8 +178,10 @@ class Report:
     #: the stochastic quantizers of its result (whose quantizers count above)
     fused_softmax: int = 0
     fused_softmax_backward: int = 0
-    #: fused kernels put in by ``passes/fuse_gelu.py``: GELU's backward + the bias gradient + the
-    #: stochastic quantizers of its result (whose quantizers count above)
+    #: fused kernels put in by ``passes/fuse_gelu.py``: GELU + its output's quantizer, and GELU's
+    #: backward + the bias gradient + the stochastic quantizers of its result (whose quantizers
+    #: count above)
+    fused_gelu: int = 0
     fused_gelu_backward: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
@@ -211,6 +214,7 @@ class Report:
             "seeds": self.seeds,
             "fused_softmax": self.fused_softmax,
             "fused_softmax_backward": self.fused_softmax_backward,
+            "fused_gelu": self.fused_gelu,
             "fused_gelu_backward": self.fused_gelu_backward,
         }
 
@@ -320,12 +324,13 @@ class Report:
                 + (" (one per quantizer: independent rounding)" if not shared else
                    f" ({shared} quantizers share a seed with another: their roundings are correlated)")
             )
-        if self.fused_softmax or self.fused_softmax_backward or self.fused_gelu_backward:
+        if self.fused_softmax or self.fused_softmax_backward or self.fused_gelu or self.fused_gelu_backward:
             lines.append(
                 f"Fused kernels: {self.fused_softmax} softmax + quantizer of its output (fqt::softmax_quantize), "
                 f"{self.fused_softmax_backward} softmax backward + its stochastic quantizers "
-                f"(fqt::softmax_backward_sr_quantize), {self.fused_gelu_backward} GELU backward + bias gradient + "
-                "its stochastic quantizers (fqt::gelu_backward_sr_quantize)"
+                f"(fqt::softmax_backward_sr_quantize), {self.fused_gelu} GELU + quantizer of its output "
+                f"(fqt::gelu_quantize), {self.fused_gelu_backward} GELU backward + bias gradient + its stochastic "
+                "quantizers (fqt::gelu_backward_sr_quantize)"
             )
         return "\n".join(lines)
 
@@ -408,11 +413,12 @@ def report_from_records(
             ))  # fmt: skip
 
     quantizers = seeds = 0
-    fused = {"forward": 0, "backward": 0, "gelu_backward": 0}
+    fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0}
     for rec in records:
         for gm in (rec.forward, rec.backward, rec.inference):
             if gm is not None:
                 fused["forward"] += sum(n.target is _FUSED_FWD for n in gm.graph.nodes)
+                fused["gelu"] += sum(n.target is _FUSED_GELU for n in gm.graph.nodes)
         if rec.backward is not None:
             sr = [n for n in rec.backward.graph.nodes if n.target is torch.ops.fqt.sr_quantize.default]
             fused_bw = [n for n in rec.backward.graph.nodes if n.target in (_FUSED_BWD, _FUSED_GELU_BWD)]
@@ -435,7 +441,8 @@ def report_from_records(
         model=model, config=cfg, rows=rows, full_precision=full_precision, graphs=len(records),
         lowering_pass_run=ran, training=training, forward_graph=text("forward"), backward_graph=text("backward"),
         stochastic_quantizers=quantizers, seeds=seeds, fused_softmax=fused["forward"],
-        fused_softmax_backward=fused["backward"], fused_gelu_backward=fused["gelu_backward"],
+        fused_softmax_backward=fused["backward"], fused_gelu=fused["gelu"],
+        fused_gelu_backward=fused["gelu_backward"],
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

@@ -100,26 +100,6 @@ void fqt_softmax_rows(const float* x, float* p, float* rmin, float* rmax, int64_
     }
 }
 
-// pass 2: codes = clamp(round((p - shift) / div) + zero, cmin, cmax) - bias, round half to even
-void fqt_quantize_affine(const float* p, int8_t* codes, int64_t n, float shift, float div, float zero,
-                         float cmin, float cmax, float bias, int nthreads) {
-    const int64_t chunk = 1 << 14;
-    int64_t nchunks = (n + chunk - 1) / chunk;
-    __m512 vshift = _mm512_set1_ps(shift), vdiv = _mm512_set1_ps(div), vzero = _mm512_set1_ps(zero);
-    __m512 vlo = _mm512_set1_ps(cmin), vhi = _mm512_set1_ps(cmax), vbias = _mm512_set1_ps(bias);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < nchunks; c++) {
-        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-        for (int64_t j = c * chunk; j < end; j += 16) {
-            __mmask16 m = tail_mask(end - j);
-            __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), vshift), vdiv);
-            v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzero);
-            v = _mm512_sub_ps(_mm512_min_ps(_mm512_max_ps(v, vlo), vhi), vbias);
-            _mm512_mask_cvtepi32_storeu_epi8(codes + j, m, _mm512_cvtps_epi32(v));
-        }
-    }
-}
-
 // ---- backward -------------------------------------------------------------------------------
 
 // pass 1: ds = (g * p - p * sum(g * p)) * c per row (softmax's backward, then the scale of the
@@ -180,8 +160,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.fqt_softmax_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.fqt_softmax_rows.restype = None
-    lib.fqt_quantize_affine.argtypes = [ptr, ptr, i64, f32, f32, f32, f32, f32, f32, ctypes.c_int]
-    lib.fqt_quantize_affine.restype = None
     lib.fqt_softmax_bwd_rows.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, ptr] + [ptr] * 6 + [
         i64, i64, f32, ctypes.c_int] + [ptr] * 5 + [ctypes.c_int]
     lib.fqt_softmax_bwd_rows.restype = None
@@ -223,13 +201,8 @@ def softmax_quantize(x: Tensor, bits: int, scheme: str) -> tuple[Tensor, Tensor,
     rmin, rmax = torch.empty(rows), torch.empty(rows)
     threads = torch.get_num_threads()
     lib.fqt_softmax_rows(x.data_ptr(), p.data_ptr(), rmin.data_ptr(), rmax.data_ptr(), rows, L, threads)
-    lo, hi = rmin.amin(), rmax.amax()
-    Q._check_finite_range(lo, hi, "softmax output")
-    prm = Q.forward_params(lo, hi, bits, scheme)
-    codes = torch.empty_like(x, dtype=torch.int8)
-    lib.fqt_quantize_affine(p.data_ptr(), codes.data_ptr(), p.numel(), float(prm.shift), float(prm.div),
-                            float(prm.zero), float(prm.cmin), float(prm.cmax), float(prm.bias), threads)
-    return p, codes, prm.scale, prm.offset
+    codes, scale, offset = sr_fused.forward_quantize(lib, p, rmin, rmax, bits, scheme, "softmax output", threads)
+    return p, codes, scale, offset
 
 
 @softmax_quantize.register_fake

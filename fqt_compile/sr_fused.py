@@ -35,7 +35,7 @@ from .rng import seed_words
 
 __all__ = ["COMMON_C", "GRANS", "MAX_QUANTIZERS", "check_quantizers", "check_epilogue", "epilogue_reference",
            "Epilogue", "Quantizers", "finish", "reference_quantize", "fake_outputs", "bind_pass2", "range_shape",
-           "MAX_EPILOGUE_TERMS", "ptr_or_none"]
+           "MAX_EPILOGUE_TERMS", "ptr_or_none", "forward_quantize"]
 
 #: most stochastic quantizers one call of a fused kernel applies
 MAX_QUANTIZERS = 4
@@ -162,6 +162,27 @@ static inline void finish_row(const float* dr, int64_t i, int64_t D, __m512 lo, 
     }
 }
 
+// a forward quantizer's rounding (quantizers.quantize_forward with its scalars from
+// quantizers.forward_params): codes = clamp(round((p - shift) / div) + zero, cmin, cmax) - bias, round half to even
+void fqt_quantize_affine(const float* p, int8_t* codes, int64_t n, float shift, float div, float zero,
+                         float cmin, float cmax, float bias, int nthreads) {
+    const int64_t chunk = 1 << 14;
+    int64_t nchunks = (n + chunk - 1) / chunk;
+    __m512 vshift = _mm512_set1_ps(shift), vdiv = _mm512_set1_ps(div), vzero = _mm512_set1_ps(zero);
+    __m512 vlo = _mm512_set1_ps(cmin), vhi = _mm512_set1_ps(cmax), vbias = _mm512_set1_ps(bias);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        for (int64_t j = c * chunk; j < end; j += 16) {
+            __mmask16 m = tail_mask(end - j);
+            __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), vshift), vdiv);
+            v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzero);
+            v = _mm512_sub_ps(_mm512_min_ps(_mm512_max_ps(v, vlo), vhi), vbias);
+            _mm512_mask_cvtepi32_storeu_epi8(codes + j, m, _mm512_cvtps_epi32(v));
+        }
+    }
+}
+
 // pass 2: the stochastic roundings of the (rows, D) tensor x with a column or tensor range
 // (the row-range ones are done in pass 1): arrays of nq quantizers as in sr_round_row, lo/div
 // pointing at D (column) or 1 (tensor) floats
@@ -179,7 +200,11 @@ void fqt_sr_quantize_rows(const float* x, int64_t rows, int64_t D, int nq, const
 
 
 def bind_pass2(lib: ctypes.CDLL) -> None:
-    """Declare the argument types of :data:`COMMON_C`'s exported pass-2 function."""
+    """Declare the argument types of :data:`COMMON_C`'s exported pass-2 functions."""
+    f32 = ctypes.c_float
+    lib.fqt_quantize_affine.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, f32, f32, f32, f32, f32, f32,
+                                        ctypes.c_int]
+    lib.fqt_quantize_affine.restype = None
     lib.fqt_sr_quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [
         ctypes.c_void_p] * 8 + [ctypes.c_int]
     lib.fqt_sr_quantize_rows.restype = None
@@ -331,6 +356,20 @@ def finish(lib: ctypes.CDLL, ds: Tensor, qs: Quantizers, rmin: Tensor, rmax: Ten
             *qs.c_arrays(ks), threads,
         )
     return out
+
+
+def forward_quantize(lib: ctypes.CDLL, y: Tensor, rmin: Tensor, rmax: Tensor, bits: int, scheme: str, name: str,
+                     threads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A per-tensor forward quantizer of ``y`` from its row ranges (pass 1's): the range and
+    scalars of :func:`fqt_compile.quantizers.quantize_forward`, then the rounding in C; returns
+    ``(codes, scale, offset)`` (0-d scale and offset)."""
+    lo, hi = rmin.amin(), rmax.amax()
+    Q._check_finite_range(lo, hi, name)
+    prm = Q.forward_params(lo, hi, bits, scheme)
+    codes = torch.empty_like(y, dtype=torch.int8)
+    lib.fqt_quantize_affine(y.data_ptr(), codes.data_ptr(), y.numel(), float(prm.shift), float(prm.div),
+                            float(prm.zero), float(prm.cmin), float(prm.cmax), float(prm.bias), threads)
+    return codes, prm.scale, prm.offset
 
 
 def reference_quantize(ds: Tensor, seeds: Sequence[Tensor], bits: Sequence[int], grans: Sequence[str]) -> list[Tensor]:

@@ -1,9 +1,15 @@
-"""fuse_gelu: GELU's backward whose result stochastic gradient quantizers round becomes one call
-of ``fqt::gelu_backward_sr_quantize`` (``fqt_compile/gelu_quant.py``), together with the bias
-gradient (the column sum of the result) and, where the incoming gradient is a lowered GEMM's
-result, that GEMM's scale epilogue (the kernel reads the int32 product).
+"""fuse_gelu: a GELU whose output a per-tensor forward quantizer rounds (fc2's input) becomes
+one call of ``fqt::gelu_quantize``, and GELU's backward whose result stochastic gradient
+quantizers round becomes one call of ``fqt::gelu_backward_sr_quantize``
+(``fqt_compile/gelu_quant.py``), together with the bias gradient (the column sum of the
+result) and, where the incoming gradient is a lowered GEMM's result, that GEMM's scale
+epilogue (the kernel reads the int32 product).
 
-Matched on the aten backward graphs of the backend's inner compiler (after ``lower_int_gemm``):
+Forward: ``fqt::quantize(y, bits, scheme, "tensor", axis)`` where ``y`` (read by nothing else)
+is ``aten.gelu(h)`` (approximate "none") or inductor's decomposition
+``mul(mul(h, 0.5), add(erf(mul(h, 1/sqrt 2)), 1))``, and ``h`` as below.
+
+Backward, on the aten graphs of the backend's inner compiler (after ``lower_int_gemm``):
 
 * ``sr_quantize(x2, seed, bits, gran)`` nodes (1 to 4, granularity tensor/row/column) on
   ``x2 = ds`` (2-D) or ``x2 = view(ds, [N, D])``, where
@@ -22,6 +28,7 @@ none could be, why. The tanh-approximated GELU is not matched (it stays in induc
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -135,6 +142,58 @@ def _is_bias_sum(u: fx.Node, x2: fx.Node) -> bool:
     return list(dims) == [0] and (len(u.args) < 3 or not u.args[2])
 
 
+def _gelu_input(y: fx.Node) -> fx.Node | None:
+    """``h`` if ``y`` is the exact GELU of ``h``: ``aten.gelu(h)`` or the decomposition
+    ``mul(mul(h, 0.5), add(erf(mul(h, 1/sqrt 2)), 1))`` (multiplications in either order)."""
+    if call(y, aten.gelu.default):
+        approximate = y.kwargs.get("approximate", y.args[1] if len(y.args) > 1 else "none")
+        return y.args[0] if approximate == "none" and isinstance(y.args[0], fx.Node) else None
+    if not call(y, aten.mul.Tensor):
+        return None
+    for a, b in (y.args, y.args[::-1]):
+        h = _scaled(a, 0.5)
+        if h is None or not call(b, aten.add.Tensor):
+            continue
+        s, one = b.args
+        e = s if _is_const(one, 1) else one if _is_const(s, 1) else None
+        if call(e, aten.erf.default) and _scaled(e.args[0], _K_ALPHA) is h:
+            return h
+    return None
+
+
+def _fuse_forward(graph: fx.Graph, q: fx.Node) -> bool:
+    """Fuse ``fqt::quantize(gelu(h), bits, scheme, "tensor")`` into ``fqt::gelu_quantize``."""
+    y = q.args[0]
+    if not isinstance(y, fx.Node) or len(y.users) != 1 or q.args[3] != "tensor":
+        return False
+    if any(u.target is not operator.getitem for u in q.users):
+        return False
+    h = _gelu_input(y)
+    yv = y.meta.get("val")
+    hv = h.meta.get("val") if h is not None else None
+    if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device.type == "cpu" and v.dim() >= 1
+               for v in (yv, hv)):
+        return False
+    x, bias = _split_bias(h, hv.shape[-1])
+    xv = x.meta["val"]
+    with graph.inserting_before(q):
+        node = graph.call_function(torch.ops.fqt.gelu_quantize.default, (x, bias, q.args[1], q.args[2]))
+        outs = [graph.call_function(operator.getitem, (node, i)) for i in range(3)]
+        codes = outs[0]
+        if tuple(xv.shape) != tuple(yv.shape):
+            codes = graph.call_function(aten.view.default, (outs[0], list(yv.shape)))
+    node.meta["val"] = (q.meta["val"][0].new_empty(xv.shape), q.meta["val"][1], q.meta["val"][2])
+    for o, v in zip(outs, node.meta["val"]):
+        o.meta["val"] = v
+    codes.meta["val"] = q.meta["val"][0]
+    for u in list(q.users):
+        u.replace_all_uses_with(codes if u.args[1] == 0 else outs[u.args[1]])
+        graph.erase_node(u)
+    graph.erase_node(q)
+    erase_dead(y, stop=x)
+    return True
+
+
 def _fuse(graph: fx.Graph, x2: fx.Node) -> bool:
     qs = sr_readers(x2)
     if qs is None:
@@ -186,21 +245,25 @@ def _fuse(graph: fx.Graph, x2: fx.Node) -> bool:
 def fuse_gelu(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str, Any]:
     """Fuse every matched GELU backward + stochastic quantizers of ``gm`` in place.
 
-    Returns ``{"fused_backward": n, "kernel": <kernel status>}`` and, where the pass did not run,
+    Returns ``{"fused": n, "fused_backward": m, "kernel": <kernel status>}`` (GELU + its output's
+    quantizer; GELU backward + stochastic quantizers) and, where the pass did not run,
     ``"skipped": <why>``."""
     status = gelu_quant.status()
     if not cfg.fuse_gelu:
-        return {"fused_backward": 0, "kernel": status, "skipped": "fuse_gelu=False"}
+        return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": "fuse_gelu=False"}
     if not cfg.lower_int_gemm:
-        return {"fused_backward": 0, "kernel": status, "skipped": "lower_int_gemm=False (simulated graph)"}
+        return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": "lower_int_gemm=False (simulated graph)"}
     if not gelu_quant.available():
-        return {"fused_backward": 0, "kernel": status, "skipped": f"kernel {status}"}
+        return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": f"kernel {status}"}
     graph = gm.graph
-    fused = 0
+    fused = fused_bwd = 0
+    for q in list(graph.nodes):
+        if call(q, torch.ops.fqt.quantize.default):
+            fused += _fuse_forward(graph, q)
     for x2 in list(graph.nodes):
         if x2.op == "call_function" and any(call(u, torch.ops.fqt.sr_quantize.default) for u in x2.users):
-            fused += _fuse(graph, x2)
-    if fused:
+            fused_bwd += _fuse(graph, x2)
+    if fused or fused_bwd:
         graph.lint()
         gm.recompile()
-    return {"fused_backward": fused, "kernel": status}
+    return {"fused": fused, "fused_backward": fused_bwd, "kernel": status}

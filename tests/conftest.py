@@ -48,7 +48,7 @@ def quantizer_entries(gm) -> list[tuple[str, int, str]]:
     """The quantizers of an aten graph as ``(op, bits, granularity)``, op ``"quantize"`` (forward)
     or ``"sr_quantize"`` (stochastic), whether a quantizer is its own node or part of a fused
     softmax kernel (``passes/fuse_softmax.py``): ``fqt::softmax_quantize`` holds one per-tensor
-    forward quantizer, ``fqt::softmax_backward_sr_quantize`` and ``fqt::gelu_backward_sr_quantize``
+    forward quantizer (``fqt::gelu_quantize`` too), ``fqt::softmax_backward_sr_quantize`` and ``fqt::gelu_backward_sr_quantize``
     (``passes/fuse_gelu.py``) one stochastic quantizer per entry of their bits lists."""
     out = []
     for n in gm.graph.nodes:
@@ -58,6 +58,8 @@ def quantizer_entries(gm) -> list[tuple[str, int, str]]:
             out.append(("quantize", n.args[1], n.args[3]))
         elif n.target is torch.ops.fqt.softmax_quantize.default:
             out.append(("quantize", n.args[1], "tensor"))
+        elif n.target is torch.ops.fqt.gelu_quantize.default:
+            out.append(("quantize", n.args[2], "tensor"))
         elif n.target is torch.ops.fqt.sr_quantize.default:
             out.append(("sr_quantize", n.args[2], n.args[3]))
         elif n.target in (torch.ops.fqt.softmax_backward_sr_quantize.default,

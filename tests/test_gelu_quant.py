@@ -146,3 +146,52 @@ def test_op_passes_opcheck():
     g, x, bias = _inputs((2, 4, 19))
     torch.library.opcheck(OP.default, (g, x, bias, _seeds(2), [8, 8], "row,column", [], []))
     torch.library.opcheck(OP.default, (g, x, None, _seeds(1), [4], "tensor", [], []))
+
+
+# --- forward: fqt::gelu_quantize -----------------------------------------------------------------
+
+FWD = torch.ops.fqt.gelu_quantize
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 3, 37), (64, 64), (6, 1)])
+@pytest.mark.parametrize("scheme", Q.FORWARD_SCHEMES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_forward_codes_equal_quantize_forward_of_gelu(shape, scheme, bits):
+    """The codes are quantize_forward's of the kernel's GELU output; that output is torch's GELU
+    to float rounding (|error| <= 2.5e-7 |h|, the cdf bound above), so a code can differ only
+    where y / scale lies within that error of a rounding boundary: at most one level, rarely."""
+    _, x, bias = _inputs(shape)
+    codes, scale, offset = FWD(x, bias, bits, scheme)
+    ref = Q.quantize_forward(torch.nn.functional.gelu(x + bias), bits, scheme, "tensor")
+    torch.testing.assert_close(scale, ref.scale.reshape(()), rtol=1e-5, atol=0)
+    torch.testing.assert_close(offset, ref.offset.reshape(()), rtol=1e-5, atol=1e-6)
+    diff = (codes.int() - ref.codes.int()).abs()
+    assert codes.shape == x.shape and diff.max() <= 1 and diff.float().mean() < 1e-2
+
+
+@needs_kernel
+def test_forward_non_finite_input_raises():
+    _, x, bias = _inputs((4, 8))
+    x[2, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        FWD(x, bias, 8, "affine_zero")
+
+
+def test_forward_without_the_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(GQ, "_load", lambda: (None, "off (test)"))
+    _, x, bias = _inputs((5, 9))
+    codes, scale, offset = FWD(x, None, 8, "symmetric")
+    ref = Q.quantize_forward(torch.nn.functional.gelu(x), 8, "symmetric", "tensor")
+    assert torch.equal(codes, ref.codes) and torch.equal(scale, ref.scale.reshape(()))
+
+
+def test_forward_rejects_bad_arguments_and_passes_opcheck():
+    _, x, bias = _inputs((3, 10))
+    with pytest.raises(ValueError, match="bits"):
+        FWD(x, bias, 1, "affine_zero")
+    with pytest.raises(RuntimeError, match="scheme"):
+        FWD(x, bias, 8, "log")
+    with pytest.raises(RuntimeError, match="bias must be float32 of shape"):
+        FWD(x, bias[:3], 8, "affine_zero")
+    torch.library.opcheck(FWD.default, (x, bias, 8, "affine_zero"))
