@@ -229,8 +229,9 @@ def _check(g: Tensor, x: Tensor, bias: Tensor | None, bits: list[int], grans: li
         torch._check(bias.dtype == torch.float32 and tuple(bias.shape) == (d,),
                      lambda: f"{_OP}: bias must be float32 of shape ({d},), got {tuple(bias.shape)}")
     sr_fused.check_epilogue(_OP, g, rows, cols, x.numel(), d)
-    if g.dtype != torch.int32:
-        torch._check(g.shape == x.shape, lambda: f"{_OP}: shapes differ: {g.shape} vs {x.shape}")
+    if g.dtype != torch.int32:  # any shape of x's elements and last dimension (h may be a view of x + bias)
+        torch._check(g.numel() == x.numel() and g.shape[-1:] == x.shape[-1:],
+                     lambda: f"{_OP}: shapes differ: {g.shape} vs {x.shape}")
     sr_fused.check_quantizers(_OP, x.numel(), bits, grans, seeds)
 
 
@@ -242,8 +243,8 @@ def gelu_backward_sr_quantize(
     """``ds = gelu_backward(g, x + bias)`` (exact GELU) viewed as ``(N, D)`` with ``D`` the last
     dimension, its column sums (the bias gradient), and ``fqt::sr_quantize(ds, seed_k, bits_k,
     gran_k)`` for each quantizer (``granularities`` comma-separated): returns ``[ds, dbias,
-    codes_1, scale_1, offset_1, codes_2, ...]``. ``bias``: (D,) or None. ``g``: float32 of
-    ``x``'s shape (``epi_rows``/``epi_cols`` empty) or a lowered GEMM's int32 product with its
+    codes_1, scale_1, offset_1, codes_2, ...]``. ``bias``: (D,) or None. ``g``: float32 with
+    ``x``'s elements and last dimension (``epi_rows``/``epi_cols`` empty) or a lowered GEMM's int32 product with its
     epilogue terms, as in ``fqt::softmax_backward_sr_quantize``."""
     grans = granularities.split(",")
     _check(g, x, bias, bits, grans, seeds, epi_rows, epi_cols)

@@ -135,6 +135,7 @@ def test_rejects_bad_arguments():
         OP(g, x, bias, _seeds(2), [8], "row", [], [])
     with pytest.raises(RuntimeError, match="shapes differ"):
         OP(g[..., :2], x, bias, _seeds(1), [8], "row", [], [])
+    OP(g.reshape(-1, 4), x, bias, _seeds(1), [8], "row", [], [])  # x's elements, any leading shape
     with pytest.raises(RuntimeError, match="bias must be float32 of shape"):
         OP(g, x, bias[:2], _seeds(1), [8], "row", [], [])
     with pytest.raises(RuntimeError, match="needs 1 to 4 epilogue terms"):
