@@ -24,13 +24,20 @@ rounding boundary (``tests/test_softmax_quant.py`` bounds how often). A NaN or I
 input makes the quantizer's range non-finite and the op raises, as ``fqt::quantize`` does
 (the backward likewise, as ``fqt::sr_quantize``).
 
+Both ops take their input either as a float tensor or as the int32 product of the lowered
+GEMM that produced it (QK^T for the scores, dO V^T for the probabilities' gradient) with that
+GEMM's scale epilogue (``passes/epilogue.py``); the forward one also takes the scores' scale
+and additive (causal) mask. The kernels then build each row of the input in cache, and the
+float scores / gradient (128 MiB each for the GPT benchmark's attention) are never written.
+
 The backward, ``fqt::softmax_backward_sr_quantize``, is the same two-pass scheme for softmax's
 backward and the stochastic quantizers of its result (the attention scores' gradient, rounded
 by Q_b1 = PSQ and Q_b2 = per column by default): pass 1 writes ``ds = (g p - p sum(g p)) c``
 per row with the row's range, per-thread column ranges, and rounds the row-range quantizers
 while the row is in cache; pass 2 rounds the column- and tensor-range ones. Given the kernel's
 ``ds``, codes, scales and offsets are those of :func:`fqt_compile.quantizers.stochastic_quantize`
-bit for bit, with the same counter-based draws (``fqt_compile.rng``, hashed in 16 lanes).
+bit for bit, with the same counter-based draws (``fqt_compile.rng``, hashed in 16 lanes;
+the shared pieces are in ``sr_fused.py``).
 
 Where the kernel cannot run (no AVX-512, no compiler, ``FQT_FUSED_SOFTMAX=0``) the ops compute
 the same with torch (``torch.softmax`` / the softmax-backward formula, then the reference
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import List  # typing.List: torch 2.5's schema inference rejects list[...]
+from typing import List, Optional  # typing: torch 2.5's schema inference rejects list[...] / X | None
 
 import torch
 from torch import Tensor
@@ -57,13 +64,29 @@ _FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-fopenmp"]
 
 _SOURCE = sr_fused.COMMON_C + r"""
 // pass 1: p = softmax(x) over rows of length L; rmin/rmax: each row's min and max of p
-// (NaN for a row with a NaN, an Inf or only -Inf, where p is NaN too)
-void fqt_softmax_rows(const float* x, float* p, float* rmin, float* rmax, int64_t rows, int64_t L,
-                      int nthreads) {
+// (NaN for a row with a NaN, an Inf or only -Inf, where p is NaN too). Where acc is not NULL the
+// row of x is computed in cache from the int32 product acc and its epilogue (epilogue_row: M
+// rows per batch, nt terms er/ec), times c, plus row (i mod Lq) of the (Lq, L) additive mask
+// (NULL: none): the attention scores' scale and causal mask
+void fqt_softmax_rows(const float* x, const int32_t* acc, int64_t M, int nt, const float* const* er,
+                      const float* const* ec, float c, const float* mask, int64_t Lq, float* p, float* rmin,
+                      float* rmax, int64_t rows, int64_t L, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < rows; i++) {
         const float* xr = x + i * L;
         float* pr = p + i * L;
+        if (acc) {  // the row of x in place of p's row, read back at once from cache
+            epilogue_row(acc, i, L, M, nt, er, ec, pr);
+            const float* mr = mask ? mask + (i % Lq) * L : 0;
+            __m512 vc = _mm512_set1_ps(c);
+            for (int64_t j = 0; j < L; j += 16) {
+                __mmask16 m = tail_mask(L - j);
+                __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pr + j), vc);
+                if (mr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, mr + j));
+                _mm512_mask_storeu_ps(pr + j, m, v);
+            }
+            xr = pr;
+        }
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         __mmask16 bad = 0;
         for (int64_t j = 0; j < L; j += 16) {
@@ -158,7 +181,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib is None:
         return None, why
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.fqt_softmax_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.fqt_softmax_rows.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, ptr, f32, ptr, i64, ptr, ptr, ptr, i64, i64,
+                                     ctypes.c_int]
     lib.fqt_softmax_rows.restype = None
     lib.fqt_softmax_bwd_rows.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, ptr] + [ptr] * 6 + [
         i64, i64, f32, ctypes.c_int] + [ptr] * 5 + [ctypes.c_int]
@@ -177,38 +201,71 @@ def status() -> str:
     return _load()[1]
 
 
-def _check(x: Tensor, bits: int, scheme: str) -> None:
+_OP_FWD = "fqt::softmax_quantize"
+
+
+def _check(x: Tensor, bits: int, scheme: str, scale: float, mask: Tensor | None, rows: list[Tensor],
+           cols: list[Tensor]) -> None:
     Q.check_bits(bits)
-    torch._check(scheme in Q.FORWARD_SCHEMES, lambda: f"fqt::softmax_quantize: scheme must be one of {Q.FORWARD_SCHEMES}")
-    torch._check(x.dim() >= 1, lambda: "fqt::softmax_quantize: input must have at least one dimension")
-    torch._check(x.dtype == torch.float32, lambda: f"fqt::softmax_quantize: float32 input only, got {x.dtype}")
+    torch._check(scheme in Q.FORWARD_SCHEMES, lambda: f"{_OP_FWD}: scheme must be one of {Q.FORWARD_SCHEMES}")
+    torch._check(x.dim() >= 1, lambda: f"{_OP_FWD}: input must have at least one dimension")
+    sr_fused.check_epilogue(_OP_FWD, x, rows, cols, x.numel(), x.shape[-1])
+    if x.dtype != torch.int32:
+        torch._check(x.dtype == torch.float32, lambda: f"{_OP_FWD}: float32 input only, got {x.dtype}")
+        torch._check(mask is None and scale == 1.0, lambda: f"{_OP_FWD}: a scale or mask goes with an int32 product only")
+    if mask is not None:
+        lq = x.shape[-2] if x.dim() >= 2 else 1
+        torch._check(mask.dtype == torch.float32 and mask.dim() <= x.dim()
+                     and all(s == 1 for s in mask.shape[:-2]) and mask.shape[-1] in (1, x.shape[-1])
+                     and (mask.dim() < 2 or mask.shape[-2] in (1, lq)),
+                     lambda: f"{_OP_FWD}: mask {tuple(mask.shape)} must broadcast to the last two dimensions "
+                             f"{(lq, x.shape[-1])}")
 
 
 @torch.library.custom_op("fqt::softmax_quantize", mutates_args=())
-def softmax_quantize(x: Tensor, bits: int, scheme: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``P = softmax(x, -1)`` and ``fqt::quantize(P, bits, scheme, "tensor")``:
-    returns ``(P, codes, scale, offset)`` (scale and offset 0-d)."""
-    _check(x, bits, scheme)
+def softmax_quantize(
+    x: Tensor, bits: int, scheme: str, scale: float, mask: Optional[Tensor], epi_rows: List[Tensor],
+    epi_cols: List[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``P = softmax(s, -1)`` and ``fqt::quantize(P, bits, scheme, "tensor")``: returns ``(P,
+    codes, scale, offset)`` (P and codes of ``x``'s shape, scale and offset 0-d).
+
+    ``s = x`` for a float32 ``x`` (then ``scale`` 1.0, ``mask`` None, no epilogue terms); for the
+    int32 product of a lowered GEMM with its epilogue terms (as in
+    ``fqt::softmax_backward_sr_quantize``), ``s = epilogue(x) * scale + mask``, ``mask``
+    (optional) broadcasting to the last two dimensions: the attention scores, their scale and
+    additive (causal) mask."""
+    _check(x, bits, scheme, scale, mask, epi_rows, epi_cols)
     lib = _load()[0]
     if lib is None or x.device.type != "cpu" or x.numel() == 0:
-        p = torch.softmax(x, -1)
+        s = sr_fused.epilogue_reference(x, epi_rows, epi_cols).reshape(x.shape)
+        if x.dtype == torch.int32:
+            s = s * scale
+            if mask is not None:
+                s = s + mask
+        p = torch.softmax(s, -1)
         q = Q.quantize_forward(p, bits, scheme, "tensor", name="softmax output")
         return p, q.codes, q.scale.reshape(()), q.offset.reshape(())
-    x = x.contiguous()
     L = x.shape[-1]
     rows = x.numel() // L
-    p = torch.empty_like(x)
+    lq = x.shape[-2] if x.dim() >= 2 else 1
+    epi = sr_fused.Epilogue(x, epi_rows, epi_cols)
+    xc = x.contiguous() if x.dtype == torch.float32 else None
+    mc = mask.expand(lq, L).contiguous() if mask is not None else None
+    p = torch.empty(x.shape)
     rmin, rmax = torch.empty(rows), torch.empty(rows)
     threads = torch.get_num_threads()
-    lib.fqt_softmax_rows(x.data_ptr(), p.data_ptr(), rmin.data_ptr(), rmax.data_ptr(), rows, L, threads)
-    codes, scale, offset = sr_fused.forward_quantize(lib, p, rmin, rmax, bits, scheme, "softmax output", threads)
-    return p, codes, scale, offset
+    lib.fqt_softmax_rows(sr_fused.ptr_or_none(xc), *epi.args(), float(scale), sr_fused.ptr_or_none(mc), lq,
+                         p.data_ptr(), rmin.data_ptr(), rmax.data_ptr(), rows, L, threads)
+    codes, qscale, offset = sr_fused.forward_quantize(lib, p, rmin, rmax, bits, scheme, "softmax output", threads)
+    return p, codes, qscale, offset
 
 
 @softmax_quantize.register_fake
-def _(x, bits, scheme):
-    _check(x, bits, scheme)
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.int8), x.new_empty(()), x.new_empty(())
+def _(x, bits, scheme, scale, mask, epi_rows, epi_cols):
+    _check(x, bits, scheme, scale, mask, epi_rows, epi_cols)
+    return (x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
 
 
 #: most stochastic quantizers one call of fqt::softmax_backward_sr_quantize applies

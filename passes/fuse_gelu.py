@@ -38,7 +38,8 @@ from torch._guards import detect_fake_mode
 from .. import gelu_quant
 from ..config import FQTConfig
 from .epilogue import emit_terms
-from .fused_sr import call, epilogue_through_views, erase_dead, replace_with_fused, sr_readers
+from .fused_sr import (call, epilogue_through_views, erase_dead, replace_with_fused, sr_readers, view_outputs,
+                       view_shape)
 
 __all__ = ["fuse_gelu"]
 
@@ -175,21 +176,23 @@ def _fuse_forward(graph: fx.Graph, q: fx.Node) -> bool:
                for v in (yv, hv)):
         return False
     x, bias = _split_bias(h, hv.shape[-1])
+    codes_val = q.meta["val"][0]  # y's shape
+    if tuple(x.meta["val"].shape) != tuple(codes_val.shape) and view_shape(codes_val) is None:
+        # the codes come in x's shape, and y's has more than one symbolic size to view them back
+        # with: take h itself (x + bias computed apart)
+        x, bias = h, None
     xv = x.meta["val"]
     with graph.inserting_before(q):
         node = graph.call_function(torch.ops.fqt.gelu_quantize.default, (x, bias, q.args[1], q.args[2]))
         outs = [graph.call_function(operator.getitem, (node, i)) for i in range(3)]
-        codes = outs[0]
-        if tuple(xv.shape) != tuple(yv.shape):
-            codes = graph.call_function(aten.view.default, (outs[0], list(yv.shape)))
     node.meta["val"] = (q.meta["val"][0].new_empty(xv.shape), q.meta["val"][1], q.meta["val"][2])
     for o, v in zip(outs, node.meta["val"]):
         o.meta["val"] = v
-    codes.meta["val"] = q.meta["val"][0]
     for u in list(q.users):
-        u.replace_all_uses_with(codes if u.args[1] == 0 else outs[u.args[1]])
+        u.replace_all_uses_with(outs[u.args[1]])
         graph.erase_node(u)
     graph.erase_node(q)
+    view_outputs(graph, outs[:1], [codes_val])
     erase_dead(y, stop=x)
     return True
 

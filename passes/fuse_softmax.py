@@ -18,6 +18,11 @@ Matched on the aten graphs of the backend's inner compiler (after ``lower_int_ge
 * ``x`` float32 on the CPU.
 
 ``P``'s other users (the softmax backward, a saved activation) read the fused op's ``P``.
+Where ``x`` is ``[add](mul(s, c), mask)`` with ``s`` a lowered GEMM's result (through views)
+and ``mask`` broadcasting to the last two dimensions -- the attention scores as SDPA's
+decomposition writes them -- the op takes the int32 product, its epilogue terms, ``c`` and the
+mask instead (:func:`_absorb_scores`); likewise the backward op takes ``g`` as an int32
+product where ``g`` is a lowered GEMM's result read by nothing else.
 
 Backward: ``sr_quantize(view(ds, [N, D]), seed, bits, gran)`` nodes (1 to 4, granularity
 tensor/row/column) on ``ds = softmax_backward(g, p) [* c]``, softmax's backward written as
@@ -43,8 +48,9 @@ from torch._guards import detect_fake_mode
 
 from ..config import FQTConfig
 from .. import softmax_quant
-from .epilogue import emit_terms
-from .fused_sr import call, epilogue_through_views, erase_dead, replace_with_fused, sr_readers
+from .epilogue import EpilogueMatch, emit_terms
+from .fused_sr import (call, epilogue_through_views, erase_dead, replace_with_fused, sr_readers, view_outputs,
+                       view_shape)
 
 __all__ = ["fuse_softmax"]
 
@@ -159,6 +165,63 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
     return True
 
 
+def _scores_parts(x: fx.Node) -> tuple[EpilogueMatch, float, fx.Node | None] | None:
+    """``(epilogue, c, mask)`` if ``x`` is ``[add](mul(s, c), mask)`` (or ``[add](s, mask)``), ``s``
+    a lowered GEMM's result through views and ``mask`` a float32 tensor broadcasting to ``x``'s
+    last two dimensions (the attention scores as SDPA's decomposition writes them), else None.
+    Every node of the chain must have one reader."""
+    xv = x.meta["val"]
+    if len(x.users) != 1 or xv.dim() < 1:
+        return None
+    lq = xv.shape[-2] if xv.dim() >= 2 else 1
+    node, mask, scale = x, None, 1.0
+    if call(node, aten.add.Tensor) and len(node.args) == 2 and not node.kwargs:
+        for a, b in (node.args, node.args[::-1]):
+            av = a.meta.get("val") if isinstance(a, fx.Node) else None
+            bv = b.meta.get("val") if isinstance(b, fx.Node) else None
+            if (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor) and av.shape == xv.shape
+                    and bv.dtype == torch.float32 and bv.dim() <= xv.dim() and all(d == 1 for d in bv.shape[:-2])
+                    and bv.dim() >= 1 and bv.shape[-1] in (1, xv.shape[-1])
+                    and (bv.dim() < 2 or bv.shape[-2] in (1, lq))):
+                node, mask = a, b
+                break
+        else:
+            return None
+        if len(node.users) != 1:
+            return None
+    if call(node, aten.mul.Tensor) and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool):
+        node, scale = node.args[0], float(node.args[1])
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return None
+    ep = epilogue_through_views(node)
+    return (ep, scale, mask) if ep is not None else None
+
+
+def _absorb_scores(graph: fx.Graph, node: fx.Node, outs: list[fx.Node], x: fx.Node) -> bool:
+    """Where the fused softmax's input ``x`` is a lowered GEMM's result [times a constant]
+    [plus a mask] (:func:`_scores_parts`), the op takes the int32 product, its epilogue terms,
+    the constant and the mask instead, and the float scores are never written. The op's P and
+    codes then have the product's shape ((B H, Lq, L) for attention): views give their readers
+    ``x``'s shape."""
+    parts = _scores_parts(x)
+    if parts is None:
+        return False
+    ep, scale, mask = parts
+    acc_shape = ep.acc.meta["val"].shape
+    new_vals = [outs[0].meta["val"].new_empty(acc_shape), outs[1].meta["val"].new_empty(acc_shape)]
+    if any(view_shape(v) is None for v in (outs[0].meta["val"], outs[1].meta["val"])):
+        return False
+    with graph.inserting_before(node):
+        rows, cols = emit_terms(graph, ep, detect_fake_mode([x.meta["val"]]))
+    old_vals = [outs[0].meta["val"], outs[1].meta["val"]]
+    node.args = (ep.acc, node.args[1], node.args[2], scale, mask, rows, cols)
+    node.meta["val"] = (*new_vals, *node.meta["val"][2:])
+    outs[0].meta["val"], outs[1].meta["val"] = new_vals
+    view_outputs(graph, outs[:2], old_vals)
+    erase_dead(x, stop=ep.acc)
+    return True
+
+
 def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str, Any]:
     """Fuse every matched softmax + quantizer pattern of ``gm`` in place.
 
@@ -186,7 +249,7 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
             continue
         bits, scheme = q.args[1], q.args[2]
         with graph.inserting_before(p):
-            node = graph.call_function(torch.ops.fqt.softmax_quantize.default, (x, bits, scheme))
+            node = graph.call_function(torch.ops.fqt.softmax_quantize.default, (x, bits, scheme, 1.0, None, [], []))
             outs = [graph.call_function(operator.getitem, (node, i)) for i in range(4)]
         node.meta["val"] = (p.meta["val"], q.meta["val"][0], q.meta["val"][1], q.meta["val"][2])
         for i, o in enumerate(outs):
@@ -197,6 +260,7 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
             graph.erase_node(u)
         graph.erase_node(q)
         erase_dead(p, stop=x)
+        _absorb_scores(graph, node, outs, x)
         fused += 1
     fused_bwd = 0
     for x2 in list(graph.nodes):

@@ -26,7 +26,8 @@ from fqt_compile.sr_fused import GRANS, MAX_QUANTIZERS
 
 from .epilogue import EpilogueMatch, match_epilogue
 
-__all__ = ["call", "erase_dead", "sr_readers", "replace_with_fused", "epilogue_through_views"]
+__all__ = ["call", "erase_dead", "sr_readers", "replace_with_fused", "epilogue_through_views", "view_shape",
+           "view_outputs"]
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -48,6 +49,33 @@ def erase_dead(node: fx.Node, stop: fx.Node) -> None:
         todo.extend(n.all_input_nodes)
         n.graph.erase_node(n)
         erased.add(n)
+
+
+def view_shape(val: Any) -> list[int] | None:
+    """``val``'s shape as ``aten.view`` arguments a graph can hold: ints, with one symbolic size
+    (a dynamic batch) written -1; None when more than one size is symbolic."""
+    dims = list(val.shape)
+    sym = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+    if len(sym) > 1:
+        return None
+    return [-1 if i in sym else int(d) for i, d in enumerate(dims)]
+
+
+def view_outputs(graph: fx.Graph, outs: list[fx.Node], vals: list[Any]) -> bool:
+    """Give each getitem of ``outs`` (a fused op's outputs, shaped as its input) a view to the
+    shape of ``vals`` for its readers, where the shapes differ; False (nothing changed) when a
+    shape cannot be written (:func:`view_shape`)."""
+    shapes = [view_shape(v) for v in vals]
+    if any(sh is None for sh in shapes):
+        return False
+    for o, v, sh in zip(outs, vals, shapes):
+        if tuple(o.meta["val"].shape) == tuple(v.shape):
+            continue
+        with graph.inserting_after(o):
+            view = graph.call_function(aten.view.default, (o, sh))
+        view.meta["val"] = v
+        o.replace_all_uses_with(view, delete_user_cb=lambda u: u is not view)
+    return True
 
 
 def sr_readers(x2: fx.Node) -> list[fx.Node] | None:

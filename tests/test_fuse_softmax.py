@@ -4,6 +4,8 @@ compute, and where the pass stays out."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -163,4 +165,61 @@ def test_inductor_graphs_are_fused_from_the_decomposed_softmax():
     y_i, g_i, rec = _block_grads("inductor")
     assert _pass_result(rec, "forward")["fused"] == 1 and _pass_result(rec, "backward")["fused_backward"] == 1
     assert _count(rec.forward, aten.exp.default) == 0  # the softmax is gone from the graph
+    # both fused ops read int32 products (QK^T and dP) with their epilogue terms instead of float
+    # scores / gradients; the forward one also takes the 1/sqrt(d) scale and the causal mask
+    (fwd,) = [n for n in rec.forward.graph.nodes if n.target is FWD]
+    (bwd,) = [n for n in rec.backward.graph.nodes if n.target is BWD]
+    for op, rows in ((fwd, fwd.args[5]), (bwd, bwd.args[6])):
+        assert op.args[0].meta["val"].dtype == torch.int32 and 1 <= len(rows) <= 4
+    assert fwd.args[3] == pytest.approx(8 ** -0.5) and fwd.args[4] is not None  # head dim 32 / 4
+    mask = fwd.args[4].meta["val"]
+    assert tuple(mask.shape)[-2:] == (64, 64) and mask.dtype == torch.float32
     _assert_close_grads({"y": y_e, **g_e}, {"y": y_i, **g_i})
+
+
+@needs_kernel
+def test_dynamic_batch_graphs_are_fused_and_run_at_other_batch_sizes():
+    """dynamic=True: the fused ops whose outputs need a view back to their readers' shape only
+    take that form where the view can be written (a raw symbolic size in a graph argument does
+    not run: found by tests/test_export.py, fqt_compile.passes.fused_sr.view_shape); otherwise
+    they take the float input. Both softmax kernels and both GELU kernels are in the graph, and
+    steps at two other batch sizes run."""
+    torch.manual_seed(0)
+    m = TransformerBlock(32, 4)
+    fqt_compile.compile(m, FQTConfig(compiler="eager"), dynamic=True)
+    for b in (2, 3, 5):
+        m(torch.randn(b, 64, 32)).square().mean().backward()
+    (rec,) = [r for r in fqt_compile.records(m) if r.backward is not None and _count(r.forward, FWD)]
+    assert rec.forward.graph.find_nodes(op="placeholder")  # sanity: a real graph
+    assert _count(rec.forward, FWD) == 1 and _count(rec.backward, BWD) == 1
+    assert _count(rec.forward, torch.ops.fqt.gelu_quantize.default) == 1
+    assert _count(rec.backward, torch.ops.fqt.gelu_backward_sr_quantize.default) == 1
+    # batch and sequence are both symbolic here (dynamic=True): a view could not give the op's
+    # (B H, L, L) outputs back their (B, H, L, L) shape, so the softmax op reads the float scores
+    # (_absorb_scores declines), and the GELU op reads h = x + bias whole (not x and the bias)
+    (fwd,) = [n for n in rec.forward.graph.nodes if n.target is FWD]
+    assert fwd.args[0].meta["val"].dtype == torch.float32 and fwd.args[5] == []
+    (gelu,) = [n for n in rec.forward.graph.nodes if n.target is torch.ops.fqt.gelu_quantize.default]
+    assert gelu.args[1] is None
+
+
+@needs_kernel
+def test_symbolic_batch_only_keeps_the_int32_forms_with_views_of_minus_one():
+    """Only the batch symbolic (torch._dynamo.mark_dynamic on dim 0): the softmax op reads the
+    QK^T int32 product and its outputs are viewed back with -1 for the batch; the GELU op takes
+    x and the bias apart, its codes viewed back likewise."""
+    torch.manual_seed(0)
+    m = TransformerBlock(32, 4)
+    fqt_compile.compile(m, FQTConfig(compiler="eager"))
+    for b in (2, 3):
+        x = torch.randn(b, 64, 32)
+        torch._dynamo.mark_dynamic(x, 0)
+        m(x).square().mean().backward()
+    (rec,) = [r for r in fqt_compile.records(m) if r.backward is not None and _count(r.forward, FWD)]
+    (fwd,) = [n for n in rec.forward.graph.nodes if n.target is FWD]
+    assert fwd.args[0].meta["val"].dtype == torch.int32
+    views = [n for n in rec.forward.graph.nodes if n.target is aten.view.default and n.args[0].target is operator.getitem
+             and n.args[0].args[0].target is FWD]
+    assert len(views) == 2 and all(v.args[1][0] == -1 and all(isinstance(d, int) for d in v.args[1]) for v in views)
+    (gelu,) = [n for n in rec.forward.graph.nodes if n.target is torch.ops.fqt.gelu_quantize.default]
+    assert gelu.args[1] is not None

@@ -36,7 +36,7 @@ def _scores(shape, causal=False, seed=0):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_forward_rounds_its_softmax_exactly_like_quantize_forward(shape, scheme, bits):
     x = _scores(shape, causal=True)
-    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, bits, scheme)
+    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, bits, scheme, 1.0, None, [], [])
     ref = Q.quantize_forward(p, bits, scheme, "tensor")
     assert torch.equal(codes, ref.codes)
     assert torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
@@ -50,7 +50,7 @@ def test_forward_softmax_equals_torch_to_float_rounding(shape):
     L ulp of the sum, L <= 64 here); rtol 1e-5 is ~80 ulp. Measured on (128, 512, 512) causal
     scores: 4.2e-7 relative at most, no code differing from torch's softmax + quantize_forward."""
     x = _scores(shape, causal=True)
-    p, codes, scale, _ = torch.ops.fqt.softmax_quantize(x, 8, "affine_zero")
+    p, codes, scale, _ = torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [])
     ref_p = torch.softmax(x, -1)
     torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-30)
     ref = Q.quantize_forward(ref_p, 8, "affine_zero", "tensor")
@@ -71,13 +71,13 @@ def test_forward_non_finite_input_raises(bad):
     else:  # a row masked entirely: torch's softmax gives NaN there too
         x[1, 2] = float("-inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        torch.ops.fqt.softmax_quantize(x, 8, "affine_zero")
+        torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [])
 
 
 def test_forward_without_the_kernel_is_the_reference(monkeypatch):
     monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
     x = _scores((2, 5, 9))
-    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, 8, "affine")
+    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, 8, "affine", 1.0, None, [], [])
     ref_p = torch.softmax(x, -1)
     ref = Q.quantize_forward(ref_p, 8, "affine", "tensor")
     assert torch.equal(p, ref_p) and torch.equal(codes, ref.codes)
@@ -86,11 +86,11 @@ def test_forward_without_the_kernel_is_the_reference(monkeypatch):
 
 def test_forward_rejects_bad_arguments():
     with pytest.raises(ValueError, match="bits"):
-        torch.ops.fqt.softmax_quantize(torch.randn(2, 4), 1, "affine_zero")
+        torch.ops.fqt.softmax_quantize(torch.randn(2, 4), 1, "affine_zero", 1.0, None, [], [])
     with pytest.raises(RuntimeError, match="scheme"):
-        torch.ops.fqt.softmax_quantize(torch.randn(2, 4), 8, "log")
+        torch.ops.fqt.softmax_quantize(torch.randn(2, 4), 8, "log", 1.0, None, [], [])
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.fqt.softmax_quantize(torch.randn(2, 4, dtype=torch.float64), 8, "affine_zero")
+        torch.ops.fqt.softmax_quantize(torch.randn(2, 4, dtype=torch.float64), 8, "affine_zero", 1.0, None, [], [])
 
 
 # --- backward ---------------------------------------------------------------------------------
@@ -205,6 +205,48 @@ def test_backward_from_int32_product_equals_float_input(bmn, p_shape, bits, gran
         assert torch.equal(out[1 + 3 * k], q.codes)
 
 
+@needs_kernel
+@pytest.mark.parametrize("masked", [True, False])
+def test_forward_from_int32_product_scale_and_mask_equals_float_input(masked):
+    """The attention scores as the fused graph passes them: the QK^T int32 product + epilogue,
+    the scale, the causal mask (-inf above the diagonal). The kernel builds each row of the
+    scores in cache in the order the graph does (epilogue, * scale, + mask) -- the epilogue with
+    fused multiply-adds -- so P matches the op on the float scores to float rounding (rtol 1e-5,
+    the softmax test's tolerance above) and the codes are quantize_forward's of its own P."""
+    acc, rows, cols = _epilogue(6, 37, 37)
+    rows[0] = rows[0] * 1e-2  # scores of a few units, as attention's
+    mask = torch.zeros(37, 37).masked_fill(~torch.ones(37, 37, dtype=torch.bool).tril(), float("-inf")) if masked else None
+    shape = [2, 3, 37, 37]
+    s = SF.epilogue_reference(acc, rows, cols).reshape(shape) * 0.125
+    if masked:
+        s = s + mask
+    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(acc, 8, "affine_zero", 0.125, mask, rows, cols)
+    ref_p = torch.ops.fqt.softmax_quantize(s, 8, "affine_zero", 1.0, None, [], [])[0].reshape(6, 37, 37)
+    assert p.shape == codes.shape == acc.shape  # the product's shape; the graph views it
+    torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-30)
+    ref = Q.quantize_forward(p, 8, "affine_zero", "tensor")
+    assert torch.equal(codes, ref.codes) and torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
+
+
+def test_forward_from_int32_product_without_the_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
+    acc, rows, cols = _epilogue(4, 8, 8)
+    mask = torch.randn(8, 8)
+    p, codes, _, _ = torch.ops.fqt.softmax_quantize(acc, 8, "affine", 0.5, mask, rows, cols)
+    s = (acc.float() * rows[0] * cols[0] + rows[1] * cols[1] + rows[2] * cols[2]) * 0.5 + mask
+    assert torch.equal(p, torch.softmax(s, -1))
+    assert torch.equal(codes, Q.quantize_forward(torch.softmax(s, -1), 8, "affine", "tensor").codes)
+
+
+def test_forward_rejects_bad_scores_arguments():
+    acc, rows, cols = _epilogue(2, 4, 4)
+    x = torch.randn(2, 4, 4)
+    with pytest.raises(RuntimeError, match="a scale or mask goes with an int32 product only"):
+        torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 0.5, None, [], [])
+    with pytest.raises(RuntimeError, match="must broadcast to the last two dimensions"):
+        torch.ops.fqt.softmax_quantize(acc, 8, "affine_zero", 0.5, torch.zeros(3, 4), rows, cols)
+
+
 def test_backward_from_int32_product_without_the_kernel_is_the_reference(monkeypatch):
     monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
     acc, rows, cols = _epilogue(4, 8, 8)
@@ -232,7 +274,11 @@ def test_backward_rejects_bad_epilogues():
 def test_ops_pass_opcheck(which):
     """Schema, fake (meta) implementation and dispatch are consistent (torch.library.opcheck)."""
     if which == "forward":
-        torch.library.opcheck(torch.ops.fqt.softmax_quantize.default, (_scores((2, 4, 19)), 8, "affine_zero"))
+        torch.library.opcheck(torch.ops.fqt.softmax_quantize.default,
+                              (_scores((2, 4, 19)), 8, "affine_zero", 1.0, None, [], []))
+        acc, rows, cols = _epilogue(2, 4, 19)
+        torch.library.opcheck(torch.ops.fqt.softmax_quantize.default,
+                              (acc, 8, "affine_zero", 0.5, torch.randn(4, 19), rows, cols))
     else:
         g, p = _bwd_inputs((2, 4, 19))
         torch.library.opcheck(torch.ops.fqt.softmax_backward_sr_quantize.default,
