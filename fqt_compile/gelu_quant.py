@@ -63,8 +63,8 @@ def _horner_c() -> str:
 
 
 _SOURCE = sr_fused.COMMON_C + r"""
-// gelu'(h) = cdf(h) + h pdf(h), one exp for both (module docstring)
-static inline __m512 gelu_grad512(__m512 h) {
+// cdf(h) of the standard normal, and e = exp(-h^2 / 2) (module docstring)
+static inline __m512 normal_cdf512(__m512 h, __m512* e_out) {
     const __m512 one = _mm512_set1_ps(1.0f);
     __m512 e = exp512(_mm512_mul_ps(_mm512_mul_ps(h, h), _mm512_set1_ps(-0.5f)));
     __m512 z = _mm512_mul_ps(_mm512_abs_ps(h), _mm512_set1_ps(0.70710678118654752f));
@@ -72,20 +72,21 @@ static inline __m512 gelu_grad512(__m512 h) {
 """ + _horner_c() + r"""
     __m512 half = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), e), F);
     __mmask16 neg = _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half), half);
+    *e_out = e;
+    return _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half), half);
+}
+
+// gelu'(h) = cdf(h) + h pdf(h), one exp for both
+static inline __m512 gelu_grad512(__m512 h) {
+    __m512 e;
+    __m512 cdf = normal_cdf512(h, &e);
     return _mm512_fmadd_ps(h, _mm512_mul_ps(_mm512_set1_ps(0.3989422804014327f), e), cdf);
 }
 
-// gelu(h) = h cdf(h), cdf as in gelu_grad512
+// gelu(h) = h cdf(h)
 static inline __m512 gelu512(__m512 h) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    __m512 e = exp512(_mm512_mul_ps(_mm512_mul_ps(h, h), _mm512_set1_ps(-0.5f)));
-    __m512 z = _mm512_mul_ps(_mm512_abs_ps(h), _mm512_set1_ps(0.70710678118654752f));
-    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), one));
-""" + _horner_c() + r"""
-    __m512 half = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), e), F);
-    __mmask16 neg = _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_LT_OQ);
-    return _mm512_mul_ps(h, _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half), half));
+    __m512 e;
+    return _mm512_mul_ps(h, normal_cdf512(h, &e));
 }
 
 // forward pass 1: y = gelu(x + bias) per row (bias NULL: none), each row's min and max of y
@@ -179,14 +180,18 @@ def status() -> str:
     return _load()[1]
 
 
+def _check_bias(op: str, x: Tensor, bias: Tensor | None) -> None:
+    if bias is not None:
+        d = x.shape[-1]
+        torch._check(bias.dtype == torch.float32 and tuple(bias.shape) == (d,),
+                     lambda: f"{op}: bias must be float32 of shape ({d},), got {tuple(bias.shape)}")
+
+
 def _check_fwd(x: Tensor, bias: Tensor | None, bits: int, scheme: str) -> None:
     Q.check_bits(bits)
     torch._check(scheme in Q.FORWARD_SCHEMES, lambda: f"fqt::gelu_quantize: scheme must be one of {Q.FORWARD_SCHEMES}")
     torch._check(x.dim() >= 1 and x.dtype == torch.float32, lambda: "fqt::gelu_quantize: x must be float32 with a dimension")
-    if bias is not None:
-        d = x.shape[-1]
-        torch._check(bias.dtype == torch.float32 and tuple(bias.shape) == (d,),
-                     lambda: f"fqt::gelu_quantize: bias must be float32 of shape ({d},), got {tuple(bias.shape)}")
+    _check_bias("fqt::gelu_quantize", x, bias)
 
 
 @torch.library.custom_op("fqt::gelu_quantize", mutates_args=())
@@ -225,9 +230,7 @@ def _check(g: Tensor, x: Tensor, bias: Tensor | None, bits: list[int], grans: li
            rows: list[Tensor], cols: list[Tensor]) -> None:
     torch._check(x.dim() >= 1 and x.dtype == torch.float32, lambda: f"{_OP}: x must be float32 with a dimension")
     d = x.shape[-1]
-    if bias is not None:
-        torch._check(bias.dtype == torch.float32 and tuple(bias.shape) == (d,),
-                     lambda: f"{_OP}: bias must be float32 of shape ({d},), got {tuple(bias.shape)}")
+    _check_bias(_OP, x, bias)
     sr_fused.check_epilogue(_OP, g, rows, cols, x.numel(), d)
     if g.dtype != torch.int32:  # any shape of x's elements and last dimension (h may be a view of x + bias)
         torch._check(g.numel() == x.numel() and g.shape[-1:] == x.shape[-1:],

@@ -241,10 +241,8 @@ def check_epilogue(op: str, g: Tensor, rows: Sequence[Tensor], cols: Sequence[Te
         torch._check(r.dtype == torch.float32 and c.dtype == torch.float32, lambda: f"{op}: epilogue terms must be float32")
         torch._check(r.dim() <= 3 and c.dim() <= 3, lambda: f"{op}: epilogue terms have at most 3 dimensions")
         try:
-            torch.broadcast_shapes(r.shape, (b, m, 1))
-            torch.broadcast_shapes(c.shape, (b, 1, n))
             ok = torch.broadcast_shapes(r.shape, (b, m, 1)) == (b, m, 1) and torch.broadcast_shapes(c.shape, (b, 1, n)) == (b, 1, n)
-        except RuntimeError:
+        except RuntimeError:  # not broadcastable at all
             ok = False
         torch._check(ok, lambda: f"{op}: epilogue term shapes {tuple(r.shape)} / {tuple(c.shape)} do not broadcast "
                                  f"to rows {(b, m, 1)} / columns {(b, 1, n)}")

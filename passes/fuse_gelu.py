@@ -38,8 +38,8 @@ from torch._guards import detect_fake_mode
 from .. import gelu_quant
 from ..config import FQTConfig
 from .epilogue import emit_terms
-from .fused_sr import (call, epilogue_through_views, erase_dead, replace_with_fused, sr_readers, view_outputs,
-                       view_shape)
+from .fused_sr import (call, cpu_float32, epilogue_through_views, erase_dead, replace_with_fused, sr_readers,
+                       view_outputs, view_shape)
 
 __all__ = ["fuse_gelu"]
 
@@ -213,9 +213,9 @@ def _fuse(graph: fx.Graph, x2: fx.Node) -> bool:
     if gh is None:
         return False
     g, h = gh
-    vals = [n.meta.get("val") for n in (g, h, ds)]
-    if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device.type == "cpu" for v in vals):
+    if not cpu_float32((g, h, ds)):
         return False
+    vals = [n.meta["val"] for n in (g, h, ds)]
     d = xv.shape[-1]
     if vals[0].shape != vals[1].shape or vals[1].shape[-1] != d or vals[1].numel() >= 2**31:
         return False

@@ -49,8 +49,8 @@ from torch._guards import detect_fake_mode
 from ..config import FQTConfig
 from .. import softmax_quant
 from .epilogue import EpilogueMatch, emit_terms
-from .fused_sr import (call, epilogue_through_views, erase_dead, replace_with_fused, sr_readers, view_outputs,
-                       view_shape)
+from .fused_sr import (call, cpu_float32, epilogue_through_views, erase_dead, replace_with_fused, sr_readers,
+                       view_outputs, view_shape)
 
 __all__ = ["fuse_softmax"]
 
@@ -139,9 +139,9 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
     if gp is None:
         return False
     g, p = gp
-    vals = [n.meta.get("val") for n in (g, p, sb)]
-    if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device.type == "cpu" for v in vals):
+    if not cpu_float32((g, p, sb)):
         return False
+    vals = [n.meta["val"] for n in (g, p, sb)]
     if vals[0].shape != vals[1].shape or vals[0].numel() >= 2**31:
         return False
     xv = x2.meta.get("val")

@@ -26,7 +26,7 @@ from fqt_compile.sr_fused import GRANS, MAX_QUANTIZERS
 
 from .epilogue import EpilogueMatch, match_epilogue
 
-__all__ = ["call", "erase_dead", "sr_readers", "replace_with_fused", "epilogue_through_views", "view_shape",
+__all__ = ["call", "cpu_float32", "erase_dead", "sr_readers", "replace_with_fused", "epilogue_through_views", "view_shape",
            "view_outputs"]
 
 aten = torch.ops.aten
@@ -76,6 +76,12 @@ def view_outputs(graph: fx.Graph, outs: list[fx.Node], vals: list[Any]) -> bool:
         view.meta["val"] = v
         o.replace_all_uses_with(view, delete_user_cb=lambda u: u is not view)
     return True
+
+
+def cpu_float32(nodes: Sequence[fx.Node]) -> bool:
+    """Every node's ``meta["val"]`` is a float32 CPU tensor (what the fused kernels take)."""
+    vals = [n.meta.get("val") for n in nodes]
+    return all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device.type == "cpu" for v in vals)
 
 
 def sr_readers(x2: fx.Node) -> list[fx.Node] | None:
