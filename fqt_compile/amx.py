@@ -9,9 +9,13 @@ use, cached under ``$FQT_CACHE_DIR`` or ``~/.cache/fqt_compile``) and runs it th
 * B (K x N, any strides; fast paths for K- or N-contiguous) is packed into AMX's VNNI layout
   (16-column blocks of 64 x 16 bytes), in parallel over column blocks; an N-contiguous B is
   read 64 columns (one cache line per row) at a time;
-* each thread computes its half of the rows, 32 x 32 blocks of C in four int32 accumulator
-  tiles (``tdpbssd``), over panels of B of about 1 MiB that stay in L2;
-* a batch (attention's per-head products) is split over threads entry by entry.
+* each thread packs its half of the rows of A into 32-row blocks of 1 KB tiles (row-major A
+  is copied; K-major A, a transposed view such as grad_weight's Q(G)^T or attention's P^T, is
+  transposed on the way, so it needs no separate transposed copy), then computes them as
+  32 x 32 blocks of C in four int32 accumulator tiles (``tdpbssd``), over panels of B of
+  about 1 MiB that stay in L2;
+* a batch (attention's per-head products) is split over threads entry by entry, each thread
+  packing its entry's A and B into its own buffers.
 
 The result is exact integer arithmetic, so it equals ``torch._int_mm`` bit for bit
 (``tests/test_amx.py``); the caller keeps K within the int32-safe bound as for ``_int_mm``.
@@ -131,34 +135,30 @@ static void pack_b_block4(const int8_t* b, int64_t sk, int64_t n0, int64_t kbloc
     }
 }
 
-// rows [m0, m1) (multiples of 32) x columns [c0, c1) (multiples of 32) of C (ldc) from
-// A rows (lda) and packed B (bp: 16-column blocks of kblocks * 1024 bytes)
-static void kernel_2x2(const int8_t* a, int64_t lda, const int8_t* bp, int32_t* c, int64_t ldc,
-                       int64_t m0, int64_t m1, int64_t c0, int64_t c1, int64_t kblocks) {
+// columns [c0, c1) (multiples of 32) of 32 rows of C (ldc) from a packed 32-row block of A
+// (ap: [kblocks][32][64]) and packed B (bp: 16-column blocks of kblocks * 1024 bytes)
+static void kernel_2x2(const int8_t* ap, const int8_t* bp, int32_t* c, int64_t ldc, int64_t c0, int64_t c1,
+                       int64_t kblocks) {
     const int64_t bstride = kblocks * 1024;
-    for (int64_t m = m0; m < m1; m += 32) {
-        const int8_t* a0 = a + m * lda;
-        const int8_t* a1 = a0 + 16 * lda;
-        for (int64_t n = c0; n < c1; n += 32) {
-            const int8_t* b0 = bp + (n / 16) * bstride;
-            const int8_t* b1 = b0 + bstride;
-            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-            for (int64_t kb = 0; kb < kblocks; kb++) {
-                _tile_loadd(4, a0 + kb * 64, lda);
-                _tile_loadd(6, b0 + kb * 1024, 64);
-                _tile_dpbssd(0, 4, 6);
-                _tile_loadd(7, b1 + kb * 1024, 64);
-                _tile_dpbssd(1, 4, 7);
-                _tile_loadd(5, a1 + kb * 64, lda);
-                _tile_dpbssd(2, 5, 6);
-                _tile_dpbssd(3, 5, 7);
-            }
-            int32_t* cc = c + m * ldc + n;
-            _tile_stored(0, cc, ldc * 4);
-            _tile_stored(1, cc + 16, ldc * 4);
-            _tile_stored(2, cc + 16 * ldc, ldc * 4);
-            _tile_stored(3, cc + 16 * ldc + 16, ldc * 4);
+    for (int64_t n = c0; n < c1; n += 32) {
+        const int8_t* b0 = bp + (n / 16) * bstride;
+        const int8_t* b1 = b0 + bstride;
+        int32_t* cc = c + n;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(4, ap + kb * 2048, 64);
+            _tile_loadd(6, b0 + kb * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_loadd(7, b1 + kb * 1024, 64);
+            _tile_dpbssd(1, 4, 7);
+            _tile_loadd(5, ap + kb * 2048 + 1024, 64);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
         }
+        _tile_stored(0, cc, ldc * 4);
+        _tile_stored(1, cc + 16, ldc * 4);
+        _tile_stored(2, cc + 16 * ldc, ldc * 4);
+        _tile_stored(3, cc + 16 * ldc + 16, ldc * 4);
     }
 }
 
@@ -202,34 +202,23 @@ static inline void transpose16xl(const int8_t* src, int64_t ss, int8_t* dst, int
 #undef FQT_STORE_LANES
 }
 
-// B matrices A[i] stored transposed (element [i][m][k] at a[i * sab + k * sak + m]) -> ap
-// (B, M, K) contiguous; M % 16 == 0 and K % 16 == 0 (the caller pads otherwise). Blocks of 64
-// rows of ap, filled 16 columns at a time from 16 source rows of 64 bytes (whole cache lines).
-void fqt_amx_transpose_a(const int8_t* a, int64_t sab, int64_t sak, int8_t* ap, int64_t B, int64_t M, int64_t K,
-                         int nthreads) {
-    const int64_t mblocks = (M + 63) / 64;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < B * mblocks; t++) {
-        const int64_t i = t / mblocks, mb = (t % mblocks) * 64;
-        const int8_t* src = a + i * sab;
-        int8_t* dst = ap + i * M * K;
-        if (mb + 64 <= M) {
-            // 64 x 64 bytes through an L1 buffer, written out as whole rows of 64 bytes:
-            // with a stride of 4096 (K = 4096) 16-byte stores straight into ap kept evicting
-            // each other's lines (one L1 set)
-            int8_t buf[64 * 64] __attribute__((aligned(64)));
-            int64_t k = 0;
-            for (; k + 64 <= K; k += 64) {
-                for (int kg = 0; kg < 64; kg += 16)
-                    transpose16xl(src + (k + kg) * sak + mb, sak, buf + kg, 64, 4);
-                for (int r = 0; r < 64; r++)
-                    _mm512_storeu_si512((void*)(dst + (mb + r) * K + k), _mm512_load_si512((const void*)(buf + r * 64)));
+// rows [m0, m1) (multiples of 32) of A (M x K, strides sam, sak; one of them 1) -> dst, one
+// [kblocks][32][64] block per 32 rows, so that a tile load reads 1 KB of consecutive bytes (rows
+// of A 4096 bytes apart all fell into one L1 set). K-major A (a transposed view: grad_weight's
+// Q(G)^T, attention's P^T and dS^T) is transposed on the way, 16 x 32 bytes at a time.
+static void pack_a(const int8_t* a, int64_t sam, int64_t sak, int64_t m0, int64_t m1, int64_t kblocks, int8_t* dst) {
+    for (int64_t m = m0; m < m1; m += 32) {
+        int8_t* d = dst + (m - m0) * kblocks * 64;
+        if (sak == 1) {
+            for (int r = 0; r < 32; r++) {
+                const int8_t* s = a + (m + r) * sam;
+                for (int64_t kb = 0; kb < kblocks; kb++)
+                    _mm512_storeu_si512((void*)(d + kb * 2048 + r * 64), _mm512_loadu_si512((const void*)(s + kb * 64)));
             }
-            for (; k < K; k += 16)
-                transpose16xl(src + k * sak + mb, sak, dst + mb * K + k, K, 4);
-        } else {  // the last 16, 32 or 48 rows
-            for (int64_t k = 0; k < K; k += 16)
-                transpose16xl(src + k * sak + mb, sak, dst + mb * K + k, K, (int)((M - mb) / 16));
+        } else {
+            for (int64_t kb = 0; kb < kblocks; kb++)
+                for (int kg = 0; kg < 64; kg += 16)
+                    transpose16xl(a + (kb * 64 + kg) * sak + m * sam, sak, d + kb * 2048 + kg, 64, 2);
         }
     }
 }
@@ -247,11 +236,12 @@ static void pack_b(const int8_t* b, int64_t sk, int64_t sn, int64_t nb0, int64_t
     }
 }
 
-// c[i] (M, N) contiguous = a[i] (M, K; strides sam, 1) @ b[i] (K, N; strides sbk, sbn), i < B.
-// M % 32 == 0, N % 32 == 0, K % 64 == 0 (the caller pads). bp: scratch, B * packed bytes
-// when B > 1 (one packed B per entry), else packed bytes.
-int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int64_t sbb, int64_t sbk, int64_t sbn,
-                int32_t* c, int8_t* bp, int64_t B, int64_t M, int64_t K, int64_t N, int nthreads, int64_t ncols) {
+// c[i] (M, N) contiguous = a[i] (M, K; strides sam, sak, one of them 1) @ b[i] (K, N; strides
+// sbk, sbn), i < B. M % 32 == 0, N % 32 == 0, K % 64 == 0 (the caller pads). Scratch: bp,
+// packed B (B > 1: one per thread); ap, packed A (B > 1: M * K bytes per thread, else M * K).
+int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, int64_t sak, const int8_t* b, int64_t sbb, int64_t sbk,
+                int64_t sbn, int32_t* c, int8_t* bp, int8_t* ap, int64_t B, int64_t M, int64_t K, int64_t N,
+                int nthreads, int64_t ncols) {
     const int64_t kblocks = K / 64, nblocks = N / 16, per = kblocks * nblocks * 1024;
     if (ncols <= 0) {  // a K x ncols panel of packed B of about 1 MiB stays in L2 across the rows
         ncols = ((1 << 20) / K) / 32 * 32;
@@ -262,11 +252,14 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int6
         #pragma omp parallel num_threads(nthreads)
         {
             config_tiles();
+            int8_t* bpt = bp + omp_get_thread_num() * per;
+            int8_t* apt = ap + omp_get_thread_num() * M * K;
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < B; i++) {
-                int8_t* p = bp + i * per;
-                pack_b(b + i * sbb, sbk, sbn, 0, nblocks, kblocks, p);
-                kernel_2x2(a + i * sab, sam, p, c + i * M * N, N, 0, M, 0, N, kblocks);
+                pack_b(b + i * sbb, sbk, sbn, 0, nblocks, kblocks, bpt);
+                pack_a(a + i * sab, sam, sak, 0, M, kblocks, apt);
+                for (int64_t m = 0; m < M; m += 32)
+                    kernel_2x2(apt + m * K, bpt, c + i * M * N + m * N, N, 0, N, kblocks);
             }
             _tile_release();
         }
@@ -281,9 +274,11 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, const int8_t* b, int6
         int nt = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t mblocks = M / 32;
         int64_t m0 = (mblocks * t / nt) * 32, m1 = (mblocks * (t + 1) / nt) * 32;
+        pack_a(a, sam, sak, m0, m1, kblocks, ap + m0 * K);
         for (int64_t c0 = 0; c0 < N; c0 += ncols) {
             int64_t c1 = c0 + ncols < N ? c0 + ncols : N;
-            kernel_2x2(a, sam, bp, c, N, m0, m1, c0, c1, kblocks);
+            for (int64_t m = m0; m < m1; m += 32)
+                kernel_2x2(ap + m * K, bp, c + m * N, N, c0, c1, kblocks);
         }
         _tile_release();
     }
@@ -302,10 +297,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "not available: the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fqt_amx_packed_b_bytes.argtypes, lib.fqt_amx_packed_b_bytes.restype = [i64, i64], ctypes.c_size_t
-    lib.fqt_amx_bmm.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, i64]
+    lib.fqt_amx_bmm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64,
+                                ctypes.c_int, i64]
     lib.fqt_amx_bmm.restype = ctypes.c_int
-    lib.fqt_amx_transpose_a.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
-    lib.fqt_amx_transpose_a.restype = None
     return lib, "in use (AMX-INT8)"
 
 
@@ -358,24 +352,22 @@ def int_mm_amx(a: Tensor, b: Tensor) -> Tensor:
     nb, m, k = a3.shape
     n = b3.shape[2]
     mp, kp, np_ = _round_up(m, 32), _round_up(k, 64), _round_up(n, 32)
-    if a3.stride(2) != 1 and a3.stride(1) == 1 and m % 16 == 0 and k % 16 == 0:
-        # K-major (a transposed view: grad_weight's Q_b2(G)^T, attention's P^T and dS^T):
-        # transposed in C, whole cache lines at a time (ATen's strided copy took 20 ms for
-        # attention's (128, 512, 512) codes)
-        t = torch.empty((nb, m, k), dtype=torch.int8)
-        lib = _load()[0]
-        lib.fqt_amx_transpose_a(a3.data_ptr(), a3.stride(0), a3.stride(2), t.data_ptr(), nb, m, k,
-                                torch.get_num_threads())
-        a3 = t
-    if (mp, kp) != (m, k) or a3.stride(2) != 1:
+    # A is read row-major (K contiguous) or K-major (M contiguous: a transposed view, e.g.
+    # grad_weight's Q(G)^T, attention's P^T and dS^T), which the kernel transposes as it packs
+    if (mp, kp) != (m, k) or (a3.stride(2) != 1 and a3.stride(1) != 1):
         a3 = _pad_to(_pad_to(a3.contiguous(), 1, 32), 2, 64)
     if (kp, np_) != (k, n):
         b3 = _pad_to(_pad_to(b3, 1, 64), 2, 32)
     lib = _load()[0]
+    threads = torch.get_num_threads()
     c = torch.empty((nb, mp, np_), dtype=torch.int32)
-    scratch = torch.empty(nb * lib.fqt_amx_packed_b_bytes(kp, np_), dtype=torch.int8)
-    lib.fqt_amx_bmm(a3.data_ptr(), a3.stride(0), a3.stride(1), b3.data_ptr(), b3.stride(0), b3.stride(1),
-                    b3.stride(2), c.data_ptr(), scratch.data_ptr(), nb, mp, kp, np_, torch.get_num_threads(), 0)
+    copies = threads if nb > 1 else 1  # a batch: one packed A and B per thread
+    b_scratch = torch.empty(copies * lib.fqt_amx_packed_b_bytes(kp, np_), dtype=torch.int8)
+    a_scratch = torch.empty(copies * mp * kp, dtype=torch.int8)
+    sak, sam = (1, a3.stride(1)) if a3.stride(2) == 1 else (a3.stride(2), 1)
+    lib.fqt_amx_bmm(a3.data_ptr(), a3.stride(0), sam, sak, b3.data_ptr(), b3.stride(0), b3.stride(1),
+                    b3.stride(2), c.data_ptr(), b_scratch.data_ptr(), a_scratch.data_ptr(), nb, mp, kp, np_,
+                    threads, 0)
     if (mp, np_) != (m, n):
         c = c[:, :m, :n].contiguous()
     return c[0] if squeeze else c

@@ -28,7 +28,7 @@ def _ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @needs_amx
 @pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("layout", ["rowmajor", "b_transposed", "a_transposed", "b_strided"])
+@pytest.mark.parametrize("layout", ["rowmajor", "b_transposed", "a_transposed", "b_strided", "a_row_stride"])
 def test_amx_gemm_is_exact(m, k, n, layout):
     torch.manual_seed(m * 7 + k + n)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
@@ -37,6 +37,8 @@ def test_amx_gemm_is_exact(m, k, n, layout):
         b = b.t().contiguous().t()
     elif layout == "a_transposed":  # grad_weight's Q_b2(G)^T: M contiguous
         a = a.t().contiguous().t()
+    elif layout == "a_row_stride":  # K contiguous, rows further apart than K (a column slice)
+        a = torch.randint(-128, 128, (m, k + 64), dtype=torch.int8)[:, 32:32 + k]
     elif layout == "b_strided":  # neither dimension contiguous: the generic packing loop
         b = torch.randint(-128, 128, (k, 2 * n), dtype=torch.int8)[:, ::2]
     out = torch.ops.fqt.int_mm_amx(a, b)
@@ -56,12 +58,21 @@ def test_amx_batched_gemm_is_exact_with_transposed_operands():
     at = a.transpose(1, 2).contiguous().transpose(1, 2)  # K-major entries (attention's P^T, dS^T)
     bt = b.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(torch.ops.fqt.int_mm_amx(at, bt), exact)
-    # K-major batched entries are transposed in C: 64-row blocks (through an L1 buffer for
-    # each 64 columns, 16 at a time after that) and 16-row remainders (M = 80, K = 208)
-    a = torch.randint(-128, 128, (3, 80, 208), dtype=torch.int8)
-    b = torch.randint(-128, 128, (3, 208, 32), dtype=torch.int8)
-    at = a.transpose(1, 2).contiguous().transpose(1, 2)
-    assert torch.equal(torch.ops.fqt.int_mm_amx(at, b), torch.bmm(a.int(), b.int()))
+    # K-major entries that need padding (M = 80, K = 208) are copied row-major first; aligned
+    # ones (M = 96, K = 128) are transposed as the kernel packs them, 16 x 32 bytes at a time
+    for m, k in ((80, 208), (96, 128)):
+        a = torch.randint(-128, 128, (3, m, k), dtype=torch.int8)
+        b = torch.randint(-128, 128, (3, k, 32), dtype=torch.int8)
+        at = a.transpose(1, 2).contiguous().transpose(1, 2)
+        assert torch.equal(torch.ops.fqt.int_mm_amx(at, b), torch.bmm(a.int(), b.int()))
+    # more entries than threads, and a row stride larger than K (a slice of a wider tensor)
+    a = torch.randint(-128, 128, (7, 64, 256), dtype=torch.int8)[:, :, :128]
+    b = torch.randint(-128, 128, (7, 128, 64), dtype=torch.int8)
+    assert torch.equal(torch.ops.fqt.int_mm_amx(a, b), torch.bmm(a.int(), b.int()))
+    # 2-D, K-major, both threads' row ranges and two 512-column panels of B (K = 2048)
+    a = torch.randint(-128, 128, (2048, 256), dtype=torch.int8).t()
+    b = torch.randint(-128, 128, (2048, 640), dtype=torch.int8)
+    assert torch.equal(torch.ops.fqt.int_mm_amx(a, b), torch._int_mm(a.contiguous(), b))
     # int32 accumulation at the largest int32-safe K for int8 codes stays exact
     k = 2**31 // 2**14 - 64
     big_a = torch.full((32, k), -128, dtype=torch.int8)
