@@ -35,10 +35,10 @@ from torch import Tensor
 from . import cbuild
 from .gemm import _bmm_int32, _pad_to
 
-__all__ = ["available", "status", "suits", "int_mm_amx"]
+__all__ = ["available", "status", "suits", "int_mm_amx", "int_mm_amx_sums"]
 
 
-_FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw", "-fopenmp"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
 
 _SOURCE = r"""
 // int8 x int8 -> int32 GEMM on AMX tiles
@@ -202,6 +202,27 @@ static inline void transpose16xl(const int8_t* src, int64_t ss, int8_t* dst, int
 #undef FQT_STORE_LANES
 }
 
+// row sums of a packed 32-row block of A (the zero-point corrections' rowsum_K(cA)): dpbusd
+// of the bytes with ones adds each 4 of a row; exact in int32 (|sum| <= 128 K)
+static void rowsums_packed_a(const int8_t* d, int64_t kblocks, int32_t* rows) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int r = 0; r < 32; r++) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t kb = 0; kb < kblocks; kb++)
+            acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512((const void*)(d + kb * 2048 + r * 64)));
+        rows[r] = _mm512_reduce_add_epi32(acc);
+    }
+}
+
+// column sums of a packed 16-column block of B (colsum_K(cB)): lane n of a 64-byte row of
+// the block holds 4 consecutive K of column n
+static void colsums_packed_b(const int8_t* d, int64_t kblocks, int32_t* cols) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t i = 0; i < kblocks * 16; i++) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512((const void*)(d + i * 64)));
+    _mm512_storeu_si512((void*)cols, acc);
+}
+
 // rows [m0, m1) (multiples of 32) of A (M x K, strides sam, sak; one of them 1) -> dst, one
 // [kblocks][32][64] block per 32 rows, so that a tile load reads 1 KB of consecutive bytes (rows
 // of A 4096 bytes apart all fell into one L1 set). K-major A (a transposed view: grad_weight's
@@ -239,9 +260,11 @@ static void pack_b(const int8_t* b, int64_t sk, int64_t sn, int64_t nb0, int64_t
 // c[i] (M, N) contiguous = a[i] (M, K; strides sam, sak, one of them 1) @ b[i] (K, N; strides
 // sbk, sbn), i < B. M % 32 == 0, N % 32 == 0, K % 64 == 0 (the caller pads). Scratch: bp,
 // packed B (B > 1: one per thread); ap, packed A (B > 1: M * K bytes per thread, else M * K).
+// rows (B x M) and cols (B x N), unless NULL, get rowsum_K(a[i]) and colsum_K(b[i]), taken
+// from the packed operands while they are in cache.
 int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, int64_t sak, const int8_t* b, int64_t sbb, int64_t sbk,
                 int64_t sbn, int32_t* c, int8_t* bp, int8_t* ap, int64_t B, int64_t M, int64_t K, int64_t N,
-                int nthreads, int64_t ncols) {
+                int nthreads, int64_t ncols, int32_t* rows, int32_t* cols) {
     const int64_t kblocks = K / 64, nblocks = N / 16, per = kblocks * nblocks * 1024;
     if (ncols <= 0) {  // a K x ncols panel of packed B of about 1 MiB stays in L2 across the rows
         ncols = ((1 << 20) / K) / 32 * 32;
@@ -258,6 +281,10 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, int64_t sak, const in
             for (int64_t i = 0; i < B; i++) {
                 pack_b(b + i * sbb, sbk, sbn, 0, nblocks, kblocks, bpt);
                 pack_a(a + i * sab, sam, sak, 0, M, kblocks, apt);
+                if (cols)
+                    for (int64_t nb = 0; nb < nblocks; nb++) colsums_packed_b(bpt + nb * kblocks * 1024, kblocks, cols + i * N + nb * 16);
+                if (rows)
+                    for (int64_t m = 0; m < M; m += 32) rowsums_packed_a(apt + m * K, kblocks, rows + i * M + m);
                 for (int64_t m = 0; m < M; m += 32)
                     kernel_2x2(apt + m * K, bpt, c + i * M * N + m * N, N, 0, N, kblocks);
             }
@@ -268,13 +295,19 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, int64_t sak, const in
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
-        for (int64_t ng = 0; ng < (nblocks + 3) / 4; ng++)
-            pack_b(b, sbk, sbn, ng * 4, ng * 4 + 4 < nblocks ? ng * 4 + 4 : nblocks, kblocks, bp);
+        for (int64_t ng = 0; ng < (nblocks + 3) / 4; ng++) {
+            int64_t nb1 = ng * 4 + 4 < nblocks ? ng * 4 + 4 : nblocks;
+            pack_b(b, sbk, sbn, ng * 4, nb1, kblocks, bp);
+            if (cols)
+                for (int64_t nb = ng * 4; nb < nb1; nb++) colsums_packed_b(bp + nb * kblocks * 1024, kblocks, cols + nb * 16);
+        }
         config_tiles();
         int nt = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t mblocks = M / 32;
         int64_t m0 = (mblocks * t / nt) * 32, m1 = (mblocks * (t + 1) / nt) * 32;
         pack_a(a, sam, sak, m0, m1, kblocks, ap + m0 * K);
+        if (rows)
+            for (int64_t m = m0; m < m1; m += 32) rowsums_packed_a(ap + m * K, kblocks, rows + m);
         for (int64_t c0 = 0; c0 < N; c0 += ncols) {
             int64_t c1 = c0 + ncols < N ? c0 + ncols : N;
             for (int64_t m = m0; m < m1; m += 32)
@@ -289,7 +322,7 @@ int fqt_amx_bmm(const int8_t* a, int64_t sab, int64_t sam, int64_t sak, const in
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    lib, why = cbuild.load("amx_gemm", _SOURCE, _FLAGS, env="FQT_AMX", needs={"amx_tile", "amx_int8", "avx512bw"},
+    lib, why = cbuild.load("amx_gemm", _SOURCE, _FLAGS, env="FQT_AMX", needs={"amx_tile", "amx_int8", "avx512bw", "avx512_vnni"},
                            fallback="integer GEMMs use torch._int_mm")
     if lib is None:
         return None, why
@@ -298,7 +331,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fqt_amx_packed_b_bytes.argtypes, lib.fqt_amx_packed_b_bytes.restype = [i64, i64], ctypes.c_size_t
     lib.fqt_amx_bmm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64,
-                                ctypes.c_int, i64]
+                                ctypes.c_int, i64, ptr, ptr]
     lib.fqt_amx_bmm.restype = ctypes.c_int
     return lib, "in use (AMX-INT8)"
 
@@ -337,6 +370,7 @@ def _round_up(n: int, m: int) -> int:
 # (torch 2.5 lacks the tag; the fixed stride order is the same constraint for these operands).
 _LAYOUT_TAG = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
 torch.library.define("fqt::int_mm_amx", "(Tensor a, Tensor b) -> Tensor", tags=(_LAYOUT_TAG,))
+torch.library.define("fqt::int_mm_amx_sums", "(Tensor a, Tensor b) -> (Tensor, Tensor, Tensor)", tags=(_LAYOUT_TAG,))
 
 
 @torch.library.impl("fqt::int_mm_amx", "CPU")
@@ -344,9 +378,26 @@ def int_mm_amx(a: Tensor, b: Tensor) -> Tensor:
     """Exact int8 GEMM with int32 result on AMX: (M, K) @ (K, N) or (B, M, K) @ (B, K, N).
     The caller keeps K within the int32-safe bound of its codes. Where AMX is not available
     it computes the same with ``torch._int_mm``."""
+    return _run(a, b, sums=False)[0]
+
+
+@torch.library.impl("fqt::int_mm_amx_sums", "CPU")
+def int_mm_amx_sums(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``int_mm_amx(a, b)`` and the operands' sums along K, all int32: ``(a @ b, a.sum(-1,
+    keepdim=True), b.sum(-2, keepdim=True))``. The sums are the lowering's zero-point
+    correction terms (rowsum_K(cA), colsum_K(cB)); the kernel takes them from the packed
+    operands while they are in cache instead of another pass over the codes."""
+    c, rows, cols = _run(a, b, sums=True)
+    return c, rows, cols
+
+
+def _run(a: Tensor, b: Tensor, sums: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     _check(a, b)
     if not available():
-        return _bmm_int32(a[None], b[None])[0] if a.dim() == 2 else _bmm_int32(a, b)
+        c = _bmm_int32(a[None], b[None])[0] if a.dim() == 2 else _bmm_int32(a, b)
+        if not sums:
+            return c, None, None
+        return c, a.sum(-1, keepdim=True, dtype=torch.int32), b.sum(-2, keepdim=True, dtype=torch.int32)
     squeeze = a.dim() == 2
     a3, b3 = (a[None], b[None]) if squeeze else (a, b)
     nb, m, k = a3.shape
@@ -361,16 +412,22 @@ def int_mm_amx(a: Tensor, b: Tensor) -> Tensor:
     lib = _load()[0]
     threads = torch.get_num_threads()
     c = torch.empty((nb, mp, np_), dtype=torch.int32)
+    rows = torch.empty((nb, mp, 1), dtype=torch.int32) if sums else None
+    cols = torch.empty((nb, 1, np_), dtype=torch.int32) if sums else None
     copies = threads if nb > 1 else 1  # a batch: one packed A and B per thread
     b_scratch = torch.empty(copies * lib.fqt_amx_packed_b_bytes(kp, np_), dtype=torch.int8)
     a_scratch = torch.empty(copies * mp * kp, dtype=torch.int8)
     sak, sam = (1, a3.stride(1)) if a3.stride(2) == 1 else (a3.stride(2), 1)
     lib.fqt_amx_bmm(a3.data_ptr(), a3.stride(0), sam, sak, b3.data_ptr(), b3.stride(0), b3.stride(1),
                     b3.stride(2), c.data_ptr(), b_scratch.data_ptr(), a_scratch.data_ptr(), nb, mp, kp, np_,
-                    threads, 0)
+                    threads, 0, rows.data_ptr() if sums else None, cols.data_ptr() if sums else None)
     if (mp, np_) != (m, n):
         c = c[:, :m, :n].contiguous()
-    return c[0] if squeeze else c
+        if sums:
+            rows, cols = rows[:, :m].contiguous(), cols[:, :, :n].contiguous()
+    if squeeze:
+        return c[0], (rows[0] if sums else None), (cols[0] if sums else None)
+    return c, rows, cols
 
 
 def _check(a: Tensor, b: Tensor) -> None:
@@ -385,3 +442,11 @@ def _check(a: Tensor, b: Tensor) -> None:
 def _(a, b):
     _check(a, b)
     return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+@torch.library.register_fake("fqt::int_mm_amx_sums")
+def _(a, b):
+    _check(a, b)
+    i32 = torch.int32
+    return (a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=i32), a.new_empty((*a.shape[:-1], 1), dtype=i32),
+            b.new_empty((*b.shape[:-2], 1, b.shape[-1]), dtype=i32))

@@ -17,6 +17,7 @@ and the float result (as large as the product) is never written. :func:`emit_ter
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,8 @@ def _int_product(node: fx.Node) -> fx.Node | None:
     val = acc.meta.get("val") if isinstance(acc, fx.Node) else None
     if not (isinstance(val, torch.Tensor) and val.dtype == torch.int32 and val.dim() in (2, 3) and val.is_contiguous()):
         return None
-    if not (isinstance(acc.target, torch._ops.OpOverload) and any(p in str(acc.target) for p in _INT_PRODUCERS)):
+    op = acc.args[0] if acc.target is operator.getitem and acc.args[1] == 0 else acc  # int_mm_amx_sums
+    if not (isinstance(op.target, torch._ops.OpOverload) and any(p in str(op.target) for p in _INT_PRODUCERS)):
         return None
     return acc
 

@@ -11,7 +11,9 @@ the scales and offsets are constant along the contracted axis K (DESIGN.md secti
 
 ``rowsum``/``colsum`` are exact in float32 (|sum| <= 128 K < 2^24). The integer GEMM, for
 CPU operands whose K keeps ``K * max|a| * max|b|`` below 2^31 (known at compile time), is
-``fqt::int_mm_amx`` (2-D and batched; ``fqt_compile/amx.py``) where the CPU has AMX-INT8,
+``fqt::int_mm_amx`` (2-D and batched; ``fqt_compile/amx.py``; ``fqt::int_mm_amx_sums`` where
+the epilogue has a zero-point term: the same product plus rowsum_K(cA) and colsum_K(cB), taken
+from the operands the kernel packs, so no other pass reads the codes) where the CPU has AMX-INT8,
 else ``aten._int_mm`` for 2-D operands and ``fqt::bmm_int8`` (int32 out) for batched ones;
 otherwise ``fqt::int_mm``, which splits K into int32-safe chunks at run time and pads for
 cuBLASLt. A qmm node is left simulated, with the
@@ -615,7 +617,7 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
     first operand's codes, float32 (M, 1)) and ``"b_cols"`` (colsum_K of the second
     operand dequantized, (1, N)): a convolution computes them on the input, before im2col,
     for a fraction of the cost."""
-    sums = sums or {}
+    sums = dict(sums or {})
     a_codes, a_scale, a_offset, b_codes, b_scale, b_offset, a_bits, b_bits, _ = node.args
     va = _val(a_codes)
     k = va.shape[-1]
@@ -634,8 +636,20 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
         bmkn = ([1] if va.dim() == 2 else []) + sizes
         if (va.dim() in (2, 3) and va.device.type == "cpu" and static_k and min(bmkn) > 0
                 and amx.suits(*bmkn)):
-            # takes both operands in the layout they come in (packs b, transposes a K-major a)
-            acc = e(_convert, e(torch.ops.fqt.int_mm_amx.default, a_codes, b_codes), f32)
+            # takes both operands in the layout they come in (packs b, transposes a K-major a
+            # as it packs it); the zero-point terms' sums come from the packed operands
+            need_rows = not _is_zero_offset(b_offset) and "a_rows" not in sums
+            need_cols = not _is_zero_offset(a_offset) and "b_cols" not in sums
+            if need_rows or need_cols:
+                mm = e(torch.ops.fqt.int_mm_amx_sums.default, a_codes, b_codes)
+                acc = e(_convert, e(operator.getitem, mm, 0), f32)
+                if need_rows:
+                    sums["a_rows"] = e(_convert, e(operator.getitem, mm, 1), f32)
+                if need_cols:  # colsum_K(cB * sB + oB) = colsum_K(cB) * sB + K * oB
+                    b_cols = e(aten.mul.Tensor, e(_convert, e(operator.getitem, mm, 2), f32), b_scale)
+                    sums["b_cols"] = e(aten.add.Tensor, b_cols, e(aten.mul.Tensor, b_offset, float(k)))
+            else:
+                acc = e(_convert, e(torch.ops.fqt.int_mm_amx.default, a_codes, b_codes), f32)
             d.kernel = "fqt.int_mm_amx"
         elif va.dim() == 2 and va.device.type == "cpu" and static_k:
             acc = e(_convert, e(aten._int_mm.default, row_major(a_codes), row_major(b_codes)), f32)
