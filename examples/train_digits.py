@@ -16,8 +16,10 @@ Configs: ``float`` is the plain, uncompiled model (the baseline); any other name
 batches in the same order. After training, the table lists the final training loss, the
 validation accuracy (measured with the config's own quantized forward), the wall time
 (compilation included), and what the compiler did, read from ``fqt_compile.records``: the
-products quantized, the gradient quantizer nodes (``fqt::sr_quantize``) in the aten backward
-graph, and the GEMMs of the training graphs that run as integer GEMMs.
+products quantized, the stochastic gradient quantizers in the aten backward graph
+(``fqt::sr_quantize`` nodes and those inside fused kernels,
+``fqt_compile.inspect.gradient_quantizer_seeds``), and the GEMMs of the training graphs that
+run as integer GEMMs.
 
 Default inner compiler: ``eager``. On a 2-core CPU a cold inductor compile of one config's
 training and evaluation graphs costs 20-50 s, more than the training itself for a model this
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 
 import fqt_compile
 from fqt_compile import RECIPES, FQTConfig, GradKind, GradSpec
+from fqt_compile.inspect import gradient_quantizer_seeds
 from fqt_compile.models import MLP, SmallCNN
 
 DEFAULT_CONFIGS = "float,qat8,ptq8,psq8,bhq5,ptq2,psq2,bhq2"
@@ -86,9 +89,7 @@ def compiler_counts(model: nn.Module) -> dict[str, int]:
         if rec.backward is None:  # the evaluation (inference) graph
             continue
         out["quantized"] += len(rec.insert.quantized)
-        out["sr_quantize"] += sum(
-            n.target is torch.ops.fqt.sr_quantize.default for n in rec.backward.graph.nodes
-        )
+        out["sr_quantize"] += len(gradient_quantizer_seeds(rec.backward))
         for kind in ("forward", "backward"):
             for name, result in rec.aten_passes.get(kind, []):
                 if name == "lower_int_gemm":

@@ -34,6 +34,7 @@ from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
 from .passes.decompose_fqt import decompose_fqt
 from .passes.fuse_gelu import fuse_gelu
+from .passes.fuse_quantizers import fuse_quantizers
 from .passes.fuse_softmax import fuse_softmax
 from .passes.lower_int_gemm import lower_int_gemm
 from .passes.split_seeds import split_seeds
@@ -172,10 +173,11 @@ class FQTBackend:
     #: compiler, as ``fn(gm, cfg, kind) -> result`` (kind: "forward", "backward", "inference").
     #: ``split_seeds`` first: AOTAutograd's CSE merges the quantizers' seed draws into one.
     #: ``fuse_softmax`` and ``fuse_gelu`` after the lowering (they only run where the GEMMs are
-    #: lowered, and read the lowered GEMMs' int32 products).
+    #: lowered, and read the lowered GEMMs' int32 products); ``fuse_quantizers`` last, for the
+    #: gradients whose quantizers those two did not take.
     aten_passes: list[tuple[str, AtenPass]] = [
         ("split_seeds", split_seeds), ("lower_int_gemm", lower_int_gemm), ("fuse_softmax", fuse_softmax),
-        ("fuse_gelu", fuse_gelu),
+        ("fuse_gelu", fuse_gelu), ("fuse_quantizers", fuse_quantizers),
     ]
 
     def __init__(

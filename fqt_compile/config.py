@@ -257,6 +257,12 @@ class FQTConfig:
     #: of fc2's lowered grad_input GEMM: same quantizers and random draws, the gradient within
     #: float rounding of the aten one (passes/fuse_gelu.py)
     fuse_gelu: bool = True
+    #: where the GEMMs are lowered and the CPU has AVX-512: a gradient read by two or more
+    #: stochastic quantizers (a linear layer's output gradient: Q_b1 per row, Q_b2 per column)
+    #: is quantized by all of them, and summed over rows for the bias gradient, in one fused
+    #: kernel (``fqt::sr_quantize_multi``): same quantizers and random draws, codes bit-equal
+    #: (passes/fuse_quantizers.py)
+    fuse_quantizers: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum_value(Mode, self.mode, "FQTConfig.mode"))
@@ -285,7 +291,7 @@ class FQTConfig:
             if not isinstance(o, Override):
                 raise TypeError(f"FQTConfig.overrides must hold Override objects, got {o!r}")
         object.__setattr__(self, "overrides", overrides)
-        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax", "fuse_gelu"):
+        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax", "fuse_gelu", "fuse_quantizers"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FQTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

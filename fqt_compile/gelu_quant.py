@@ -27,8 +27,14 @@ Given the kernel's ``ds``, codes, scales and offsets equal ``stochastic_quantize
 bit; ``ds`` and the bias gradient equal torch's to float rounding. A NaN or Inf raises as
 ``fqt::sr_quantize`` does.
 
-Where the kernel cannot run (no AVX-512, no compiler, ``FQT_FUSED_GELU=0``) the op computes
-the same with torch; ``passes/fuse_gelu.py`` only puts it into graphs where the kernel runs.
+The same kernel with ``gelu'`` taken as 1 is ``fqt::sr_quantize_multi(g, seeds, bits,
+granularities)``: the stochastic quantizers of any float (N, D) gradient and its column sums,
+in the same two passes (``passes/fuse_quantizers.py`` uses it for the linear layers' output
+gradients that the GELU and softmax fusions do not take).
+
+Where the kernel cannot run (no AVX-512, no compiler, ``FQT_FUSED_GELU=0``) the ops compute
+the same with torch; ``passes/fuse_gelu.py`` and ``passes/fuse_quantizers.py`` only put them
+into graphs where the kernel runs.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from torch import Tensor
 from . import cbuild, sr_fused
 from . import quantizers as Q
 
-__all__ = ["available", "status", "gelu_quantize", "gelu_backward_sr_quantize"]
+__all__ = ["available", "status", "gelu_quantize", "gelu_backward_sr_quantize", "sr_quantize_multi"]
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-fopenmp"]
 
@@ -113,7 +119,8 @@ void fqt_gelu_rows(const float* x, const float* bias, float* y, float* rmin, flo
 }
 
 // pass 1: ds = g * gelu'(x + bias) per row (bias NULL: none), g read from memory or, where acc is
-// not NULL, computed in cache from the int32 product acc and its epilogue (epilogue_row); csum:
+// not NULL, computed in cache from the int32 product acc and its epilogue (epilogue_row); x NULL:
+// ds = g (gelu' taken as 1; ds may then be g itself, and is not written); csum:
 // one (D) row per thread of column sums of ds (the caller adds them up: the bias gradient);
 // ranges and row-range roundings as in the softmax backward (sr_fused.py)
 void fqt_gelu_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, const float* const* er,
@@ -130,7 +137,7 @@ void fqt_gelu_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, co
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; i++) {
             float* dr = ds + i * D;
-            const float* xr = x + i * D;
+            const float* xr = x ? x + i * D : 0;
             const float* gr = g + i * D;
             if (acc) {
                 epilogue_row(acc, i, D, M, nt, er, ec, dr);
@@ -140,10 +147,13 @@ void fqt_gelu_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, co
             __mmask16 bad = 0;
             for (int64_t j = 0; j < D; j += 16) {
                 __mmask16 m = tail_mask(D - j);
-                __m512 h = _mm512_maskz_loadu_ps(m, xr + j);
-                if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + j));
-                __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + j), gelu_grad512(h));
-                _mm512_mask_storeu_ps(dr + j, m, v);
+                __m512 v = _mm512_maskz_loadu_ps(m, gr + j);
+                if (xr) {
+                    __m512 h = _mm512_maskz_loadu_ps(m, xr + j);
+                    if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + j));
+                    v = _mm512_mul_ps(v, gelu_grad512(h));
+                }
+                if (xr || dr != gr) _mm512_mask_storeu_ps(dr + j, m, v);
                 track_ranges(v, m, j, &lo, &hi, &bad, tmin, tmax);
                 _mm512_mask_storeu_ps(tsum + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, tsum + j), v));
             }
@@ -284,3 +294,47 @@ def _(g, x, bias, seeds, bits, granularities, epi_rows, epi_cols):
     d = x.shape[-1]
     n = x.numel() // d
     return [x.new_empty((n, d)), x.new_empty((d,)), *sr_fused.fake_outputs(x, n, d, grans)]
+
+
+_MULTI_OP = "fqt::sr_quantize_multi"
+
+
+@torch.library.custom_op("fqt::sr_quantize_multi", mutates_args=())
+def sr_quantize_multi(g: Tensor, seeds: List[Tensor], bits: List[int], granularities: str) -> List[Tensor]:
+    """``fqt::sr_quantize(g, seed_k, bits_k, gran_k)`` for each quantizer of one float32 (N, D)
+    tensor (``granularities`` comma-separated) and ``g``'s column sums (a linear layer's bias
+    gradient): returns ``[colsum, codes_1, scale_1, offset_1, codes_2, ...]``. The GELU backward
+    kernel with ``gelu'`` taken as 1: one pass over ``g`` for the row ranges, the column ranges
+    and sums and the per-row quantizers, one more for the per-column and per-tensor ones, where
+    a compiled graph reads ``g`` once per quantizer and once for the sums (a linear layer's
+    output gradient, e.g. attention's concatenated q/k/v gradient, has a per-row Q_b1 and a
+    per-column Q_b2). Codes, scales and offsets equal ``fqt::sr_quantize``'s bit for bit."""
+    grans = granularities.split(",")
+    torch._check(g.dim() == 2 and g.dtype == torch.float32, lambda: f"{_MULTI_OP}: g must be a 2-D float32 tensor")
+    sr_fused.check_quantizers(_MULTI_OP, g.numel(), bits, grans, seeds)
+    n, d = g.shape
+    lib = _load()[0]
+    if lib is None or g.device.type != "cpu" or g.numel() == 0:
+        return [g.sum(0), *sr_fused.reference_quantize(g, seeds, bits, grans)]
+    g = g.contiguous()
+    threads = torch.get_num_threads()
+    csum = torch.zeros((threads, d))
+    rmin, rmax = torch.empty(n), torch.empty(n)
+    qs = sr_fused.Quantizers(n, d, seeds, bits, grans)
+    cmin, cmax = qs.column_buffers(threads)
+    p = sr_fused.ptr_or_none
+    no_epilogue = sr_fused.Epilogue(g, [], []).args()
+    lib.fqt_gelu_bwd_rows(
+        g.data_ptr(), *no_epilogue, None, None, g.data_ptr(), csum.data_ptr(), rmin.data_ptr(), rmax.data_ptr(),
+        p(cmin), p(cmax), n, d, *qs.pass1_args(), threads,
+    )
+    return [csum.sum(0), *sr_fused.finish(lib, g, qs, rmin, rmax, cmin, cmax, threads)]
+
+
+@sr_quantize_multi.register_fake
+def _(g, seeds, bits, granularities):
+    grans = granularities.split(",")
+    torch._check(g.dim() == 2 and g.dtype == torch.float32, lambda: f"{_MULTI_OP}: g must be a 2-D float32 tensor")
+    sr_fused.check_quantizers(_MULTI_OP, g.numel(), bits, grans, seeds)
+    n, d = g.shape
+    return [g.new_empty((d,)), *sr_fused.fake_outputs(g, n, d, grans)]

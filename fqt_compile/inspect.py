@@ -39,7 +39,8 @@ from torch.utils import _pytree as pytree
 from .backend import GraphRecord, resolve_config
 from .config import FQTConfig, InnerCompiler
 
-__all__ = ["inspect", "Report", "Row", "GemmStatus", "SCHEMA", "GEMMS", "report_from_records"]
+__all__ = ["inspect", "Report", "Row", "GemmStatus", "SCHEMA", "GEMMS", "report_from_records",
+           "gradient_quantizer_seeds"]
 
 #: Version tag of :meth:`Report.to_dict`. Bump it when a key is renamed or removed.
 SCHEMA = "fqt_compile.inspect/1"
@@ -48,9 +49,27 @@ _FUSED_FWD = torch.ops.fqt.softmax_quantize.default
 _FUSED_BWD = torch.ops.fqt.softmax_backward_sr_quantize.default
 _FUSED_GELU_BWD = torch.ops.fqt.gelu_backward_sr_quantize.default
 _FUSED_GELU = torch.ops.fqt.gelu_quantize.default
+_FUSED_MULTI = torch.ops.fqt.sr_quantize_multi.default
 GEMMS = ("output", "grad_input", "grad_weight")
 
 _LOWER_PASS = "lower_int_gemm"
+
+
+def gradient_quantizer_seeds(gm: fx.GraphModule) -> list[fx.Node]:
+    """The seed node of each stochastic gradient quantizer of an aten graph, in graph order:
+    one per ``fqt::sr_quantize`` node and one per quantizer inside a fused kernel
+    (``fqt::softmax_backward_sr_quantize``, ``fqt::gelu_backward_sr_quantize``: argument 3;
+    ``fqt::sr_quantize_multi``: argument 1). ``len()`` counts the quantizers; distinct
+    entries, the seeds."""
+    draws: list[fx.Node] = []
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.fqt.sr_quantize.default:
+            draws.append(n.args[1])
+        elif n.target in (_FUSED_BWD, _FUSED_GELU_BWD):
+            draws += n.args[3]
+        elif n.target is _FUSED_MULTI:
+            draws += n.args[1]
+    return draws
 _NOT_RUN = "lowering pass not run"
 
 
@@ -183,6 +202,9 @@ class Report:
     #: count above)
     fused_gelu: int = 0
     fused_gelu_backward: int = 0
+    #: ``passes/fuse_quantizers.py``: a gradient's stochastic quantizers (two or more) and its
+    #: column sums in one kernel (whose quantizers count above)
+    fused_quantizers: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -216,6 +238,7 @@ class Report:
             "fused_softmax_backward": self.fused_softmax_backward,
             "fused_gelu": self.fused_gelu,
             "fused_gelu_backward": self.fused_gelu_backward,
+            "fused_quantizers": self.fused_quantizers,
         }
 
     def row(self, key: str) -> Row:
@@ -324,13 +347,15 @@ class Report:
                 + (" (one per quantizer: independent rounding)" if not shared else
                    f" ({shared} quantizers share a seed with another: their roundings are correlated)")
             )
-        if self.fused_softmax or self.fused_softmax_backward or self.fused_gelu or self.fused_gelu_backward:
+        if (self.fused_softmax or self.fused_softmax_backward or self.fused_gelu or self.fused_gelu_backward
+                or self.fused_quantizers):
             lines.append(
                 f"Fused kernels: {self.fused_softmax} softmax + quantizer of its output (fqt::softmax_quantize), "
                 f"{self.fused_softmax_backward} softmax backward + its stochastic quantizers "
                 f"(fqt::softmax_backward_sr_quantize), {self.fused_gelu} GELU + quantizer of its output "
                 f"(fqt::gelu_quantize), {self.fused_gelu_backward} GELU backward + bias gradient + its stochastic "
-                "quantizers (fqt::gelu_backward_sr_quantize)"
+                f"quantizers (fqt::gelu_backward_sr_quantize), {self.fused_quantizers} gradient's stochastic "
+                "quantizers + column sums (fqt::sr_quantize_multi)"
             )
         return "\n".join(lines)
 
@@ -413,19 +438,18 @@ def report_from_records(
             ))  # fmt: skip
 
     quantizers = seeds = 0
-    fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0}
+    fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0, "multi": 0}
     for rec in records:
         for gm in (rec.forward, rec.backward, rec.inference):
             if gm is not None:
                 fused["forward"] += sum(n.target is _FUSED_FWD for n in gm.graph.nodes)
                 fused["gelu"] += sum(n.target is _FUSED_GELU for n in gm.graph.nodes)
         if rec.backward is not None:
-            sr = [n for n in rec.backward.graph.nodes if n.target is torch.ops.fqt.sr_quantize.default]
-            fused_bw = [n for n in rec.backward.graph.nodes if n.target in (_FUSED_BWD, _FUSED_GELU_BWD)]
-            fused["backward"] += sum(n.target is _FUSED_BWD for n in fused_bw)
-            fused["gelu_backward"] += sum(n.target is _FUSED_GELU_BWD for n in fused_bw)
-            # both fused ops take their quantizers' seeds as argument 3
-            draws = [n.args[1] for n in sr] + [sd for n in fused_bw for sd in n.args[3]]
+            nodes = rec.backward.graph.nodes
+            fused["backward"] += sum(n.target is _FUSED_BWD for n in nodes)
+            fused["gelu_backward"] += sum(n.target is _FUSED_GELU_BWD for n in nodes)
+            fused["multi"] += sum(n.target is _FUSED_MULTI for n in nodes)
+            draws = gradient_quantizer_seeds(rec.backward)
             quantizers += len(draws)
             seeds += len(set(draws))
 
@@ -442,7 +466,7 @@ def report_from_records(
         lowering_pass_run=ran, training=training, forward_graph=text("forward"), backward_graph=text("backward"),
         stochastic_quantizers=quantizers, seeds=seeds, fused_softmax=fused["forward"],
         fused_softmax_backward=fused["backward"], fused_gelu=fused["gelu"],
-        fused_gelu_backward=fused["gelu_backward"],
+        fused_gelu_backward=fused["gelu_backward"], fused_quantizers=fused["multi"],
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

@@ -49,7 +49,8 @@ def quantizer_entries(gm) -> list[tuple[str, int, str]]:
     or ``"sr_quantize"`` (stochastic), whether a quantizer is its own node or part of a fused
     softmax kernel (``passes/fuse_softmax.py``): ``fqt::softmax_quantize`` holds one per-tensor
     forward quantizer (``fqt::gelu_quantize`` too), ``fqt::softmax_backward_sr_quantize`` and ``fqt::gelu_backward_sr_quantize``
-    (``passes/fuse_gelu.py``) one stochastic quantizer per entry of their bits lists."""
+    (``passes/fuse_gelu.py``) and ``fqt::sr_quantize_multi`` (``passes/fuse_quantizers.py``) one
+    stochastic quantizer per entry of their bits lists."""
     out = []
     for n in gm.graph.nodes:
         if n.op != "call_function":
@@ -65,4 +66,6 @@ def quantizer_entries(gm) -> list[tuple[str, int, str]]:
         elif n.target in (torch.ops.fqt.softmax_backward_sr_quantize.default,
                           torch.ops.fqt.gelu_backward_sr_quantize.default):
             out += [("sr_quantize", b, g) for b, g in zip(n.args[4], n.args[5].split(","))]
+        elif n.target is torch.ops.fqt.sr_quantize_multi.default:
+            out += [("sr_quantize", b, g) for b, g in zip(n.args[2], n.args[3].split(","))]
     return out

@@ -196,3 +196,64 @@ def test_forward_rejects_bad_arguments_and_passes_opcheck():
     with pytest.raises(RuntimeError, match="bias must be float32 of shape"):
         FWD(x, bias[:3], 8, "affine_zero")
     torch.library.opcheck(FWD.default, (x, bias, 8, "affine_zero"))
+
+
+# --- fqt::sr_quantize_multi: the same kernel with gelu' taken as 1 ---------------------------------
+
+MULTI = torch.ops.fqt.sr_quantize_multi
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(96, 37), (64, 64), (6, 1), (1, 300)])
+@pytest.mark.parametrize("bits,grans", QUANTIZER_SETS + [([2, 8], "row,column")])
+def test_multi_rounds_exactly_like_sr_quantize(shape, bits, grans):
+    """Each quantizer's codes, scale and offset equal ``fqt::sr_quantize``'s on the same tensor and
+    seed bit for bit (the row ranges come from pass 1, the others from pass 2: both paths). The
+    column sums equal ``g.sum(0)`` to float rounding: N-long sums in another order, each rounding
+    at most 2^-24 of the running sum, bounded by N * 2^-24 * sum|g| per column; the check allows
+    1e-6 relative plus that bound."""
+    gen = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    g = torch.randn(shape, generator=gen) * torch.rand(shape[0], 1, generator=gen) * 1e-2
+    seeds = _seeds(len(bits))
+    out = MULTI(g, seeds, bits, grans)
+    assert len(out) == 1 + 3 * len(bits)
+    bound = shape[0] * 2**-24 * g.abs().sum(0)
+    assert out[0].shape == (shape[1],) and bool(((out[0] - g.sum(0)).abs() <= bound + 1e-6 * g.sum(0).abs()).all())
+    for k, (b, gran) in enumerate(zip(bits, grans.split(","))):
+        ref = torch.ops.fqt.sr_quantize(g, seeds[k], b, gran)
+        for got, want in zip(out[1 + 3 * k: 4 + 3 * k], ref):
+            assert got.shape == want.shape and torch.equal(got, want), (k, gran)
+
+
+@needs_kernel
+def test_multi_non_finite_input_raises():
+    g = torch.randn(8, 16)
+    g[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        MULTI(g, _seeds(2), [8, 8], "row,column")
+
+
+def test_multi_without_the_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(GQ, "_load", lambda: (None, "off (test)"))
+    g = torch.randn(10, 9)
+    seeds = _seeds(2)
+    out = MULTI(g, seeds, [8, 6], "row,column")
+    assert torch.equal(out[0], g.sum(0))
+    for k, (b, gran) in enumerate([(8, "row"), (6, "column")]):
+        assert all(torch.equal(a, r) for a, r in zip(out[1 + 3 * k: 4 + 3 * k], torch.ops.fqt.sr_quantize(g, seeds[k], b, gran)))
+
+
+def test_multi_rejects_bad_arguments_and_passes_opcheck():
+    g = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="2-D float32"):
+        MULTI(g.reshape(2, 2, 6), _seeds(1), [8], "row")
+    with pytest.raises(RuntimeError, match="2-D float32"):
+        MULTI(g.double(), _seeds(1), [8], "row")
+    with pytest.raises(RuntimeError, match="granularity"):
+        MULTI(g, _seeds(1), [8], "channel")
+    with pytest.raises(RuntimeError, match="one bits/granularity/seed each"):
+        MULTI(g, _seeds(2), [8], "row")
+    with pytest.raises(ValueError, match="bits"):
+        MULTI(g, _seeds(1), [9], "row")
+    torch.library.opcheck(MULTI.default, (torch.randn(5, 19), _seeds(2), [8, 8], "row,column"))
+    torch.library.opcheck(MULTI.default, (torch.randn(5, 19), _seeds(1), [4], "tensor"))

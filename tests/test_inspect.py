@@ -200,7 +200,8 @@ _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason
              "flops", "quantizers", "gemms", "overrides"}  # fmt: skip
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
                "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds",
-               "fused_softmax", "fused_softmax_backward", "fused_gelu", "fused_gelu_backward"}  # fmt: skip
+               "fused_softmax", "fused_softmax_backward", "fused_gelu", "fused_gelu_backward",
+               "fused_quantizers"}  # fmt: skip
 
 
 def test_json_schema_is_stable(tmp_path):
@@ -238,9 +239,13 @@ def test_printed_table_and_graph_text():
     assert "fqt.quantize.default" in report.forward_graph
     assert "fqt.sr_quantize.default" in report.backward_graph
     assert "fqt.sr_quantize" not in report.forward_graph
-    # every stochastic quantizer of the backward reads a seed of its own
+    # every stochastic quantizer of the backward reads a seed of its own: 2 per conv, less the
+    # stem's grad_input, as nodes; the linear head's two in one fused op (passes/fuse_quantizers.py)
     n_sr = report.backward_graph.count("fqt.sr_quantize.default(")
-    assert report.stochastic_quantizers == report.seeds == n_sr > 0
+    n_fused = report.backward_graph.count("fqt.sr_quantize_multi.default(")
+    assert (n_sr, n_fused, report.fused_quantizers) == (7, 1, 1)
+    n_sr += 2 * n_fused
+    assert report.stochastic_quantizers == report.seeds == n_sr
     assert f"Backward: {n_sr} stochastic gradient quantizers, {n_sr} seeds (one per quantizer" in text
     shared = dataclasses.replace(report, seeds=n_sr - 2)
     assert "(2 quantizers share a seed with another: their roundings are correlated)" in str(shared)

@@ -126,7 +126,10 @@ def test_bias_check_passes_for_fqt_and_fails_for_round_to_nearest(monkeypatch):
     assert 3.0 < ks[1] / ks[32] < 9.0, ks  # sqrt(32) = 5.7; measured 5.3-6.0
 
     _round_to_nearest_rows(monkeypatch)
-    bad = gradient_variance(model, _weighted_ce, data, _cfg("psq4"), samples=32, batches=2)
+    # the biased quantizer replaces the Python reference, which fqt::sr_quantize runs; the fused
+    # kernel of passes/fuse_quantizers.py has its own rounding, so that pass is off here
+    bad_cfg = FQTConfig.recipe("psq4", compiler="eager", fuse_quantizers=False)
+    bad = gradient_variance(model, _weighted_ce, data, bad_cfg, samples=32, batches=2)
     assert bad.layers["head"].bias_ok
     assert not bad.layers["layers.0"].bias_ok and not bad.total.bias_ok
     assert bad.total.bias_ratio > 2 * BIAS_TOLERANCE, bad.total

@@ -1,0 +1,79 @@
+"""fuse_quantizers: the stochastic quantizers of one gradient, and its column sums, in one kernel.
+
+A linear layer's output gradient ``G`` (N x D) is rounded by two stochastic quantizers in the
+backward graph, Q_b1 for the grad_input GEMM (per row by default) and Q_b2 for the grad_weight
+GEMM (per column), and summed over rows for the bias gradient. Where nothing else fuses them
+(``fuse_softmax``, ``fuse_gelu`` run first and take theirs), inductor compiles each quantizer
+into its own loops over ``G``, with the column ranges read column-strip by column-strip.
+This pass replaces every float32 CPU node read by at least two ``fqt::sr_quantize`` nodes
+(and its ``sum(., [0])`` reader, if any) with one ``fqt::sr_quantize_multi``
+(``fqt_compile/gelu_quant.py``): one pass over ``G`` for the ranges, the column sums and the
+per-row quantizers, one for the per-column ones. Same quantizers, same seeds, same draws: the
+codes, scales and offsets are bit-equal to the unfused graph's (``tests/test_fuse_quantizers.py``).
+
+It runs after the other fusions, only where the GEMMs are lowered (``lower_int_gemm``) and the
+kernel is available. A node with one quantizer is left to inductor, which fuses that into
+the kernel producing ``G`` without another pass over it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fqt_compile import gelu_quant
+from fqt_compile.config import FQTConfig
+
+from .fuse_gelu import _is_bias_sum
+from .fused_sr import cpu_float32, replace_with_fused, sr_readers
+
+__all__ = ["fuse_quantizers"]
+
+
+def _fuse(graph: fx.Graph, g: fx.Node) -> bool:
+    qs = sr_readers(g)
+    if qs is None or len(qs) < 2:
+        return False
+    gv = g.meta.get("val")
+    if not (cpu_float32([g]) and gv.dim() == 2 and gv.numel() < 2**31):
+        return False
+    sums = [u for u in g.users if _is_bias_sum(u, g)]
+    colsum_val = sums[0].meta["val"] if sums else gv.new_empty((gv.shape[1],))
+
+    def make_args(qs: list[fx.Node]) -> tuple[Any, ...]:
+        return (g, [q.args[1] for q in qs], [q.args[2] for q in qs], ",".join(q.args[3] for q in qs))
+
+    outs = replace_with_fused(graph, g, qs, torch.ops.fqt.sr_quantize_multi.default, make_args, [colsum_val])
+    if outs is None:
+        return False
+    for u in sums:
+        u.replace_all_uses_with(outs[0])
+        graph.erase_node(u)
+    if not outs[0].users:
+        graph.erase_node(outs[0])
+    return True
+
+
+def fuse_quantizers(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str, Any]:
+    """Fuse the stochastic quantizers (two or more) of each gradient node of ``gm`` in place.
+
+    Returns ``{"fused": n, "kernel": <kernel status>}`` and, where the pass did not run,
+    ``"skipped": <why>``."""
+    status = gelu_quant.status()
+    if not cfg.fuse_quantizers:
+        return {"fused": 0, "kernel": status, "skipped": "fuse_quantizers=False"}
+    if not cfg.lower_int_gemm:
+        return {"fused": 0, "kernel": status, "skipped": "lower_int_gemm=False (simulated graph)"}
+    if not gelu_quant.available():
+        return {"fused": 0, "kernel": status, "skipped": f"kernel {status}"}
+    graph = gm.graph
+    fused = 0
+    for g in list(graph.nodes):
+        if g.op == "call_function" and sum(u.target is torch.ops.fqt.sr_quantize.default for u in g.users) >= 2:
+            fused += _fuse(graph, g)
+    if fused:
+        graph.lint()
+        gm.recompile()
+    return {"fused": fused, "kernel": status}
