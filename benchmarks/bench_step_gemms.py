@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fqt_compile  # noqa: E402
 from fqt_compile import FQTConfig, amx  # noqa: E402
 from fqt_compile.models import GPT  # noqa: E402
+from bench_conv import bench  # noqa: E402
 from malloc_option import add_malloc_argument, apply_malloc  # noqa: E402
 
 
@@ -69,14 +68,8 @@ def _codes(shape: list[int], stride: list[int], gen: torch.Generator) -> torch.T
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    fn()  # a second warm-up call; bench() makes the first
+    return bench(fn, repeats) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,8 @@ from torch._guards import detect_fake_mode
 from .. import gelu_quant
 from ..config import FQTConfig
 from .epilogue import emit_terms
-from .fused_sr import (call, cpu_float32, epilogue_through_views, erase_dead, replace_with_fused, sr_readers,
-                       view_outputs, view_shape)
+from .fused_sr import (bias_sums, call, cpu_float32, epilogue_through_views, erase_dead, replace_with_fused,
+                       sr_readers, view_outputs, view_shape)
 
 __all__ = ["fuse_gelu"]
 
@@ -135,14 +135,6 @@ def _split_bias(h: fx.Node, d: int) -> tuple[fx.Node, fx.Node | None]:
     return h, None
 
 
-def _is_bias_sum(u: fx.Node, x2: fx.Node) -> bool:
-    """``u`` is ``sum(x2, [0])`` (no keepdim, no dtype): the bias gradient."""
-    if not call(u, aten.sum.dim_IntList) or u.args[0] is not x2 or u.kwargs:
-        return False
-    dims = u.args[1]
-    return list(dims) == [0] and (len(u.args) < 3 or not u.args[2])
-
-
 def _gelu_input(y: fx.Node) -> fx.Node | None:
     """``h`` if ``y`` is the exact GELU of ``h``: ``aten.gelu(h)`` or the decomposition
     ``mul(mul(h, 0.5), add(erf(mul(h, 1/sqrt 2)), 1))`` (multiplications in either order)."""
@@ -227,7 +219,7 @@ def _fuse(graph: fx.Graph, x2: fx.Node) -> bool:
         return (ep.acc if ep is not None else g, x, bias, [q.args[1] for q in qs], [q.args[2] for q in qs],
                 ",".join(q.args[3] for q in qs), rows, cols)
 
-    sums = [u for u in x2.users if _is_bias_sum(u, x2)]
+    sums = bias_sums(x2)
     dbias_val = sums[0].meta["val"] if sums else xv.new_empty((d,))
     outs = replace_with_fused(graph, x2, qs, torch.ops.fqt.gelu_backward_sr_quantize.default, make_args, [xv, dbias_val])
     if outs is None:

@@ -26,8 +26,7 @@ import torch.fx as fx
 from fqt_compile import gelu_quant
 from fqt_compile.config import FQTConfig
 
-from .fuse_gelu import _is_bias_sum
-from .fused_sr import cpu_float32, replace_with_fused, sr_readers
+from .fused_sr import bias_sums, cpu_float32, replace_with_fused, sr_readers
 
 __all__ = ["fuse_quantizers"]
 
@@ -39,7 +38,7 @@ def _fuse(graph: fx.Graph, g: fx.Node) -> bool:
     gv = g.meta.get("val")
     if not (cpu_float32([g]) and gv.dim() == 2 and gv.numel() < 2**31):
         return False
-    sums = [u for u in g.users if _is_bias_sum(u, g)]
+    sums = bias_sums(g)
     colsum_val = sums[0].meta["val"] if sums else gv.new_empty((gv.shape[1],))
 
     def make_args(qs: list[fx.Node]) -> tuple[Any, ...]:

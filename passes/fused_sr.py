@@ -1,6 +1,6 @@
 """Graph surgery shared by the passes that fuse an elementwise backward with the stochastic
 quantizers of its result (``fuse_softmax.py``, ``fuse_gelu.py``; the kernels are in
-``fqt_compile/sr_fused.py``).
+``fqt_compile/sr_fused.py``), and by ``fuse_quantizers.py`` (the same with no elementwise op).
 
 The pattern both passes rewrite: an (N, D) node ``x2`` (the elementwise backward's result,
 viewed 2-D) read by 1 to MAX_QUANTIZERS ``fqt::sr_quantize`` nodes and possibly by others.
@@ -26,8 +26,8 @@ from fqt_compile.sr_fused import GRANS, MAX_QUANTIZERS
 
 from .epilogue import EpilogueMatch, match_epilogue
 
-__all__ = ["call", "cpu_float32", "erase_dead", "sr_readers", "replace_with_fused", "epilogue_through_views", "view_shape",
-           "view_outputs"]
+__all__ = ["bias_sums", "call", "cpu_float32", "erase_dead", "sr_readers", "replace_with_fused",
+           "epilogue_through_views", "view_shape", "view_outputs"]
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -82,6 +82,13 @@ def cpu_float32(nodes: Sequence[fx.Node]) -> bool:
     """Every node's ``meta["val"]`` is a float32 CPU tensor (what the fused kernels take)."""
     vals = [n.meta.get("val") for n in nodes]
     return all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device.type == "cpu" for v in vals)
+
+
+def bias_sums(x2: fx.Node) -> list[fx.Node]:
+    """The readers of ``x2`` that are ``sum(x2, [0])`` (no keepdim, no dtype): a bias gradient,
+    which the fused ops return as their column sums."""
+    return [u for u in x2.users if call(u, aten.sum.dim_IntList) and u.args[0] is x2 and not u.kwargs
+            and list(u.args[1]) == [0] and (len(u.args) < 3 or not u.args[2])]
 
 
 def sr_readers(x2: fx.Node) -> list[fx.Node] | None:
