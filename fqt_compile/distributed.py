@@ -19,6 +19,7 @@ single-process training" means with stochastic gradients.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import os
@@ -249,7 +250,10 @@ def _free_port() -> int:
 
 
 def _run_rank(rank: int, fn: Callable[..., Any], world_size: int, port: int, threads: int | None,
-              args: Sequence[Any]) -> None:
+              args: Sequence[Any], dump_after_s: float) -> None:
+    # a rank still running shortly before the launch's timeout prints every thread's stack to
+    # stderr (where it waits), for the error the launcher then raises
+    faulthandler.dump_traceback_later(dump_after_s, exit=False)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     if threads is not None:
@@ -272,12 +276,14 @@ def launch(
 
     When a rank raises or dies, the others are terminated and :class:`DistributedLaunchError`
     names the rank and carries its traceback; when the run is not done after ``timeout_s``
-    seconds (a rank stuck in a collective), every rank is killed and the error says so.
+    seconds (a rank stuck in a collective), every rank is killed and the error says so; 5 s
+    before that, each rank still running prints the stacks of its threads to stderr
+    (``faulthandler``), to show where it waits.
     """
     if world_size < 1:
         raise ValueError(f"launch: world_size must be >= 1, got {world_size}")
     ctx = mp.start_processes(
-        _run_rank, args=(fn, world_size, _free_port(), threads_per_rank, tuple(args)),
+        _run_rank, args=(fn, world_size, _free_port(), threads_per_rank, tuple(args), max(1.0, timeout_s - 5.0)),
         nprocs=world_size, join=False, start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
