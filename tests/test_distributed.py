@@ -7,6 +7,7 @@ and writes its measurements; the tests read them."""
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import time
 from datetime import timedelta
@@ -42,6 +43,19 @@ TIMEOUT_S = 120  # hard limit of each launch; a run takes 5-30 s
 def _init() -> tuple[int, int]:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _finish(res: dict, out_path: str, rank: int) -> None:
+    """Save a rank's results and tear down while every rank is still here: DDP reducers (held
+    by the worker's modules and by dynamo's caches of their compiled frames) are freed before
+    ``destroy_process_group``. A reducer freed after it can hang in gloo's destructor at exit
+    (seen in examples/train_ddp.py, and as a rank left running after its peer finished in two
+    fresh-clone runs of this module)."""
+    torch.save(res, f"{out_path}.{rank}")
+    dist.barrier()
+    torch._dynamo.reset()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _cfg(name: str) -> FQTConfig:
@@ -181,8 +195,8 @@ def _ddp_worker(out_path: str) -> None:
         if with_hook:
             res["train/hook_bytes"] = (hook_state.bytes_sent, hook_state.bytes_float32)
 
-    torch.save(res, f"{out_path}.{rank}")
-    dist.destroy_process_group()
+    del net, model
+    _finish(res, out_path, rank)
 
 
 @pytest.fixture(scope="module")
@@ -373,8 +387,8 @@ def _fsdp_worker(out_path: str) -> None:
         res["whole_unit"] = str(e)
     if rank == 0:
         res["single/off/params"] = _train("off", rank=0, world=1, ddp=False)
-    torch.save(res, f"{out_path}.{rank}")
-    dist.destroy_process_group()
+    del model
+    _finish(res, out_path, rank)
 
 
 def _fsdp2_unsupported() -> str | None:
