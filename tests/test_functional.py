@@ -20,10 +20,18 @@ from fqt_compile.functional import QSpec, fqt_conv, fqt_linear, fqt_matmul, fqt_
 from oracle import FakeQuantQAT, PlainNet, RefNet
 
 # Stochastic rounding is a step function of its input: float-rounding differences between two
-# implementations (e.g. a different summation order upstream) can move an element across a
-# rounding boundary with probability ~ ulp/scale per element. Allow that for a tiny fraction.
+# implementations (e.g. a different summation order upstream, which differs between CPUs) can
+# move an element across a rounding boundary with probability ~ ulp/scale per element. One such
+# crossing changes one code by one step, and the GEMM (and BHQ's inverse transform) spreads
+# that over a row or block of the gradient: on a small tensor (c1.weight has 72 elements) that
+# is several elements at once, so a mismatch fraction alone cannot bound it. An element may
+# differ if the whole gradient still agrees to REL_NORM_TOL in L2: one crossing in one of the
+# ~8k codes of a 4-bit gradient moves it by ~1/(15 * sqrt(8192)) ~ 7e-4 at most (measured:
+# 5.6e-5 on an AMD Zen 5 CPU), while two different seeds give gradients that differ by 2.7e-2
+# to 1.9e-1 (this file's models and configs), 13x above the bound or more.
 MISMATCH_FRACTION = 1e-3
 ELEM_TOL = dict(rtol=1e-4, atol=1e-5)
+REL_NORM_TOL = 2e-3
 
 
 def _grads(model, x, seed):
@@ -38,7 +46,13 @@ def _grads(model, x, seed):
 def _assert_close_mostly(a, b, what):
     close = torch.isclose(a, b, **ELEM_TOL)
     frac = 1.0 - close.float().mean().item()
-    assert frac <= MISMATCH_FRACTION, f"{what}: {frac:.2%} of elements differ (max |diff| {(a - b).abs().max():.3g})"
+    if frac <= MISMATCH_FRACTION:
+        return
+    rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    assert rel <= REL_NORM_TOL, (
+        f"{what}: {frac:.2%} of elements differ (max |diff| {(a - b).abs().max():.3g}), "
+        f"relative L2 difference {rel:.3g} > {REL_NORM_TOL}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +78,9 @@ def test_compiled_matches_oracle_with_same_draws(gi, gw, digits_batch):
     g_other = _grads(net, digits_batch, seed=8)
     for name in g_ref:
         _assert_close_mostly(g_fqt[name], g_ref[name], name)
-    # and the draws matter: another seed gives another gradient
-    assert any(not torch.allclose(g_other[n], g_ref[n]) for n in g_ref if "weight" in n)
+    # and the draws matter: another seed gives a gradient far outside the tolerance above
+    rel_other = max(((g_other[n] - g_ref[n]).norm() / g_ref[n].norm()).item() for n in g_ref if "weight" in n)
+    assert rel_other > 10 * REL_NORM_TOL, rel_other
 
 
 def test_prepare_matches_oracle(digits_batch):
