@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .. import softmax_quant
 from ..config import FQTConfig, Mode, OpKind, SdpaPolicy
 from ..functional import (
     QSpec,
@@ -412,7 +413,8 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             if m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
-                d.reason = _mark_recompute(new)  # (after the old node is gone: it reads the users)
+                # (after the old node is gone: it reads the users)
+                d.reason = _mark_recompute(new, mask_as_bias=_softmax_fused(local, new))
             log.debug("insert_qdq: %s (%s at %r) -> %s", node.name, m.op, path, spec.describe())
             result.decisions.append(d)
             continue
@@ -439,18 +441,34 @@ def _tag_for_recompute(nodes: list[fx.Node]) -> None:
         n.meta["ac_graph_id"] = ac_id
 
 
-def _mark_recompute(node: fx.Node) -> str:
+def _softmax_fused(cfg: FQTConfig, sdpa: fx.Node) -> bool:
+    """Whether ``passes.fuse_softmax`` will take this attention's softmax and its backward
+    (``cfg.fuse_softmax``, lowered GEMMs, the C kernel here, float32 CPU operands): then
+    the fused kernels take the mask as an added bias and no float scores are written."""
+    q = _val(sdpa.args[0]) if sdpa.args else None
+    return (cfg.fuse_softmax and cfg.lower_int_gemm and softmax_quant.available()
+            and isinstance(q, torch.Tensor) and q.device.type == "cpu" and q.dtype == torch.float32)
+
+
+def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
     """Tag an fqt_sdpa call so that AOTAutograd's partitioner recomputes everything traced
     from it in the backward instead of saving it (the tags activation checkpointing uses,
     copied onto every aten node traced from this one). Not with dropout: the recomputed mask
-    would differ from the forward's."""
+    would differ from the forward's.
+
+    Boolean masks are applied with ``masked_fill`` there unless ``mask_as_bias`` (the fused
+    softmax kernels will run): with the bias form and inductor's own softmax kernels, inductor
+    ran the recomputed score GEMM next to the backward's and kept both products and their float
+    forms alive together (peak step memory of a GPT block 577 -> 973 MB); the fused kernels
+    read the int32 products and the bias directly (one block: peak 574 MB with the bias form,
+    583 MB with masked_fill), and ``masked_fill``'s backward would keep softmax's backward out
+    of the fused kernel (docs/performance.md)."""
     p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     if not isinstance(p, (int, float)) or p != 0:
         return "quantized (config.sdpa='recompute' not applied: dropout_p is not 0)"
     proj = _qkv_projection(node)
     _tag_for_recompute([node, *proj])
-    # masked_fill rather than an added bias: see functional.sdpa_with (peak memory)
-    node.kwargs = {**node.kwargs, "mask_as_bias": False}
+    node.kwargs = {**node.kwargs, "mask_as_bias": mask_as_bias}
     if proj:
         return ("quantized; attention probabilities and the q/k/v projection recomputed in the backward "
                 "(config.sdpa='recompute')")  # fmt: skip

@@ -417,7 +417,8 @@ def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilitie
     assert sum(saved_d.values()) - sum(saved_r.values()) >= probs - qkv - 4096, (saved_d, saved_r)
     (d,) = [d for d in rec.insert.decisions if d.op == "sdpa"]
     assert d.quantized and "probabilities and the q/k/v projection recomputed in the backward" in d.reason
-    # the recomputed attention masks with masked_fill (functional.sdpa_with: peak memory)
+    # without the fused softmax kernels (fuse_softmax=False here) the recomputed attention masks
+    # with masked_fill (insert_qdq._mark_recompute: peak memory with inductor's softmax)
     (call,) = [n for n in rec.torch_graph.graph.nodes if n.target is fqt_compile.functional.fqt_sdpa]
     assert call.kwargs["mask_as_bias"] is False
 

@@ -150,12 +150,24 @@ def test_pass_stays_out_of_simulated_graphs():
 
 
 @needs_kernel
-def test_recompute_backward_keeps_aten_softmax_backward():
-    """sdpa='recompute' masks with masked_fill: its backward zeroes the masked entries after
-    softmax's backward, a pattern the pass does not fuse; the recomputed forward softmax is fused."""
-    _, _, rec = _block_grads("eager", sdpa="recompute")
+def test_recompute_policy_is_fused_forward_recompute_and_backward():
+    """sdpa='recompute' with the fused kernels available: insert_qdq keeps the mask as an added
+    bias (masked_fill's backward would zero the masked entries after softmax's backward, a
+    pattern the pass does not fuse), so the forward softmax, its recomputation in the backward
+    and softmax's backward are all fused; the recomputed probabilities are the forward's (the
+    same kernel on the same int32 scores), so output and gradients equal the decompose policy's
+    bit for bit."""
+    y_d, g_d, _ = _block_grads("eager")
+    y_r, g_r, rec = _block_grads("eager", sdpa="recompute")
+    (call,) = [n for n in rec.torch_graph.graph.nodes if n.target is fqt_compile.functional.fqt_sdpa]
+    assert call.kwargs["mask_as_bias"] is True
+    assert _pass_result(rec, "forward")["fused"] == 1
     res = _pass_result(rec, "backward")
-    assert res["fused"] == 1 and res["fused_backward"] == 0
+    assert res["fused"] == 1 and res["fused_backward"] == 1  # the recomputed forward + the backward
+    assert _count(rec.backward, FWD) == 1 and _count(rec.backward, BWD) == 1
+    assert torch.equal(y_d, y_r)
+    for n in g_d:
+        assert torch.equal(g_d[n], g_r[n]), n
 
 
 @needs_kernel
