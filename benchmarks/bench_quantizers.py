@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import fqt_compile  # noqa: E402
 from fqt_compile import quantizers as Q  # noqa: E402
 from malloc_option import add_malloc_argument, apply_malloc  # noqa: E402
 
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
+            "cpu": fqt_compile.cpu.describe(),
             "python": platform.python_version(),
             "shape": [args.rows, args.cols],
             "grad_bits": GRAD_BITS,

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {total:.1f} ms ({total_sums:.1f} ms with the sums) over {len(rows)} products")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            json.dump({"torch": torch.__version__, "machine": platform.machine(),
+                       "cpu": fqt_compile.cpu.describe(), "threads": torch.get_num_threads(),
                        "malloc": malloc, "batch": args.batch, "repeats": args.repeats, "rows": rows,
                        "total_ms": total, "total_ms_with_sums": total_sums}, f, indent=1)
     return 0

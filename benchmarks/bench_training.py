@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.malloc = apply_malloc(args.malloc)
     results: dict[str, Any] = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"cpu": platform.processor() or platform.machine(), **fqt_compile.cpu.describe(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
         "args": vars(args),
         "models": {},
     }

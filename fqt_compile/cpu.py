@@ -24,9 +24,33 @@ import ctypes.util
 import logging
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["describe", "keep_freed_memory"]
 
 log = logging.getLogger(__name__)
+
+#: the instruction-set flags that decide which kernels run (AMX GEMMs, AVX-512 fused kernels)
+_ISA_FLAGS = ("amx_int8", "amx_bf16", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni")
+
+
+def describe() -> dict[str, object]:
+    """The CPU, for benchmark results: its model name and logical CPUs (``/proc/cpuinfo``;
+    ``platform.processor()`` is empty on Linux) and which of the instruction sets the kernels
+    depend on it has. Timings from two machines of one cloud kind can differ in all three
+    (docs/performance.md has runs on an Intel CPU with AMX and an AMD one without)."""
+    from .cbuild import cpu_flags
+
+    model, cpus = platform.processor() or platform.machine(), 0
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    cpus += 1
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {"model": model, "logical_cpus": cpus or None, "isa": [f for f in _ISA_FLAGS if f in flags]}
+
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1

@@ -47,3 +47,15 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     # with transparent huge pages, but thousands); kept: the freed block is reused.
     assert default > 4 * 1000, default
     assert kept < 500, kept
+
+
+def test_describe_names_the_cpu_and_its_kernel_isa():
+    """Benchmark results record which CPU they ran on and whether it has the instruction sets
+    the kernels choose by (AMX, AVX-512): the flags are a subset of /proc/cpuinfo's."""
+    import fqt_compile.cpu as cpu_mod
+    from fqt_compile.cbuild import cpu_flags
+
+    d = cpu_mod.describe()
+    assert isinstance(d["model"], str) and d["model"]
+    assert set(d["isa"]) <= cpu_flags()
+    assert ("amx_int8" in d["isa"]) == ("amx_int8" in cpu_flags())
