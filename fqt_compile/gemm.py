@@ -34,6 +34,25 @@ from torch import Tensor
 __all__ = ["qmm", "int_mm", "bmm_int8", "int32_safe_k", "qconv", "qconv_grad_input", "qconv_grad_weight"]
 
 
+def _contiguous_input_tags() -> dict[str, tuple[torch.Tag, ...]]:
+    """``custom_op`` keyword arguments asking inductor to hand an op its inputs in the strides
+    they had when traced (contiguous where the lowering pass wrote a row-major copy). Without
+    one, inductor may keep such a copy in its input's layout when the input is a transposed
+    view (P^T of attention's backward: the copy became an in-place no-op), and the op then
+    makes the row-major copy itself, eagerly: a (128, 512, 512) int8 transpose in 15-18 ms in a
+    one-block GPT step (docs/performance.md). ``needs_contiguous_strides`` where torch has it,
+    else ``needs_fixed_stride_order``; none on a torch whose ``custom_op`` takes no tags."""
+    import inspect
+
+    if "tags" not in inspect.signature(torch.library.custom_op).parameters:
+        return {}
+    for name in ("needs_contiguous_strides", "needs_fixed_stride_order"):
+        tag = getattr(torch.Tag, name, None)
+        if tag is not None:
+            return {"tags": (tag,)}
+    return {}
+
+
 def int32_safe_k(a_bits: int, b_bits: int) -> int:
     """Largest K with K * max|a| * max|b| <= 2^31 - 1 for codes of these bit-widths
     (|code| <= 2^(bits-1))."""
@@ -139,7 +158,7 @@ def _(a_codes, b_codes, max_k):
     return a_codes.new_empty((*a_codes.shape[:-1], b_codes.shape[-1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("fqt::bmm_int8", mutates_args=())
+@torch.library.custom_op("fqt::bmm_int8", mutates_args=(), **_contiguous_input_tags())
 def bmm_int8(a_codes: Tensor, b_codes: Tensor) -> Tensor:
     """Batched int8 GEMM with its exact int32 result: (B, M, K) @ (B, K, N) -> (B, M, N)
     int32. The caller guarantees K <= :func:`int32_safe_k` of the codes' bit-widths (the
