@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .. import softmax_quant
-from ..config import FQTConfig, Mode, OpKind, SdpaPolicy
+from ..config import FQTConfig, Granularity, Mode, OpKind, SdpaPolicy
 from ..functional import (
     QSpec,
     fqt_addmm,
@@ -443,10 +443,12 @@ def _tag_for_recompute(nodes: list[fx.Node]) -> None:
 
 def _softmax_fused(cfg: FQTConfig, sdpa: fx.Node) -> bool:
     """Whether ``passes.fuse_softmax`` will take this attention's softmax and its backward
-    (``cfg.fuse_softmax``, lowered GEMMs, the C kernel here, float32 CPU operands): then
-    the fused kernels take the mask as an added bias and no float scores are written."""
+    (``cfg.fuse_softmax``, lowered GEMMs, the C kernel here, a per-tensor quantizer of the
+    probabilities, float32 CPU operands): then the fused kernels take the mask as an added bias
+    and no float scores are written."""
     q = _val(sdpa.args[0]) if sdpa.args else None
-    return (cfg.fuse_softmax and cfg.lower_int_gemm and softmax_quant.available()
+    return (cfg.fuse_softmax and cfg.lower_int_gemm and cfg.input.granularity is Granularity.TENSOR
+            and softmax_quant.available()
             and isinstance(q, torch.Tensor) and q.device.type == "cpu" and q.dtype == torch.float32)
 
 
