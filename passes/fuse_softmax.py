@@ -52,7 +52,7 @@ from .epilogue import EpilogueMatch, emit_terms
 from .fused_sr import (call, cpu_float32, epilogue_through_views, erase_dead, replace_with_fused, sr_readers,
                        view_outputs, view_shape)
 
-__all__ = ["fuse_softmax"]
+__all__ = ["fuse_softmax", "skipped_because"]
 
 aten = torch.ops.aten
 
@@ -222,6 +222,18 @@ def _absorb_scores(graph: fx.Graph, node: fx.Node, outs: list[fx.Node], x: fx.No
     return True
 
 
+def skipped_because(cfg: FQTConfig) -> str | None:
+    """Why the pass does not run under ``cfg`` here, or None when it does (it then fuses the
+    patterns the module docstring lists; ``passes.insert_qdq`` asks this too)."""
+    if not cfg.fuse_softmax:
+        return "fuse_softmax=False"
+    if not cfg.lower_int_gemm:
+        return "lower_int_gemm=False (simulated graph)"
+    if not softmax_quant.available():
+        return f"kernel {softmax_quant.status()}"
+    return None
+
+
 def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str, Any]:
     """Fuse every matched softmax + quantizer pattern of ``gm`` in place.
 
@@ -229,12 +241,9 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
     softmax + quantizer fusions, softmax-backward + stochastic quantizer fusions) and, where the
     pass did not run, ``"skipped": <why>``."""
     status = softmax_quant.status()
-    if not cfg.fuse_softmax:
-        return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": "fuse_softmax=False"}
-    if not cfg.lower_int_gemm:
-        return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": "lower_int_gemm=False (simulated graph)"}
-    if not softmax_quant.available():
-        return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": f"kernel {status}"}
+    why = skipped_because(cfg)
+    if why is not None:
+        return {"fused": 0, "fused_backward": 0, "kernel": status, "skipped": why}
     graph = gm.graph
     fused = 0
     for q in list(graph.nodes):

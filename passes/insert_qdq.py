@@ -25,7 +25,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .. import softmax_quant
 from ..config import FQTConfig, Granularity, Mode, OpKind, SdpaPolicy
 from ..functional import (
     QSpec,
@@ -37,6 +36,7 @@ from ..functional import (
     qspec_from_config,
     same_padding,
 )
+from . import fuse_softmax
 
 __all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "module_path_of"]
 
@@ -447,8 +447,7 @@ def _softmax_fused(cfg: FQTConfig, sdpa: fx.Node) -> bool:
     probabilities, float32 CPU operands): then the fused kernels take the mask as an added bias
     and no float scores are written."""
     q = _val(sdpa.args[0]) if sdpa.args else None
-    return (cfg.fuse_softmax and cfg.lower_int_gemm and cfg.input.granularity is Granularity.TENSOR
-            and softmax_quant.available()
+    return (fuse_softmax.skipped_because(cfg) is None and cfg.input.granularity is Granularity.TENSOR
             and isinstance(q, torch.Tensor) and q.device.type == "cpu" and q.dtype == torch.float32)
 
 
