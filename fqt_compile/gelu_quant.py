@@ -107,10 +107,10 @@ void fqt_gelu_rows(const float* x, const float* bias, float* y, float* rmin, flo
         __mmask16 bad = 0;
         for (int64_t j = 0; j < D; j += 16) {
             __mmask16 m = tail_mask(D - j);
-            __m512 h = _mm512_maskz_loadu_ps(m, xr + j);
-            if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + j));
+            __m512 h = load16(m, xr + j);
+            if (bias) h = _mm512_add_ps(h, load16(m, bias + j));
             __m512 v = gelu512(h);
-            _mm512_mask_storeu_ps(yr + j, m, v);
+            store16(yr + j, m, v);
             track_ranges(v, m, j, &lo, &hi, &bad, 0, 0);
         }
         rmin[i] = bad ? NAN : _mm512_reduce_min_ps(lo);
@@ -147,15 +147,15 @@ void fqt_gelu_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, co
             __mmask16 bad = 0;
             for (int64_t j = 0; j < D; j += 16) {
                 __mmask16 m = tail_mask(D - j);
-                __m512 v = _mm512_maskz_loadu_ps(m, gr + j);
+                __m512 v = load16(m, gr + j);
                 if (xr) {
-                    __m512 h = _mm512_maskz_loadu_ps(m, xr + j);
-                    if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + j));
+                    __m512 h = load16(m, xr + j);
+                    if (bias) h = _mm512_add_ps(h, load16(m, bias + j));
                     v = _mm512_mul_ps(v, gelu_grad512(h));
                 }
-                if (xr || dr != gr) _mm512_mask_storeu_ps(dr + j, m, v);
+                if (xr || dr != gr) store16(dr + j, m, v);
                 track_ranges(v, m, j, &lo, &hi, &bad, tmin, tmax);
-                _mm512_mask_storeu_ps(tsum + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, tsum + j), v));
+                store16(tsum + j, m, _mm512_add_ps(load16(m, tsum + j), v));
             }
             finish_row(dr, i, D, lo, hi, bad, rmin, rmax, nr, levels, half, slo, shi, codes);
         }

@@ -81,9 +81,9 @@ void fqt_softmax_rows(const float* x, const int32_t* acc, int64_t M, int nt, con
             __m512 vc = _mm512_set1_ps(c);
             for (int64_t j = 0; j < L; j += 16) {
                 __mmask16 m = tail_mask(L - j);
-                __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pr + j), vc);
-                if (mr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, mr + j));
-                _mm512_mask_storeu_ps(pr + j, m, v);
+                __m512 v = _mm512_mul_ps(load16(m, pr + j), vc);
+                if (mr) v = _mm512_add_ps(v, load16(m, mr + j));
+                store16(pr + j, m, v);
             }
             xr = pr;
         }
@@ -91,7 +91,7 @@ void fqt_softmax_rows(const float* x, const int32_t* acc, int64_t M, int nt, con
         __mmask16 bad = 0;
         for (int64_t j = 0; j < L; j += 16) {
             __mmask16 m = tail_mask(L - j);
-            __m512 v = _mm512_maskz_loadu_ps(m, xr + j);
+            __m512 v = load16(m, xr + j);
             bad |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
             vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
         }
@@ -99,17 +99,17 @@ void fqt_softmax_rows(const float* x, const int32_t* acc, int64_t M, int nt, con
         __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
         for (int64_t j = 0; j < L; j += 16) {
             __mmask16 m = tail_mask(L - j);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + j), vm));
+            __m512 e = exp512(_mm512_sub_ps(load16(m, xr + j), vm));
             e = _mm512_maskz_mov_ps(m, e);
-            _mm512_mask_storeu_ps(pr + j, m, e);
+            store16(pr + j, m, e);
             vsum = _mm512_add_ps(vsum, e);
         }
         __m512 vs = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
         __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < L; j += 16) {
             __mmask16 m = tail_mask(L - j);
-            __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(m, pr + j), vs);
-            _mm512_mask_storeu_ps(pr + j, m, q);
+            __m512 q = _mm512_div_ps(load16(m, pr + j), vs);
+            store16(pr + j, m, q);
             lo = _mm512_mask_min_ps(lo, m, lo, q);
             hi = _mm512_mask_max_ps(hi, m, hi, q);
         }
@@ -153,8 +153,8 @@ void fqt_softmax_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt,
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < D; j += 16) {
                 __mmask16 m = tail_mask(D - j);
-                __m512 gp = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + j), _mm512_maskz_loadu_ps(m, pr + j));
-                _mm512_mask_storeu_ps(dr + j, m, gp);
+                __m512 gp = _mm512_mul_ps(load16(m, gr + j), load16(m, pr + j));
+                store16(dr + j, m, gp);
                 sum = _mm512_add_ps(sum, gp);
             }
             __m512 vs = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
@@ -162,9 +162,9 @@ void fqt_softmax_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt,
             __mmask16 bad = 0;
             for (int64_t j = 0; j < D; j += 16) {
                 __mmask16 m = tail_mask(D - j);
-                __m512 pv = _mm512_maskz_loadu_ps(m, pr + j);
-                __m512 v = _mm512_mul_ps(_mm512_fnmadd_ps(pv, vs, _mm512_maskz_loadu_ps(m, dr + j)), vc);
-                _mm512_mask_storeu_ps(dr + j, m, v);
+                __m512 pv = load16(m, pr + j);
+                __m512 v = _mm512_mul_ps(_mm512_fnmadd_ps(pv, vs, load16(m, dr + j)), vc);
+                store16(dr + j, m, v);
                 track_ranges(v, m, j, &lo, &hi, &bad, tmin, tmax);
             }
             finish_row(dr, i, D, lo, hi, bad, rmin, rmax, nr, levels, half, slo, shi, codes);
