@@ -70,6 +70,26 @@ def _exempt_from_aot_cse() -> bool:
 
 CSE_EXEMPT = _exempt_from_aot_cse()
 
+# ``fqt::column_index(n, device)``: ``arange(n)`` as int32, a separate op on purpose.
+#
+# ``passes/decompose_fqt.py`` builds the generator's flat index of an (N, D) tensor on the CPU as
+# ``row * D + column_index(D)``. Were the column index an iota, inductor's vectorized C++ would
+# write it as ``Vectorized<int32_t>::arange(base, 1)``: sixteen scalar adds and lane inserts per
+# vector of 16 draws, 17% of a per-row stochastic quantize kernel's time on the AMD machine of
+# docs/performance.md ("Quantize kernels"). Read from this (D,) buffer it is one vector
+# load. The op runs once per quantizer call (a D-element arange).
+torch.library.define("fqt::column_index", "(SymInt n, Device device) -> Tensor")
+
+
+@torch.library.impl("fqt::column_index", "CompositeExplicitAutograd")
+def _column_index_impl(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int32, device=device)
+
+
+@torch.library.register_fake("fqt::column_index")
+def _column_index_fake(n: int, device: torch.device) -> torch.Tensor:
+    return torch.empty((n,), dtype=torch.int32, device=device)
+
 
 def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
     """Logical right shift of int32 bits."""

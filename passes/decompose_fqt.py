@@ -119,7 +119,10 @@ def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node) -> fx.Node:
     # op without a lowering, tests/test_decompose_fqt.py)
     iota = dict(start=0, step=1, dtype=dt, device=val.device, requires_grad=False)
     rows = e(prims.iota.default, n, **iota)
-    cols = e(prims.iota.default, d, **iota)
+    if small and val.device.type == "cpu":  # a loaded vector, not a built one (rng's fqt::column_index)
+        cols = e(fqt.column_index.default, d, val.device)
+    else:
+        cols = e(prims.iota.default, d, **iota)
     idx = e(aten.add.Tensor, e(aten.mul.Tensor, e(aten.unsqueeze.default, rows, 1), d), e(aten.unsqueeze.default, cols, 0))
     lo = idx if small else e.cast(idx, i32)
     if not small:  # the high index word (0 below 2**32 elements)
@@ -138,7 +141,10 @@ def _sr_quantize(e: Emitter, x, seed, bits, gran):
     y = e(aten.add.Tensor, e(aten.div.Tensor, e(aten.sub.Tensor, xf, lo), div), _uniform_2d(e, x, seed))
     codes = e(aten.sub.Tensor, e.clamp(e(aten.floor.default, y), 0, levels), half)
     offset = e(aten.add.Tensor, lo, e(aten.mul.Tensor, scale, half))
-    return e.cast(codes, i8), scale, offset
+    # through int32: inductor's CPU code converts float -> int8 with saturating packs and
+    # clamps (six instructions per vector) but int32 -> int8 with one; codes are integers in
+    # range, so the value is the same
+    return e.cast(e.cast(codes, i32), i8), scale, offset
 
 
 def _quantize(e: Emitter, x, bits, scheme, gran, axis):
@@ -163,7 +169,7 @@ def _quantize(e: Emitter, x, bits, scheme, gran, axis):
         q = e(aten.add.Tensor, e(aten.round.default, e(aten.div.Tensor, xf, div)), zero)
         codes = e(aten.sub.Tensor, e.clamp(q, 0, levels), half)
         offset = e(aten.mul.Tensor, e(aten.neg.default, e(aten.sub.Tensor, zero, half)), scale)
-    return e.cast(codes, i8), scale, offset
+    return e.cast(e.cast(codes, i32), i8), scale, offset  # through int32: see _sr_quantize
 
 
 _QCONV = (fqt.qconv.default, fqt.qconv_grad_input.default, fqt.qconv_grad_weight.default)

@@ -37,7 +37,10 @@ def test_inlined_graph_is_exactly_the_op_library(tracing_mode):
     gm = make_fx(_program, tracing_mode=tracing_mode)(x, g, seed)
     fused, counts = decompose_fqt(gm)
     assert counts == {"quantize": 6, "dequantize": 15, "sr_quantize": 9}
-    assert not any(str(n.target).startswith("fqt.") for n in fused.graph.nodes)
+    # only the generator's column index stays an fqt op: on the CPU with a static size below
+    # 2**31 elements (rng's fqt::column_index: a loaded index vector, not a built one)
+    left = [str(n.target) for n in fused.graph.nodes if str(n.target).startswith("fqt.")]
+    assert left == (["fqt.column_index.default"] * 9 if tracing_mode == "fake" else [])
     for a, b in zip(gm(x, g, seed), fused(x, g, seed)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
@@ -75,13 +78,15 @@ def test_every_emitted_op_has_an_inductor_lowering():
     'both a fallback and a decomp'); everything decompose_fqt emits must lower directly."""
     from torch._inductor.lowering import lowerings
 
-    gm = make_fx(_program, tracing_mode="symbolic")(torch.randn(7, 5), torch.randn(9, 4), torch.tensor(3))
-    fused, _ = decompose_fqt(gm)
-    missing = {
-        str(n.target) for n in fused.graph.nodes
-        if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
-    }  # fmt: skip
-    assert not missing, missing
+    for mode in ("symbolic", "fake"):
+        gm = make_fx(_program, tracing_mode=mode)(torch.randn(7, 5), torch.randn(9, 4), torch.tensor(3))
+        fused, _ = decompose_fqt(gm)
+        missing = {
+            str(n.target) for n in fused.graph.nodes
+            if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
+        }  # fmt: skip
+        # fqt::column_index runs as an extern call (a custom op without a decomposition)
+        assert missing == ({"fqt.column_index.default"} if mode == "fake" else set()), missing
 
 
 def _sr_program(g, h, seed):
@@ -109,6 +114,7 @@ def test_inductor_code_quantizes_exactly_like_the_op_library(simdlen):
     seed = torch.tensor(2**40 + 17, dtype=torch.int64)
     gm = make_fx(_sr_program, tracing_mode="fake")(g, h, seed)
     fused, _ = decompose_fqt(gm)
+    assert sum(n.target is fqt.column_index.default for n in fused.graph.nodes) == 12
     with torch._inductor.config.patch({"cpp.simdlen": simdlen}):
         compiled = compile_fx_inner(fused, [g, h, seed])
     for a, b in zip(_sr_program(g, h, seed), compiled([g, h, seed])):

@@ -167,3 +167,16 @@ def test_compiled_generator_matches_eager():
     for seed in (0, 123456789, 2**40 + 17, 2**62 - 5):
         s = torch.tensor(seed, dtype=torch.int64)
         assert torch.equal(compiled(s), draw(s)), seed
+
+
+def test_column_index_op_is_an_int32_arange_with_a_fake_kernel():
+    # fqt::column_index: the generator's column index in passes/decompose_fqt.py (a loaded
+    # vector in inductor's CPU code); int32 values 0 .. n-1, symbolic sizes traced through.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    out = torch.ops.fqt.column_index(37, torch.device("cpu"))
+    assert out.dtype == torch.int32 and torch.equal(out, torch.arange(37, dtype=torch.int32))
+    assert torch.ops.fqt.column_index(0, torch.device("cpu")).shape == (0,)
+    torch.library.opcheck(torch.ops.fqt.column_index.default, (5, torch.device("cpu")))
+    gm = make_fx(lambda x: torch.ops.fqt.column_index(x.shape[1], x.device), tracing_mode="symbolic")(torch.randn(2, 9))
+    assert torch.equal(gm(torch.randn(3, 11)), torch.arange(11, dtype=torch.int32))
