@@ -15,8 +15,10 @@ the time divided by the same round's copy time (``vs_copy_range``: its smallest 
 value), so drift of the machine between rounds does not favour one variant. A kind that
 fails to compile is recorded with its error, not raised. Mode "compiled" is torch.compile of the
 reference functions (they break the graph at the NaN/Inf check); mode "fqt" is the op library
-compiled by the fqt backend, the path training takes: the quantize op (codes only) fused into one
-inductor kernel with the counter-based generator.
+compiled by the fqt backend, the path training takes: a gradient quantizer whose input is in
+memory anyway (here a graph input) runs as the C kernel, "(codes)"; the "(inductor)" rows are
+the same quantizers inlined into inductor's loops with the counter-based generator
+(``fuse_quantizers=False``), the form a quantizer fused with the op producing its input takes.
 
 The second table is BHQ's cost at N = 1024 and 8192 rows (D = 1024): DESIGN.md section 3 says
 the transform is O(N * D), so time per element should stay about flat as N grows 8x.
@@ -25,6 +27,7 @@ the transform is O(N * D), so time per element should stay about flat as N grows
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -42,6 +45,8 @@ if str(ROOT) not in sys.path:
 
 import fqt_compile  # noqa: E402
 from fqt_compile import quantizers as Q  # noqa: E402
+from fqt_compile.backend import FQTBackend, resolve_config  # noqa: E402
+from fqt_compile.config import FQTConfig  # noqa: E402
 from malloc_option import add_malloc_argument, apply_malloc  # noqa: E402
 
 GRAD_BITS = 8
@@ -93,7 +98,16 @@ def _fqt_variants() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
         return t.clone()
 
     return {"copy": copy, "forward(codes)": forward, "ptq(codes)": grad("tensor"),
-            "psq(codes)": grad("row"), "column(codes)": grad("column")}
+            "psq(codes)": grad("row"), "column(codes)": grad("column"),
+            "ptq(inductor)": grad("tensor"), "psq(inductor)": grad("row"), "column(inductor)": grad("column")}
+
+
+def _fqt_config(name: str) -> FQTConfig:
+    """The backend config of a mode-"fqt" variant: the "(codes)" quantizers of a graph input run
+    as the C kernel (passes/fuse_quantizers.py marks them), the "(inductor)" ones are inlined
+    into inductor's loops (fuse_quantizers=False), as a quantizer fused with its producer is."""
+    cfg = resolve_config("psq8")
+    return dataclasses.replace(cfg, fuse_quantizers=False) if name.endswith("(inductor)") else cfg
 
 
 def _error_text(e: Exception) -> str:
@@ -112,7 +126,6 @@ def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) 
     x = torch.randn(n, d) * torch.logspace(-3, 1, n)[torch.randperm(n)][:, None]
     nbytes = x.numel() * x.element_size()
     rows = []
-    from fqt_compile.backend import FQTBackend
 
     for mode in ("eager", "compiled", "fqt") if compile_ else ("eager",):
         ready: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
@@ -121,7 +134,7 @@ def bench_throughput(n: int, d: int, repeats: int, warmup: int, compile_: bool) 
             row = mode_rows[name] = {"name": name, "mode": mode, "n": n, "d": d}
             try:
                 if mode == "fqt":
-                    f = torch.compile(fn, backend=FQTBackend("psq8"))
+                    f = torch.compile(fn, backend=FQTBackend(_fqt_config(name)))
                 else:
                     f = torch.compile(fn) if mode == "compiled" else fn
                 breaks = sum(counters["graph_break"].values())

@@ -49,7 +49,7 @@ from torch import Tensor
 from . import cbuild, sr_fused
 from . import quantizers as Q
 
-__all__ = ["available", "status", "gelu_quantize", "gelu_backward_sr_quantize", "sr_quantize_multi"]
+__all__ = ["available", "status", "gelu_quantize", "gelu_backward_sr_quantize", "sr_quantize_multi", "sr_quantize_kernel"]
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-fopenmp"]
 
@@ -120,7 +120,7 @@ void fqt_gelu_rows(const float* x, const float* bias, float* y, float* rmin, flo
 
 // pass 1: ds = g * gelu'(x + bias) per row (bias NULL: none), g read from memory or, where acc is
 // not NULL, computed in cache from the int32 product acc and its epilogue (epilogue_row); x NULL:
-// ds = g (gelu' taken as 1; ds may then be g itself, and is not written); csum:
+// ds = g (gelu' taken as 1; ds may then be g itself, and is not written); csum (NULL: none):
 // one (D) row per thread of column sums of ds (the caller adds them up: the bias gradient);
 // ranges and row-range roundings as in the softmax backward (sr_fused.py)
 void fqt_gelu_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, const float* const* er,
@@ -133,7 +133,7 @@ void fqt_gelu_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, co
         int tid = omp_get_thread_num();
         float* tmin = cmin ? cmin + (int64_t)tid * D : 0;
         float* tmax = cmax ? cmax + (int64_t)tid * D : 0;
-        float* tsum = csum + (int64_t)tid * D;
+        float* tsum = csum ? csum + (int64_t)tid * D : 0;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; i++) {
             float* dr = ds + i * D;
@@ -155,7 +155,7 @@ void fqt_gelu_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, co
                 }
                 if (xr || dr != gr) store16(dr + j, m, v);
                 track_ranges(v, m, j, &lo, &hi, &bad, tmin, tmax);
-                store16(tsum + j, m, _mm512_add_ps(load16(m, tsum + j), v));
+                if (tsum) store16(tsum + j, m, _mm512_add_ps(load16(m, tsum + j), v));
             }
             finish_row(dr, i, D, lo, hi, bad, rmin, rmax, nr, levels, half, slo, shi, codes);
         }
@@ -312,23 +312,45 @@ def sr_quantize_multi(g: Tensor, seeds: List[Tensor], bits: List[int], granulari
     grans = granularities.split(",")
     torch._check(g.dim() == 2 and g.dtype == torch.float32, lambda: f"{_MULTI_OP}: g must be a 2-D float32 tensor")
     sr_fused.check_quantizers(_MULTI_OP, g.numel(), bits, grans, seeds)
-    n, d = g.shape
     lib = _load()[0]
     if lib is None or g.device.type != "cpu" or g.numel() == 0:
         return [g.sum(0), *sr_fused.reference_quantize(g, seeds, bits, grans)]
+    return _quantize_rows(lib, g, seeds, bits, grans, sums=True)
+
+
+def _quantize_rows(lib: ctypes.CDLL, g: Tensor, seeds: List[Tensor], bits: List[int], grans: List[str],
+                   sums: bool) -> List[Tensor]:
+    """The kernel of ``fqt::sr_quantize_multi`` on a CPU float32 (N, D) ``g``: ``[colsum,
+    codes_1, scale_1, offset_1, ...]``, without ``colsum`` where ``sums`` is False."""
+    n, d = g.shape
     g = g.contiguous()
     threads = torch.get_num_threads()
-    csum = torch.zeros((threads, d))
+    csum = torch.zeros((threads, d)) if sums else None
     rmin, rmax = torch.empty(n), torch.empty(n)
     qs = sr_fused.Quantizers(n, d, seeds, bits, grans)
     cmin, cmax = qs.column_buffers(threads)
     p = sr_fused.ptr_or_none
     no_epilogue = sr_fused.Epilogue(g, [], []).args()
     lib.fqt_gelu_bwd_rows(
-        g.data_ptr(), *no_epilogue, None, None, g.data_ptr(), csum.data_ptr(), rmin.data_ptr(), rmax.data_ptr(),
+        g.data_ptr(), *no_epilogue, None, None, g.data_ptr(), p(csum), rmin.data_ptr(), rmax.data_ptr(),
         p(cmin), p(cmax), n, d, *qs.pass1_args(), threads,
     )
-    return [csum.sum(0), *sr_fused.finish(lib, g, qs, rmin, rmax, cmin, cmax, threads)]
+    codes = sr_fused.finish(lib, g, qs, rmin, rmax, cmin, cmax, threads)
+    return [csum.sum(0), *codes] if csum is not None else codes
+
+
+def sr_quantize_kernel(x2d: Tensor, seed: Tensor, bits: int, granularity: str) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``fqt::sr_quantize`` by the C kernel of ``fqt::sr_quantize_multi`` (one quantizer, no
+    column sums): ``(codes, scale, offset)``, equal to the reference's bit for bit; None where
+    the kernel does not run (not built here, not a CPU float32 2-D tensor, empty, 2**31
+    elements or more), and the caller quantizes with the reference. Arguments are checked by
+    the caller (``fqt::sr_quantize``)."""
+    lib = _load()[0]
+    if (lib is None or x2d.device.type != "cpu" or x2d.dtype != torch.float32 or x2d.dim() != 2
+            or x2d.numel() == 0 or x2d.numel() >= 2**31 or granularity not in sr_fused.GRANS):
+        return None
+    codes, scale, offset = _quantize_rows(lib, x2d, [seed], [bits], [granularity], sums=False)
+    return codes, scale, offset
 
 
 @sr_quantize_multi.register_fake

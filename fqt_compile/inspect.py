@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from .backend import GraphRecord, resolve_config
 from .config import FQTConfig, InnerCompiler
+from .passes.decompose_fqt import C_KERNEL
 
 __all__ = ["inspect", "Report", "Row", "GemmStatus", "SCHEMA", "GEMMS", "report_from_records",
            "gradient_quantizer_seeds"]
@@ -50,6 +51,7 @@ _FUSED_BWD = torch.ops.fqt.softmax_backward_sr_quantize.default
 _FUSED_GELU_BWD = torch.ops.fqt.gelu_backward_sr_quantize.default
 _FUSED_GELU = torch.ops.fqt.gelu_quantize.default
 _FUSED_MULTI = torch.ops.fqt.sr_quantize_multi.default
+_SR = torch.ops.fqt.sr_quantize.default
 GEMMS = ("output", "grad_input", "grad_weight")
 
 _LOWER_PASS = "lower_int_gemm"
@@ -205,6 +207,10 @@ class Report:
     #: ``passes/fuse_quantizers.py``: a gradient's stochastic quantizers (two or more) and its
     #: column sums in one kernel (whose quantizers count above)
     fused_quantizers: int = 0
+    #: ``passes/fuse_quantizers.py``: lone stochastic quantizers of a gradient already in memory
+    #: (a graph input, a GEMM's, convolution's or ``fqt::`` kernel's output), left to the C
+    #: kernel of ``fqt::sr_quantize`` instead of being inlined into an inductor kernel
+    c_kernel_quantizers: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -239,6 +245,7 @@ class Report:
             "fused_gelu": self.fused_gelu,
             "fused_gelu_backward": self.fused_gelu_backward,
             "fused_quantizers": self.fused_quantizers,
+            "c_kernel_quantizers": self.c_kernel_quantizers,
         }
 
     def row(self, key: str) -> Row:
@@ -357,6 +364,12 @@ class Report:
                 f"quantizers (fqt::gelu_backward_sr_quantize), {self.fused_quantizers} gradient's stochastic "
                 "quantizers + column sums (fqt::sr_quantize_multi)"
             )
+        if self.c_kernel_quantizers:
+            lines.append(
+                f"C quantize kernels: {self.c_kernel_quantizers} stochastic gradient quantizers read a tensor "
+                "already in memory (a graph input or an extern kernel's output) and run as fqt::sr_quantize's "
+                "C kernel, not inlined into inductor's"
+            )
         return "\n".join(lines)
 
     # -- drawing ------------------------------------------------------------------------
@@ -438,7 +451,7 @@ def report_from_records(
             ))  # fmt: skip
 
     quantizers = seeds = 0
-    fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0, "multi": 0}
+    fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0, "multi": 0, "c_kernel": 0}
     for rec in records:
         for gm in (rec.forward, rec.backward, rec.inference):
             if gm is not None:
@@ -449,6 +462,7 @@ def report_from_records(
             fused["backward"] += sum(n.target is _FUSED_BWD for n in nodes)
             fused["gelu_backward"] += sum(n.target is _FUSED_GELU_BWD for n in nodes)
             fused["multi"] += sum(n.target is _FUSED_MULTI for n in nodes)
+            fused["c_kernel"] += sum(n.target is _SR and bool(n.meta.get(C_KERNEL)) for n in nodes)
             draws = gradient_quantizer_seeds(rec.backward)
             quantizers += len(draws)
             seeds += len(set(draws))
@@ -466,7 +480,7 @@ def report_from_records(
         lowering_pass_run=ran, training=training, forward_graph=text("forward"), backward_graph=text("backward"),
         stochastic_quantizers=quantizers, seeds=seeds, fused_softmax=fused["forward"],
         fused_softmax_backward=fused["backward"], fused_gelu=fused["gelu"],
-        fused_gelu_backward=fused["gelu_backward"], fused_quantizers=fused["multi"],
+        fused_gelu_backward=fused["gelu_backward"], fused_quantizers=fused["multi"], c_kernel_quantizers=fused["c_kernel"],
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

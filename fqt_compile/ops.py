@@ -111,7 +111,18 @@ def _sr_range_shape(x2d: Tensor, granularity: str) -> list[int]:
 
 @torch.library.custom_op(f"{_LIB}::sr_quantize", mutates_args=())
 def sr_quantize(x2d: Tensor, seed: Tensor, bits: int, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Unbiased stochastic rounding of an (N, D) tensor. Returns ``(codes, scale, offset)``."""
+    """Unbiased stochastic rounding of an (N, D) tensor. Returns ``(codes, scale, offset)``.
+
+    A CPU float32 tensor is quantized by the fused C kernel (``gelu_quant.sr_quantize_kernel``,
+    codes bit-equal to the reference's) where it is built; anything else by the reference
+    ``quantizers.stochastic_quantize``."""
+    Q.check_bits(bits)
+    if granularity in ("tensor", "row", "column") and seed.dim() == 0:
+        from .gelu_quant import sr_quantize_kernel  # the kernel module imports the op library's quantizers
+
+        out = sr_quantize_kernel(x2d, seed, bits, granularity)
+        if out is not None:
+            return out
     q = Q.stochastic_quantize(x2d, bits, granularity, seed)  # type: ignore[arg-type]
     shape = _sr_range_shape(x2d, granularity)
     # expand, not reshape: for an empty input the quantizer returns 0-d ranges.

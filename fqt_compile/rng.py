@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["new_seed", "uniform_from_seed", "uniform_at", "hash32", "seed_words"]
+__all__ = ["new_seed", "uniform_from_seed", "uniform_at", "hash32", "seed_words", "seed_words_int"]
 
 _MULT = 0x45D9F3B
 _SEED_BOUND = 2**62
@@ -110,6 +110,20 @@ def seed_words(seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two hashed 32-bit halves ``(s_lo, s_hi)`` of an int64 seed (int32 0-d tensors)."""
     seed = seed.to(torch.int64)
     return hash32(seed), hash32((seed >> 32).to(torch.int32) ^ _SEED_HI_SALT)
+
+
+def _hash32_int(x: int) -> int:
+    """:func:`hash32` of the low 32 bits of a Python int, as an unsigned int."""
+    x &= 0xFFFFFFFF
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * _MULT) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def seed_words_int(seed: int) -> tuple[int, int]:
+    """:func:`seed_words` of an int64 seed given as a Python int, as unsigned 32-bit ints: what
+    the C kernels take, without a dozen tensor ops on 0-d tensors per call."""
+    return _hash32_int(seed), _hash32_int((seed >> 32) ^ _SEED_HI_SALT)
 
 
 def new_seed(device: torch.device | str | None = None) -> torch.Tensor:

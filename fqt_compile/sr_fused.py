@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import quantizers as Q
-from .rng import seed_words
+from .rng import seed_words_int
 
 __all__ = ["COMMON_C", "GRANS", "MAX_QUANTIZERS", "check_quantizers", "check_epilogue", "epilogue_reference",
            "Epilogue", "Quantizers", "finish", "reference_quantize", "fake_outputs", "bind_pass2", "range_shape",
@@ -310,7 +310,7 @@ class Quantizers:
     def __init__(self, n: int, d: int, seeds: Sequence[Tensor], bits: Sequence[int], grans: Sequence[str]) -> None:
         self.n, self.d, self.grans = n, d, list(grans)
         self.codes = [torch.empty((n, d), dtype=torch.int8) for _ in grans]
-        self.words = [tuple(int(w) & 0xFFFFFFFF for w in seed_words(sd)) for sd in seeds]
+        self.words = [seed_words_int(int(sd)) for sd in seeds]
         self.levels = [2**b - 1 for b in bits]
         self.halves = [2 ** (b - 1) for b in bits]
         self.row_k = [k for k, gr in enumerate(grans) if gr == "row"]

@@ -8,7 +8,8 @@ quantizer with the op that produced its input. The aten formulas are those of
 ``fqt_compile.quantizers`` (the reference the tests compare against), node for node.
 
 Runs last, on a *copy* of the graph handed to inductor, so that records and the inspection
-report keep the readable ``fqt::`` form. Ops inlined: ``quantize`` (tensor granularity),
+report keep the readable ``fqt::`` form. An ``fqt::sr_quantize`` that ``passes/fuse_quantizers.py``
+marked (``meta[C_KERNEL]``: its input is in memory anyway) stays a call of its C kernel. Ops inlined: ``quantize`` (tensor granularity),
 ``sr_quantize``, ``dequantize``, and the conv GEMMs left simulated (``qconv*``: dequantize +
 the float convolution). BHQ/Hadamard transforms and ``int_mm`` stay calls.
 """
@@ -25,7 +26,11 @@ from torch._guards import detect_fake_mode
 
 from ..rng import _MULT, _SEED_HI_SALT
 
-__all__ = ["decompose_fqt"]
+__all__ = ["decompose_fqt", "C_KERNEL"]
+
+#: meta key set by ``passes/fuse_quantizers.py`` on an ``fqt::sr_quantize`` node whose input is
+#: in memory anyway: it stays a call (the op's C kernel) instead of being inlined
+C_KERNEL = "fqt_c_kernel"
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +225,9 @@ def decompose_fqt(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
         t = node.target
         with graph.inserting_before(node):
             e = Emitter(graph, fake_mode)
+            if t is fqt.sr_quantize.default and node.meta.get(C_KERNEL):
+                counts["sr_quantize_c_kernel"] = counts.get("sr_quantize_c_kernel", 0) + 1
+                continue
             if t is fqt.sr_quantize.default:
                 _replace_multi(node, _sr_quantize(e, *node.args))
             elif t is fqt.quantize.default and node.args[3] == "tensor":

@@ -13,11 +13,18 @@ codes, scales and offsets are bit-equal to the unfused graph's (``tests/test_fus
 
 It runs after the other fusions, only where the GEMMs are lowered (``lower_int_gemm``) and the
 kernel is available. A node with one quantizer is left to inductor, which fuses that into
-the kernel producing ``G`` without another pass over it.
+the kernel producing ``G`` without another pass over it, unless ``G`` is in memory anyway
+(a graph input, or the output of a call inductor does not fuse into: a GEMM, a convolution, an
+``fqt::`` kernel, or a contiguous view of one): then the quantizer is marked
+(``node.meta[C_KERNEL]``) and ``passes/decompose_fqt.py`` leaves it an ``fqt::sr_quantize``
+call, which runs the same C kernel for one quantizer (``gelu_quant.sr_quantize_kernel``, codes
+bit-equal). On the AMD machine of docs/performance.md that kernel quantizes an 8192 x 1024
+gradient per row in about 1.4-1.7 ms against 2.7-2.8 ms for inductor's loops.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -26,9 +33,17 @@ import torch.fx as fx
 from fqt_compile import gelu_quant
 from fqt_compile.config import FQTConfig
 
+from .decompose_fqt import C_KERNEL
 from .fused_sr import bias_sums, cpu_float32, replace_with_fused, sr_readers
 
 __all__ = ["fuse_quantizers"]
+
+aten = torch.ops.aten
+#: ops inductor runs as calls of their own (it fuses no elementwise code into them): their
+#: output is in memory, so a quantizer reading it saves nothing by being inlined
+_EXTERN = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._int_mm.default,
+           aten.convolution.default, aten.convolution_backward.default}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default}
 
 
 def _fuse(graph: fx.Graph, g: fx.Node) -> bool:
@@ -75,4 +90,38 @@ def fuse_quantizers(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[
     if fused:
         graph.lint()
         gm.recompile()
-    return {"fused": fused, "kernel": status}
+    kernel = 0
+    for q in graph.nodes:
+        if q.target is torch.ops.fqt.sr_quantize.default and _c_kernel_pays(q.args[0]):
+            q.meta[C_KERNEL] = True
+            kernel += 1
+    return {"fused": fused, "c_kernel": kernel, "kernel": status}
+
+
+def _in_memory(x: Any) -> bool:
+    """``x`` is a graph input, an extern call's output (``_EXTERN``, an ``fqt::`` op, an item
+    of either) or a contiguous view of one: inductor reads it from memory whatever reads it."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _VIEWS:
+        val = x.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.is_contiguous()):
+            return False
+        x = x.args[0]
+    if not isinstance(x, fx.Node):
+        return False
+    if x.op == "placeholder":
+        return True
+    if x.op != "call_function":
+        return False
+    src = x.args[0] if x.target is operator.getitem else x
+    if not (isinstance(src, fx.Node) and src.op == "call_function"):
+        return False
+    return src.target in _EXTERN or getattr(src.target, "namespace", None) == "fqt"
+
+
+def _c_kernel_pays(g: Any) -> bool:
+    """A lone quantizer's input for the C kernel: CPU float32, 2-D, static and below 2**31
+    elements, in memory anyway (``_in_memory``)."""
+    if not (isinstance(g, fx.Node) and cpu_float32([g])):
+        return False
+    gv = g.meta["val"]
+    return gv.dim() == 2 and isinstance(gv.numel(), int) and gv.numel() < 2**31 and _in_memory(g)

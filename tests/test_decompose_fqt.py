@@ -85,8 +85,9 @@ def test_every_emitted_op_has_an_inductor_lowering():
             str(n.target) for n in fused.graph.nodes
             if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
         }  # fmt: skip
-        # fqt::column_index runs as an extern call (a custom op without a decomposition)
-        assert missing == ({"fqt.column_index.default"} if mode == "fake" else set()), missing
+        # fqt::column_index runs as an extern call (a custom op without a decomposition; its
+        # fallback is in `lowerings` once inductor has compiled a graph holding it)
+        assert not missing - ({"fqt.column_index.default"} if mode == "fake" else set()), missing
 
 
 def _sr_program(g, h, seed):

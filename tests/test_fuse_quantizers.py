@@ -64,7 +64,9 @@ def test_each_gradient_with_two_quantizers_is_one_fused_op(fused_and_unfused):
     (rec,) = fqt_compile.records(model)
     (ref_rec,) = fqt_compile.records(ref)
     bw, ref_bw = rec.backward, ref_rec.backward
-    assert dict(rec.aten_passes["backward"])["fuse_quantizers"] == {"fused": 2, "kernel": gelu_quant.status()}
+    # the third gradient (layer 0's, Q_b2 only) comes from ReLU's backward: inductor fuses that
+    # quantizer into the kernel producing it, so it is not left to the C kernel
+    assert dict(rec.aten_passes["backward"])["fuse_quantizers"] == {"fused": 2, "c_kernel": 0, "kernel": gelu_quant.status()}
     assert dict(rec.aten_passes["forward"])["fuse_quantizers"]["fused"] == 0
     assert _count(bw, MULTI) == 2 and _count(bw, SR) == 1 and _count(ref_bw, SR) == 5
     # the same quantizers (bits, granularity), with distinct seeds, in both graphs
@@ -193,3 +195,69 @@ def test_inspection_report_counts_the_fused_ops(fused_and_unfused):
     assert fused.totals["seeds"] == 5
     (line,) = [ln for ln in fused.format().splitlines() if ln.startswith("Fused kernels:")]
     assert "2 gradient's stochastic quantizers + column sums (fqt::sr_quantize_multi)" in line
+
+
+def _lone_quantizer_graph() -> fx.GraphModule:
+    """Four lone row quantizers: of the input x (in memory), of x * 2 (elementwise: inductor
+    fuses the quantizer into it), of x @ w (a GEMM's output) and of a contiguous view of it."""
+    graph = fx.Graph()
+    x, w, s = graph.placeholder("x"), graph.placeholder("w"), graph.placeholder("s")
+    x.meta["val"], w.meta["val"] = torch.randn(32, 24), torch.randn(24, 40)
+    s.meta["val"] = torch.tensor(1, dtype=torch.int64)
+
+    def call(target, *args):
+        n = graph.call_function(target, args)
+        n.meta["val"] = target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args])
+        return n
+
+    mm = call(aten.mm.default, x, w)
+    outs = []
+    for i, g in enumerate((x, call(aten.mul.Tensor, x, 2.0), mm, call(aten.view.default, mm, [64, 20]))):
+        q = call(SR, g, call(aten.add.Tensor, s, i), 8, "row")
+        outs += [call(operator.getitem, q, k) for k in range(3)]
+    graph.output(tuple(outs))
+    return fx.GraphModule(nn.Module(), graph)
+
+
+@needs_kernel
+def test_a_lone_quantizer_of_a_tensor_in_memory_runs_the_c_kernel():
+    """fuse_quantizers marks the quantizers whose input inductor reads from memory anyway (an
+    input, a GEMM's output, a contiguous view of it); decompose_fqt leaves those calls of the
+    op's C kernel and inlines the other; inductor's compiled graph gives the reference's codes,
+    scales and offsets bit for bit."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    from fqt_compile.passes.decompose_fqt import C_KERNEL, decompose_fqt
+
+    gm = _lone_quantizer_graph()
+    res = fuse_quantizers(gm, FQTConfig())
+    assert res["fused"] == 0 and res["c_kernel"] == 3
+    marked = [bool(n.meta.get(C_KERNEL)) for n in gm.graph.nodes if n.target is SR]
+    assert marked == [True, False, True, True]
+    inlined, counts = decompose_fqt(gm)
+    assert counts == {"sr_quantize_c_kernel": 3, "sr_quantize": 1} and _count(inlined, SR) == 3
+    args = [torch.randn(32, 24) * torch.logspace(-2, 1, 24), torch.randn(24, 40), torch.tensor(2**40 + 7)]
+    compiled = compile_fx_inner(inlined, args)
+    ref = _lone_quantizer_graph()
+    for a, b in zip(ref(*args), compiled(args)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@needs_kernel
+def test_the_incoming_gradient_of_a_compiled_module_is_quantized_by_the_c_kernel(monkeypatch):
+    """The loss computed outside the compiled module: the last layer's output gradient is a
+    graph input. With an exact grad_weight it has one quantizer (Q_b1), left to the C kernel;
+    the report counts it. The gradients equal a step's whose fqt::sr_quantize runs the Python
+    reference (kernel off)."""
+    cfg = FQTConfig(compiler="eager", grad_weight=GradSpec(GradKind.NONE))
+    model, _ = _train_step(cfg)
+    with monkeypatch.context() as m:
+        m.setattr(gelu_quant, "sr_quantize_kernel", lambda *args: None)
+        ref, _ = _train_step(cfg)
+    (rec,) = fqt_compile.records(model)
+    assert dict(rec.aten_passes["backward"])["fuse_quantizers"]["c_kernel"] == 1
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    report = inspect(_mlp(), torch.randn(40, 32), cfg)
+    assert report.totals["c_kernel_quantizers"] == 1
+    assert any(ln.startswith("C quantize kernels: 1 stochastic") for ln in report.format().splitlines())

@@ -201,7 +201,7 @@ _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
                "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds",
                "fused_softmax", "fused_softmax_backward", "fused_gelu", "fused_gelu_backward",
-               "fused_quantizers"}  # fmt: skip
+               "fused_quantizers", "c_kernel_quantizers"}  # fmt: skip
 
 
 def test_json_schema_is_stable(tmp_path):

@@ -99,6 +99,33 @@ def test_fake_quant_gradient_is_straight_through():
 # --- gradient quantizers ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", [(33, 19), (7, 1000), (64, 64), (1, 5), (5, 1)])
+def test_sr_quantize_c_kernel_equals_the_reference(shape, monkeypatch):
+    """``fqt::sr_quantize`` on CPU float32 runs the C kernel (gelu_quant.sr_quantize_kernel):
+    codes, scales and offsets bit-equal to ``quantizers.stochastic_quantize`` for every
+    granularity and bit width, rows with a tail (19, 1000), a transposed (non-contiguous) input;
+    other dtypes, and a build without the kernel, run the reference."""
+    from fqt_compile import gelu_quant
+
+    x = _x(*shape)
+    x[0] = 0.5  # a constant row: scale 0
+    seed = torch.tensor(2**40 + 17)
+    ran = []
+    kernel = gelu_quant.sr_quantize_kernel
+    monkeypatch.setattr(gelu_quant, "sr_quantize_kernel", lambda *a: ran.append(1) or kernel(*a))
+    for t in (x, x.t().contiguous().t()):
+        for gran in ("tensor", "row", "column"):
+            for bits in (2, 4, 8):
+                codes, scale, offset = fqt.sr_quantize(t, seed, bits, gran)
+                q = Q.stochastic_quantize(t, bits, gran, seed)
+                assert torch.equal(codes, q.codes), (gran, bits)
+                assert torch.equal(scale, q.scale.expand(scale.shape)) and torch.equal(offset, q.offset.expand(offset.shape))
+    assert len(ran) == 18 and (gelu_quant.available() or kernel(x, seed, 8, "row") is None)
+    assert kernel(x.to(torch.bfloat16), seed, 8, "row") is None
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fqt.sr_quantize(torch.full(shape, float("inf")), seed, 8, "row")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_estimate_grad_equals_reference_with_same_seed(kind):
     g = torch.randn(2, 5, 7) * torch.logspace(-2, 1, 5)[:, None]

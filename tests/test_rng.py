@@ -180,3 +180,12 @@ def test_column_index_op_is_an_int32_arange_with_a_fake_kernel():
     torch.library.opcheck(torch.ops.fqt.column_index.default, (5, torch.device("cpu")))
     gm = make_fx(lambda x: torch.ops.fqt.column_index(x.shape[1], x.device), tracing_mode="symbolic")(torch.randn(2, 9))
     assert torch.equal(gm(torch.randn(3, 11)), torch.arange(11, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**31, 2**32 + 5, 2**40 + 17, 2**62 - 5, -1, -(2**40) - 3])
+def test_seed_words_of_a_python_int_equal_the_tensor_ones(seed):
+    # rng.seed_words_int (the C kernels' seed words) against rng.seed_words (the reference's)
+    from fqt_compile.rng import seed_words, seed_words_int
+
+    lo, hi = seed_words(torch.tensor(seed, dtype=torch.int64))
+    assert seed_words_int(seed) == (int(lo) & 0xFFFFFFFF, int(hi) & 0xFFFFFFFF)
