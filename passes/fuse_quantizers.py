@@ -18,8 +18,9 @@ the kernel producing ``G`` without another pass over it, unless ``G`` is in memo
 ``fqt::`` kernel, or a contiguous view of one): then the quantizer is marked
 (``node.meta[C_KERNEL]``) and ``passes/decompose_fqt.py`` leaves it an ``fqt::sr_quantize``
 call, which runs the same C kernel for one quantizer (``gelu_quant.sr_quantize_kernel``, codes
-bit-equal). On the AMD machine of docs/performance.md that kernel quantizes an 8192 x 1024
-gradient per row in about 1.4-1.7 ms against 2.7-2.8 ms for inductor's loops.
+bit-equal). On the AMD machine of docs/performance.md that kernel quantized an 8192 x 1024
+gradient per row in 2.2 and 3.1 ms (two runs) against 3.0 and 4.3 ms for inductor's loops
+(``benchmarks/bench_quantizers.py``).
 """
 
 from __future__ import annotations
