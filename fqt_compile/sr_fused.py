@@ -56,7 +56,9 @@ static inline __mmask16 tail_mask(int64_t left) {
 // 16 lanes loaded or stored under a tail mask: a plain load or store where the mask is full.
 // On the AMD Zen 5 machine of docs/performance.md a masked load made the streaming pass of these
 // kernels 3-4x slower than a plain one, with every mask full (fqt::sr_quantize_multi's first
-// pass over an 8192 x 1024 gradient: 2.0-2.8 ms against 0.56-0.71 ms); the branch is predicted.
+// pass over an 8192 x 1024 gradient: 2.0-2.8 ms against 0.56-0.71 ms; a single-threaded scratch
+// loop of masked loads over 128 MiB ran as fast as plain loads, so it is their use here, not
+// masked loads as such, and the mechanism was not pinned down); the branch is predicted.
 static inline __m512 load16(__mmask16 m, const float* p) {
     return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
 }
