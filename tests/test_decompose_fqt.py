@@ -73,21 +73,27 @@ def test_column_ranges_reduce_in_row_blocks_with_the_same_result():
             assert torch.equal(a, b)
 
 
+def _without_lowering(gm) -> set[str]:
+    """The call targets of ``gm`` inductor has no lowering for, other than getitem and
+    ``fqt::column_index``, which runs as an extern call (a custom op without a decomposition;
+    its fallback enters ``lowerings`` once inductor has compiled a graph holding it)."""
+    from torch._inductor.lowering import lowerings
+
+    return {
+        str(n.target) for n in gm.graph.nodes
+        if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
+        and n.target is not fqt.column_index.default
+    }  # fmt: skip
+
+
 def test_every_emitted_op_has_an_inductor_lowering():
     """Inductor refuses ops that it would have decomposed but has no lowering for (it asserts
     'both a fallback and a decomp'); everything decompose_fqt emits must lower directly."""
-    from torch._inductor.lowering import lowerings
-
     for mode in ("symbolic", "fake"):
         gm = make_fx(_program, tracing_mode=mode)(torch.randn(7, 5), torch.randn(9, 4), torch.tensor(3))
         fused, _ = decompose_fqt(gm)
-        missing = {
-            str(n.target) for n in fused.graph.nodes
-            if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
-        }  # fmt: skip
-        # fqt::column_index runs as an extern call (a custom op without a decomposition; its
-        # fallback is in `lowerings` once inductor has compiled a graph holding it)
-        assert not missing - ({"fqt.column_index.default"} if mode == "fake" else set()), missing
+        missing = _without_lowering(fused)
+        assert not missing, missing
 
 
 def _sr_program(g, h, seed):
@@ -143,8 +149,6 @@ def test_conv_gemms_decompose_or_lower_into_inductor_lowerable_ops(lower, monkey
     """Simulated conv GEMMs become dequantize + aten convolution (same values as the ops);
     lowered ones (im2col, the padding corrections, the flipped kernel of grad_input) are built
     only from ops inductor lowers directly."""
-    from torch._inductor.lowering import lowerings
-
     import fqt_compile.passes.lower_int_gemm as lig
     from fqt_compile import FQTConfig
 
@@ -158,10 +162,7 @@ def test_conv_gemms_decompose_or_lower_into_inductor_lowerable_ops(lower, monkey
     fused, counts = decompose_fqt(gm)
     if not lower:
         assert counts["qconv"] == counts["qconv_grad_input"] == counts["qconv_grad_weight"] == 1
-    missing = {
-        str(n.target) for n in fused.graph.nodes
-        if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
-    }  # fmt: skip
+    missing = _without_lowering(fused)
     assert not missing, missing
     for a, b in zip(ref, fused(*args)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
