@@ -51,9 +51,9 @@ def _fuse(graph: fx.Graph, g: fx.Node) -> bool:
     qs = sr_readers(g)
     if qs is None or len(qs) < 2:
         return False
-    gv = g.meta.get("val")
-    if not (cpu_float32([g]) and gv.dim() == 2 and gv.numel() < 2**31):
+    if not _kernel_operand(g):
         return False
+    gv = g.meta["val"]
     sums = bias_sums(g)
     colsum_val = sums[0].meta["val"] if sums else gv.new_empty((gv.shape[1],))
 
@@ -119,10 +119,16 @@ def _in_memory(x: Any) -> bool:
     return src.target in _EXTERN or getattr(src.target, "namespace", None) == "fqt"
 
 
-def _c_kernel_pays(g: Any) -> bool:
-    """A lone quantizer's input for the C kernel: CPU float32, 2-D, static and below 2**31
-    elements, in memory anyway (``_in_memory``)."""
+def _kernel_operand(g: Any) -> bool:
+    """``g`` is what the C kernel takes: a CPU float32 2-D node below 2**31 elements."""
     if not (isinstance(g, fx.Node) and cpu_float32([g])):
         return False
     gv = g.meta["val"]
-    return gv.dim() == 2 and isinstance(gv.numel(), int) and gv.numel() < 2**31 and _in_memory(g)
+    return gv.dim() == 2 and gv.numel() < 2**31
+
+
+def _c_kernel_pays(g: Any) -> bool:
+    """A lone quantizer's input for the C kernel: a kernel operand of static size, in memory
+    anyway (``_in_memory``)."""
+    val = g.meta.get("val") if isinstance(g, fx.Node) else None  # static first: no guard on a symbolic size
+    return isinstance(val, torch.Tensor) and isinstance(val.numel(), int) and _kernel_operand(g) and _in_memory(g)
