@@ -131,16 +131,45 @@ DEFAULT_INDUCTOR_PATCHES: dict[str, Any] = {"layout_optimization": False}
 CPU_ATEN_KERNELS: tuple[Any, ...] = (torch.ops.aten.embedding_dense_backward.default,)
 
 
+def _threshold_backward_int8_mask(grad_output: torch.Tensor, self: torch.Tensor, threshold: Any) -> torch.Tensor:
+    """``threshold_backward`` (ReLU's backward) through a 0/1 int8 mask instead of a bool one.
+
+    Under FQT the partitioner saves the int8 codes of a ReLU's output, not the float output,
+    so for the ReLU's backward it saves the 1-byte mask ``self <= threshold`` computed in the
+    forward. Inductor's CPU code stores and loads a bool tensor through a generic 64-lane
+    ``Vectorized<bool>``, one element at a time: writing the mask of a 128 x 32 x 28 x 28
+    activation took 15 ms where the fused ReLU took 0.3 ms, reading it back 6 ms (torch
+    2.13, benchmarks/bench_training.py --models cnn; docs/performance.md, Training step: CNN).
+    Here the mask is a float select cast to int8 (0.3 ms) and the backward compares its float
+    value (0.5 ms); the partitioner saves it as before (1 byte an element). The same values as
+    ATen's: the gradient where ``self > threshold`` or ``self`` is NaN, else 0."""
+    bits = _SAME_SIZE_INT.get(grad_output.dtype)
+    if bits is None:
+        return torch.where(self <= threshold, 0.0, grad_output)
+    keep = torch.where(self <= threshold, 0.0, 1.0).to(torch.int8)
+    return (grad_output.view(bits) & -keep.to(bits)).view(grad_output.dtype)
+
+
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+#: decompositions the fqt backend gives inductor for CPU graphs in place of inductor's own
+CPU_DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
+    torch.ops.aten.threshold_backward.default: _threshold_backward_int8_mask,
+}
+
+
 def _inductor_decompositions(example_inputs: Sequence[Any]) -> dict[Any, Any] | None:
-    """Inductor's decomposition table without :data:`CPU_ATEN_KERNELS` when the graph runs on
-    CPU and their fallback lowerings are registered (:func:`_register_cpu_fallbacks`); None,
-    inductor's own table, otherwise."""
+    """For a graph on CPU: inductor's decomposition table with :data:`CPU_DECOMPOSITIONS`, and
+    without :data:`CPU_ATEN_KERNELS` where their fallback lowerings are registered
+    (:func:`_register_cpu_fallbacks`). None, inductor's own table, otherwise."""
     devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    if devices != {"cpu"} or not _register_cpu_fallbacks():
+    if devices != {"cpu"}:
         return None
     from torch._inductor.decomposition import select_decomp_table
 
-    return {op: fn for op, fn in select_decomp_table().items() if op not in CPU_ATEN_KERNELS}
+    skip = CPU_ATEN_KERNELS if _register_cpu_fallbacks() else ()
+    return {**{op: fn for op, fn in select_decomp_table().items() if op not in skip}, **CPU_DECOMPOSITIONS}
 
 
 @functools.lru_cache(maxsize=None)

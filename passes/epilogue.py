@@ -32,7 +32,7 @@ __all__ = ["EpilogueMatch", "match_epilogue", "emit_terms"]
 
 aten = torch.ops.aten
 _convert = torch.ops.prims.convert_element_type.default
-_INT_PRODUCERS = ("fqt.int_mm_amx", "fqt.bmm_int8", "aten._int_mm")
+_INT_PRODUCERS = ("fqt.int_mm_amx", "fqt.bmm_int8", "fqt.mm_int8", "aten._int_mm")
 
 
 @dataclass

@@ -14,7 +14,8 @@ CPU operands whose K keeps ``K * max|a| * max|b|`` below 2^31 (known at compile 
 ``fqt::int_mm_amx`` (2-D and batched; ``fqt_compile/amx.py``; ``fqt::int_mm_amx_sums`` where
 the epilogue has a zero-point term: the same product plus rowsum_K(cA) and colsum_K(cB), taken
 from the operands the kernel packs, so no other pass reads the codes) where the CPU has AMX-INT8,
-else ``aten._int_mm`` for 2-D operands and ``fqt::bmm_int8`` (int32 out) for batched ones;
+else ``aten._int_mm`` for 2-D operands (``fqt::mm_int8``, the same with row-major operands, for
+a convolution's), and ``fqt::bmm_int8`` (int32 out) for batched ones;
 otherwise ``fqt::int_mm``, which splits K into int32-safe chunks at run time and pads for
 cuBLASLt. A qmm node is left simulated, with the
 reason recorded, when a scale or offset varies along K (e.g. per-row Q_b2 in ``grad_weight``,
@@ -69,7 +70,7 @@ class GemmDecision:
     gemm: str  # "output" | "grad_input" | "grad_weight"
     lowered: bool
     reason: str
-    kernel: str  # "fqt.int_mm_amx", "aten._int_mm", "fqt.bmm_int8", "fqt.int_mm" (+ "im2col+" for convs) or "simulated"
+    kernel: str  # "fqt.int_mm_amx", "aten._int_mm", "fqt.mm_int8", "fqt.bmm_int8", "fqt.int_mm" (+ "im2col+" for convs) or "simulated"
     mkn: tuple[int, ...] = ()  # (M, K, N) or (B, M, K, N); -1 where symbolic
     node: str = ""
 
@@ -179,7 +180,7 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
             continue
         if node in conv_note:  # the GEMM of a lowered convolution (im2col)
             d, sums = conv_note[node]
-            _lower(node, graph, fake_mode, d, sums)
+            _lower(node, graph, fake_mode, d, sums, conv=True)
             d.reason = "lowered (im2col)" if d.reason == "lowered" else d.reason.replace("lowered (", "lowered (im2col; ", 1)
             d.kernel = "im2col+" + d.kernel
             result.decisions.append(d)
@@ -612,11 +613,23 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tu
     return mm, sums
 
 
-def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums: dict[str, Any] | None = None) -> None:
+def _unflattened(n: fx.Node) -> fx.Node:
+    """The input of ``n`` when ``n`` is a reshape of a tensor of more than 2 dims to a matrix
+    (an im2col's columns), else ``n``."""
+    if n.op == "call_function" and n.target is aten.reshape.default:
+        src = n.args[0]
+        if isinstance(src, fx.Node) and _val(src).dim() > 2 and _val(n).dim() == 2:
+            return src
+    return n
+
+
+def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums: dict[str, Any] | None = None,
+           conv: bool = False) -> None:
     """Lower one qmm node. ``sums`` may hold precomputed ``"a_rows"`` (rowsum_K of the
     first operand's codes, float32 (M, 1)) and ``"b_cols"`` (colsum_K of the second
     operand dequantized, (1, N)): a convolution computes them on the input, before im2col,
-    for a fraction of the cost."""
+    for a fraction of the cost. ``conv``: the GEMM of a lowered convolution, whose operands
+    are copies (im2col) that must be laid out row-major (``fqt::mm_int8``)."""
     sums = dict(sums or {})
     a_codes, a_scale, a_offset, b_codes, b_scale, b_offset, a_bits, b_bits, _ = node.args
     va = _val(a_codes)
@@ -651,7 +664,16 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
             else:
                 acc = e(_convert, e(torch.ops.fqt.int_mm_amx.default, a_codes, b_codes), f32)
             d.kernel = "fqt.int_mm_amx"
+        elif va.dim() == 2 and va.device.type == "cpu" and static_k and conv:
+            # the columns go in as the copy im2col traced before flattening it (fqt::mm_int8)
+            a_in, b_in = _unflattened(a_codes), _unflattened(b_codes)
+            if a_in is not a_codes:
+                b_in = b_codes
+            acc = e(_convert, e(torch.ops.fqt.mm_int8.default, row_major(a_in), row_major(b_in)), f32)
+            d.kernel = "fqt.mm_int8"
         elif va.dim() == 2 and va.device.type == "cpu" and static_k:
+            # inductor may lay out a copy column-major here; oneDNN takes that at 1.0-1.3x the
+            # row-major time (a transposed weight costs nothing), cheaper than a transposing copy
             acc = e(_convert, e(aten._int_mm.default, row_major(a_codes), row_major(b_codes)), f32)
             d.kernel = "aten._int_mm"
         elif va.dim() == 3 and va.device.type in ("cpu", "cuda") and static_k:

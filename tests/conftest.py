@@ -42,6 +42,9 @@ needs_inductor_torch = pytest.mark.skipif(
 #: they are all below fqt_compile.amx.MIN_MACS (the AMX kernel's lowering is tested with larger
 #: products in tests/test_amx.py)
 CPU_INT_MM = "aten._int_mm"
+#: the same for a lowered convolution's GEMM: fqt::mm_int8 (aten._int_mm on operands inductor
+#: must lay out row-major; the im2col columns came out column-major otherwise)
+CPU_CONV_INT_MM = "im2col+fqt.mm_int8"
 
 
 def quantizer_entries(gm) -> list[tuple[str, int, str]]:

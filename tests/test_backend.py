@@ -338,19 +338,66 @@ def test_inductor_patches_default_to_no_layout_optimization_and_merge_user_patch
 def test_cpu_decomposition_table_leaves_embedding_backward_to_aten():
     """backend.CPU_ATEN_KERNELS: for CPU graphs inductor's decomposition table without
     embedding_dense_backward (its decomposition scatters with an atomic add per element:
-    11.5 ms against 1.25 ms in ATen for a GPT token embedding); elsewhere inductor's table."""
+    11.5 ms against 1.25 ms in ATen for a GPT token embedding) and with
+    backend.CPU_DECOMPOSITIONS; elsewhere inductor's table."""
     from torch._inductor import lowering
 
-    from fqt_compile.backend import CPU_ATEN_KERNELS, _inductor_decompositions, _register_cpu_fallbacks
+    from fqt_compile.backend import CPU_ATEN_KERNELS, _inductor_decompositions, _register_cpu_fallbacks, _threshold_backward_int8_mask
 
-    if not _register_cpu_fallbacks():  # torch 2.5: inductor's own table (see the docstring)
-        assert _inductor_decompositions([torch.zeros(2)]) is None
+    table = _inductor_decompositions([torch.zeros(2)])
+    assert torch.ops.aten.native_layer_norm.default in table  # the rest of inductor's table
+    assert table[torch.ops.aten.threshold_backward.default] is _threshold_backward_int8_mask
+    assert _inductor_decompositions([torch.zeros(2, device="meta")]) is None
+    if not _register_cpu_fallbacks():  # torch 2.5: inductor decomposes these (see the docstring)
+        assert set(CPU_ATEN_KERNELS) <= set(table)
         return
     assert all(op in lowering.lowerings for op in CPU_ATEN_KERNELS)
-    table = _inductor_decompositions([torch.zeros(2)])
-    assert table and not set(CPU_ATEN_KERNELS) & set(table)
-    assert torch.ops.aten.native_layer_norm.default in table  # the rest of inductor's table
-    assert _inductor_decompositions([torch.zeros(2, device="meta")]) is None
+    assert not set(CPU_ATEN_KERNELS) & set(table)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_threshold_backward_through_an_int8_mask_equals_aten(dtype, threshold):
+    """The CPU decomposition of ReLU's backward gives ATen's values bit for bit: the gradient
+    where ``self > threshold`` or ``self`` is NaN, +0 elsewhere, also for NaN/Inf/-0
+    gradients (a multiply by the mask would turn an Inf gradient into NaN)."""
+    from fqt_compile.backend import _threshold_backward_int8_mask
+
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, threshold, 1e-30, -1e-30])
+    x = torch.cat([special, torch.randn(200, generator=g)]).to(dtype)
+    grad = torch.cat([torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]).repeat(2), torch.randn(200, generator=g)])
+    grad = grad.to(dtype)[torch.randperm(208, generator=g)]
+    for xi, gi in ((x, grad), (x.reshape(8, 26), grad.reshape(8, 26)), (x[::2], grad[1::2])):
+        want = torch.ops.aten.threshold_backward(gi, xi, threshold)
+        got = _threshold_backward_int8_mask(gi, xi, threshold)
+        assert got.dtype == want.dtype and torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+
+
+@needs_inductor_torch
+def test_compiled_relu_saves_an_int8_mask_not_a_bool_one(monkeypatch):
+    """Under FQT the partitioner keeps ReLU's backward mask (the float output is saved only as
+    codes). With the backend's decomposition it is a 0/1 int8 tensor (inductor writes a bool
+    one element by element: 15 ms against 0.3 ms for a 128 x 32 x 28 x 28 activation); the
+    gradients are the ones inductor's own decomposition gives, bit for bit."""
+    from fqt_compile import backend
+
+    def run():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        fqt_compile.compile(m, FQTConfig())
+        m(torch.randn(64, 16)).square().mean().backward()
+        fw = fqt_compile.records(m)[0].forward
+        saved = [v for v in (a.meta.get("val") for a in fw.graph.output_node().args[0]) if isinstance(v, torch.Tensor)]
+        return [p.grad for p in m.parameters()], saved
+
+    grads, saved = run()
+    assert not [v for v in saved if v.dtype == torch.bool]
+    assert [tuple(v.shape) for v in saved if v.dtype == torch.int8].count((64, 32)) == 2  # codes + mask
+    monkeypatch.setattr(backend, "CPU_DECOMPOSITIONS", {})
+    grads_ref, saved_ref = run()
+    assert [v for v in saved_ref if v.dtype == torch.bool]  # inductor's own: a bool mask
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
 
 
 @needs_inductor_torch

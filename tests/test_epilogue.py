@@ -54,7 +54,7 @@ f32 = torch.float32
 
 #: lower_int_gemm's kernels whose result is the int32 product (cast to float32 in the graph);
 #: "fqt.int_mm" (dynamic or very large K) returns float32 itself
-INT32_KERNELS = ("aten._int_mm", "fqt.bmm_int8", "fqt.int_mm_amx")
+INT32_KERNELS = ("aten._int_mm", "fqt.mm_int8", "fqt.bmm_int8", "fqt.int_mm_amx")
 RTOL = 1e-5  # of the largest term's magnitude; see the module docstring
 
 
@@ -166,7 +166,7 @@ EXPECTED = {
     "linear-symmetric": ({"aten._int_mm"}, 1),
     "gpt-affine_zero": ({"aten._int_mm", "fqt.bmm_int8"}, 3),
     "gpt-symmetric": ({"aten._int_mm", "fqt.bmm_int8"}, 1),
-    "conv": ({"im2col+aten._int_mm"}, 2),
+    "conv": ({"im2col+fqt.mm_int8"}, 2),
     "amx": ({"fqt.int_mm_amx"}, 3),
 }
 

@@ -34,9 +34,10 @@ def fqt_counts(gm: fx.GraphModule) -> Counter:
         c[op] += 1
         if op == "sr_quantize":
             c[f"sr_quantize:{gran}"] += 1
-    # simulated + lowered (a lowered convolution GEMM is an aten._int_mm on im2col columns)
-    # lowered 2-D/batched CPU GEMMs: aten._int_mm and fqt.bmm_int8, or fqt.int_mm_amx (AMX CPUs)
-    c["int_gemm"] = c["aten_int_mm"] + c["bmm_int8"] + c["int_mm_amx"]
+    # simulated + lowered (a lowered convolution GEMM is an fqt.mm_int8 on im2col columns)
+    # lowered 2-D/batched CPU GEMMs: aten._int_mm, fqt.mm_int8 and fqt.bmm_int8, or
+    # fqt.int_mm_amx (AMX CPUs)
+    c["int_gemm"] = c["aten_int_mm"] + c["mm_int8"] + c["bmm_int8"] + c["int_mm_amx"]
     c["gemm"] = c["qmm"] + c["int_mm"] + c["int_gemm"] + c["qconv"] + c["qconv_grad_input"] + c["qconv_grad_weight"]
     return c
 

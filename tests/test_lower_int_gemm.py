@@ -23,7 +23,7 @@ from fqt_compile.models import MLP, SmallCNN, TransformerBlock
 from fqt_compile.passes.lower_int_gemm import LowerResult, lower_int_gemm
 
 from test_insert_qdq import fqt_counts
-from conftest import CPU_INT_MM, needs_inductor_torch
+from conftest import CPU_CONV_INT_MM, CPU_INT_MM, needs_inductor_torch
 
 
 def _lowering(rec, kind) -> LowerResult:
@@ -165,7 +165,7 @@ def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd
         base, x = make(), torch.randn(*shape, requires_grad=True)
         rec_l, _ = _lowered_vs_simulated(base, x, cfg, name)
         got = {d.gemm: d for k in ("forward", "backward") for d in _lowering(rec_l, k).decisions}
-        assert got["output"].kernel == "im2col+" + CPU_INT_MM, name
+        assert got["output"].kernel == CPU_CONV_INT_MM, name
         # grad_input: per-sample / per-tensor Q_b1 (BHQ: its inverse mixes samples, which the
         # per-sample transposed convolution commutes with); per-column scales the out-channels
         assert got["grad_input"].lowered == (gi_kind != "column"), name
@@ -290,6 +290,29 @@ def test_int_mm_chunks_are_exact():
     assert torch.equal(torch.ops.fqt.bmm_int8(b3.transpose(1, 2), a3.transpose(1, 2)), i32.t().expand(3, 6, 5))
 
 
+def test_mm_int8_takes_one_unflattened_operand():
+    """fqt::mm_int8 (a lowered convolution's GEMM): exact int32 products, on 2-D operands, on
+    transposed ones, and with one operand given before its row-major flattening (the im2col
+    copy (B, Ho, Wo, kh, kw, C) for the columns)."""
+    from torch.library import opcheck
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (2, 3, 4, 3, 3, 5), dtype=torch.int8, generator=g)  # (24, 45)
+    b = torch.randint(-128, 128, (45, 7), dtype=torch.int8, generator=g)
+    exact = (a.reshape(24, 45).long() @ b.long()).to(torch.int32)
+    assert torch.equal(torch.ops.fqt.mm_int8(a.reshape(24, 45), b), exact)
+    assert torch.equal(torch.ops.fqt.mm_int8(a, b), exact)
+    at = a.reshape(24, 45).t().contiguous()  # (45, 24): b operand of more dims below
+    c = torch.randint(-128, 128, (7, 45), dtype=torch.int8, generator=g)
+    assert torch.equal(torch.ops.fqt.mm_int8(c, at.reshape(45, 2, 12)), (c.long() @ at.long()).to(torch.int32))
+    assert torch.equal(torch.ops.fqt.mm_int8(c.t().contiguous().t(), at), (c.long() @ at.long()).to(torch.int32))
+    with pytest.raises(RuntimeError, match="at most one operand"):
+        torch.ops.fqt.mm_int8(a, b.reshape(45, 7, 1))
+    with pytest.raises(RuntimeError, match="does not flatten"):
+        torch.ops.fqt.mm_int8(a, b[:44])
+    opcheck(torch.ops.fqt.mm_int8.default, (a, b))
+
+
 def test_small_k_uses_aten_int_mm_and_symmetric_offsets_drop_corrections():
     a = torch.randint(-8, 8, (4, 16), dtype=torch.int8)
     b = torch.randint(-8, 8, (16, 5), dtype=torch.int8)
@@ -339,15 +362,17 @@ def test_inductor_partitioner_saves_int8_codes_for_backward():
     # the conv GEMMs lowered under inductor (im2col of the int8 codes) compute what the
     # simulated float convolution computes (the forward is deterministic)
     fw, bw = _lowering(rec, "forward"), _lowering(rec, "backward")
-    assert {d.module: d.kernel for d in fw.decisions} == {"conv": "im2col+" + CPU_INT_MM, "fc": CPU_INT_MM}
+    assert {d.module: d.kernel for d in fw.decisions} == {"conv": CPU_CONV_INT_MM, "fc": CPU_INT_MM}
     assert sorted(d.module for d in bw.lowered if d.gemm == "grad_input") == ["conv", "fc"]
     fqt_compile.compile(ref, FQTConfig.recipe("psq8", compiler="eager", lower_int_gemm=False))
     _close(out.detach(), ref(x).detach(), "inductor lowered vs eager simulated output")
     out = next(n for n in rec.forward.graph.nodes if n.op == "output")
     saved = [a.meta["val"] for a in out.args[0][1:] if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
     big = [t for t in saved if t.numel() > 64]  # skip scalars (scales, offsets, seeds)
-    assert big and all(t.dtype in (torch.int8, torch.bool) for t in big), [(t.dtype, tuple(t.shape)) for t in big]
-    assert sum(t.dtype == torch.int8 for t in big) == 4  # conv input, conv weight, fc input, fc weight
+    assert big and all(t.dtype == torch.int8 for t in big), [(t.dtype, tuple(t.shape)) for t in big]
+    # conv input, conv weight, fc input, fc weight, and the ReLU's 0/1 mask (an int8 tensor
+    # through the backend's threshold_backward decomposition, tests/test_backend.py)
+    assert len(big) == 5
 
 
 # (input shape, weight shape, stride, padding, dilation): padding corrections, strides (a
@@ -425,3 +450,29 @@ def test_inductor_hands_the_batched_gemm_row_major_operands(monkeypatch):
     if "fqt.bmm_int8" not in kernels:
         pytest.skip(f"no fqt::bmm_int8 in the backward here (kernels: {sorted(set(kernels))})")
     assert len(seen) >= 4 and all(a and b for a, b in seen), seen
+
+
+@needs_inductor_torch
+def test_inductor_hands_the_conv_gemm_row_major_columns(monkeypatch):
+    """A lowered convolution's GEMM runs as ``fqt::mm_int8``, whose layout tag makes inductor
+    write the im2col columns row-major, as the lowering traced them. With ``aten._int_mm``
+    (no stride requirement) inductor chose the layout its reads favour: for an NCHW input the
+    (B*L, K) columns came out column-major, built by a scalar gather with an integer division
+    per index (26 ms against 2 ms for the CNN benchmark's stride-2 convolution)."""
+    from fqt_compile import gemm
+
+    seen = []
+    real = gemm._int_mm_2d
+    monkeypatch.setattr(gemm, "_int_mm_2d", lambda a, b: (seen.append((a.is_contiguous(), b.is_contiguous())), real(a, b))[1])
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 64, 3, stride=2, padding=1))  # output GEMM 50 x 72 x 64
+    fqt_compile.compile(m, FQTConfig())
+    m(torch.randn(2, 8, 10, 10)).square().mean().backward()
+    rec = fqt_compile.records(m)[0]
+    fw = _lowering(rec, "forward")
+    assert [d.kernel for d in fw.decisions] == [CPU_CONV_INT_MM], fw.decisions
+    assert seen == [(True, True)]
+    # the columns reach the op unflattened, (B, Ho, Wo, kh, kw, C): inductor writes that copy
+    # in a 6-D loop (a (B*L, K) one costs an integer division per index)
+    (mm,) = [n for n in rec.forward.graph.nodes if n.target is torch.ops.fqt.mm_int8.default]
+    assert tuple(mm.args[0].meta["val"].shape) == (2, 5, 5, 3, 3, 8)
