@@ -1,13 +1,16 @@
-"""Same-process A/B of two fqt configs on the GPT of ``profile_step.py``: interleaved steps.
+"""Same-process A/B of two fqt configs on the GPT of ``profile_step.py`` (or the CNN of
+``bench_training.py``): interleaved steps.
 
     python benchmarks/ab_config.py --a 'FQTConfig(fuse_quantizers=False)' --b 'FQTConfig()'
     python benchmarks/ab_config.py --a 'FQTConfig(fuse_gelu=False)' --layers 2 --steps 8
+    python benchmarks/ab_config.py --model cnn --a None --b 'FQTConfig()' --steps 20
 
 Builds two GPTs (d 1024, 16 heads, MLP 4096, ``--layers`` blocks, same initial weights),
 compiles one with each config (inductor inner compiler unless the config says otherwise),
 runs 2 warm-up steps of each (compilation), then ``--steps`` timed steps of A and B
 alternately on the same batch (8 x 512 tokens), and prints the median step times and their
-ratio B / A. On this shared 2-core machine whole runs drift by 10% and more from one run to the
+ratio B / A. ``None`` as a config is the model uncompiled (fp32 eager). ``--model cnn``:
+``SmallCNN`` width 32, 2 residual blocks, batch 128 of 1 x 28 x 28 (``--layers`` unused). On this shared 2-core machine whole runs drift by 10% and more from one run to the
 next; steps interleaved in one process see the same drift, so the ratio is what to compare.
 ``fqt_compile.keep_freed_memory()`` is applied first (as in the other benchmarks).
 """
@@ -27,31 +30,41 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fqt_compile  # noqa: E402
 from fqt_compile import FQTConfig, GradSpec  # noqa: E402,F401  (for the config expressions)
-from fqt_compile.models import GPT  # noqa: E402
+from fqt_compile.models import GPT, SmallCNN  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", default="FQTConfig()", help="FQTConfig expression of variant A")
     ap.add_argument("--b", default="FQTConfig()", help="FQTConfig expression of variant B")
-    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--model", choices=("gpt", "cnn"), default="gpt")
+    ap.add_argument("--layers", type=int, default=1, help="GPT blocks")
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each variant")
     ap.add_argument("--out", default=None, help="write the step times as JSON here")
     args = ap.parse_args(argv)
     fqt_compile.keep_freed_memory()
     configs = {"a": eval(args.a), "b": eval(args.b)}  # noqa: S307 - command-line config expressions
-    x, y = torch.randint(0, 256, (8, 512)), torch.randint(0, 256, (8, 512))
+    g = torch.Generator().manual_seed(0)
+    if args.model == "gpt":
+        x, y = torch.randint(0, 256, (8, 512), generator=g), torch.randint(0, 256, (8, 512), generator=g)
+    else:
+        x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
     runs = {}
     for name, cfg in configs.items():
         torch.manual_seed(0)
-        model = GPT(vocab=256, d_model=1024, n_heads=16, n_layers=args.layers, max_len=512, d_ff=4096)
-        fqt_compile.compile(model, cfg)
+        if args.model == "gpt":
+            model = GPT(vocab=256, d_model=1024, n_heads=16, n_layers=args.layers, max_len=512, d_ff=4096)
+        else:
+            model = SmallCNN(in_ch=1, width=32, n_classes=10, blocks=2)
+        if cfg is not None:
+            fqt_compile.compile(model, cfg)
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
     def step(name: str) -> float:
         model, opt = runs[name]
         t0 = time.perf_counter()
-        F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).backward()
+        out = model(x)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
         return time.perf_counter() - t0
@@ -65,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(step(name))
         print(f"step {i + 1}/{args.steps}: A {times['a'][-1]:.3f} s, B {times['b'][-1]:.3f} s", file=sys.stderr)
     ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
-    print(f"layers={args.layers}  A {args.a}: {ma:.3f} s  B {args.b}: {mb:.3f} s  B/A {mb / ma:.3f}")
+    print(f"{args.model} layers={args.layers}  A {args.a}: {ma:.3f} s  B {args.b}: {mb:.3f} s  B/A {mb / ma:.3f}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"a": args.a, "b": args.b, "layers": args.layers, "times": times, "median_a": ma,
+            json.dump({"a": args.a, "b": args.b, "model": args.model, "layers": args.layers, "times": times, "median_a": ma,
                        "median_b": mb, "torch": torch.__version__}, f, indent=1)
     return 0
 

@@ -159,12 +159,11 @@ def _(a_codes, b_codes, max_k):
 
 
 @torch.library.custom_op("fqt::mm_int8", mutates_args=(), **_contiguous_input_tags())
-def mm_int8(a_codes: Tensor, b_codes: Tensor) -> Tensor:
-    """``torch._int_mm`` on row-major operands, one of which may come unflattened: (M, K) @
-    (K, N) int8 -> (M, N) int32, where an ``a`` of more dims stands for its row-major
-    flattening ``a.reshape(-1, K)`` (K = b's rows) and a ``b`` of more dims for ``b.reshape(K,
-    -1)`` (K = a's columns). K stays within :func:`int32_safe_k` (the caller's guarantee, as
-    for ``fqt::bmm_int8``).
+def mm_int8(a_codes: Tensor, b_codes: Tensor, k: int) -> Tensor:
+    """``torch._int_mm`` on row-major operands given before their flattening: ``a_codes`` of any
+    shape stands for its row-major flattening ``(M, K) = a.reshape(-1, k)``, ``b_codes`` for
+    ``(K, N) = b.reshape(k, -1)``; the result is the (M, N) int32 product. K stays within
+    :func:`int32_safe_k` (the caller's guarantee, as for ``fqt::bmm_int8``).
 
     The lowering pass uses it for the GEMMs of lowered convolutions, handing it the im2col
     columns as the (B, Ho, Wo, kh, kw, C) copy of the codes. ``aten._int_mm`` asks inductor
@@ -174,26 +173,20 @@ def mm_int8(a_codes: Tensor, b_codes: Tensor) -> Tensor:
     (B*L, K) matrix, it writes the copy as a 2-D loop, still with a division per index (7 ms).
     With this op's layout tag on the 6-D copy inductor writes it row-major in a 6-D loop
     (docs/performance.md, Training step: CNN)."""
-    a, b = _flat_operands(a_codes, b_codes)
+    a, b = _flat_operands(a_codes, b_codes, k)
     return _int_mm_2d(a, b)
 
 
-def _flat_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    torch._check(a.dim() == 2 or b.dim() == 2, lambda: "fqt::mm_int8: at most one operand may have more than 2 dims")
-    torch._check(a.dim() >= 2 and b.dim() >= 2, lambda: "fqt::mm_int8: operands must have at least 2 dims")
-    if a.dim() > 2:
-        torch._check(a.numel() % b.shape[0] == 0, lambda: f"fqt::mm_int8: {tuple(a.shape)} does not flatten to (M, {b.shape[0]})")
-        a = a.reshape(-1, b.shape[0])
-    elif b.dim() > 2:
-        torch._check(b.numel() % a.shape[1] == 0, lambda: f"fqt::mm_int8: {tuple(b.shape)} does not flatten to ({a.shape[1]}, N)")
-        b = b.reshape(a.shape[1], -1)
-    _check_gemm(a, b, "fqt::mm_int8")
-    return a, b
+def _flat_operands(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    for t, name in ((a, "a"), (b, "b")):
+        torch._check(t.dim() >= 2 and k > 0 and t.numel() % k == 0,
+                     lambda: f"fqt::mm_int8: {name} of shape {tuple(t.shape)} does not flatten to a matrix with K = {k}")
+    return a.reshape(-1, k), b.reshape(k, -1)
 
 
 @mm_int8.register_fake
-def _(a_codes, b_codes):
-    a, b = _flat_operands(a_codes, b_codes)
+def _(a_codes, b_codes, k):
+    a, b = _flat_operands(a_codes, b_codes, k)
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
 

@@ -665,11 +665,9 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
                 acc = e(_convert, e(torch.ops.fqt.int_mm_amx.default, a_codes, b_codes), f32)
             d.kernel = "fqt.int_mm_amx"
         elif va.dim() == 2 and va.device.type == "cpu" and static_k and conv:
-            # the columns go in as the copy im2col traced before flattening it (fqt::mm_int8)
-            a_in, b_in = _unflattened(a_codes), _unflattened(b_codes)
-            if a_in is not a_codes:
-                b_in = b_codes
-            acc = e(_convert, e(torch.ops.fqt.mm_int8.default, row_major(a_in), row_major(b_in)), f32)
+            # the operands go in as the copies im2col traced before flattening them (fqt::mm_int8)
+            a_in, b_in = row_major(_unflattened(a_codes)), row_major(_unflattened(b_codes))
+            acc = e(_convert, e(torch.ops.fqt.mm_int8.default, a_in, b_in, k), f32)
             d.kernel = "fqt.mm_int8"
         elif va.dim() == 2 and va.device.type == "cpu" and static_k:
             # inductor may lay out a copy column-major here; oneDNN takes that at 1.0-1.3x the

@@ -290,27 +290,28 @@ def test_int_mm_chunks_are_exact():
     assert torch.equal(torch.ops.fqt.bmm_int8(b3.transpose(1, 2), a3.transpose(1, 2)), i32.t().expand(3, 6, 5))
 
 
-def test_mm_int8_takes_one_unflattened_operand():
-    """fqt::mm_int8 (a lowered convolution's GEMM): exact int32 products, on 2-D operands, on
-    transposed ones, and with one operand given before its row-major flattening (the im2col
-    copy (B, Ho, Wo, kh, kw, C) for the columns)."""
+def test_mm_int8_takes_unflattened_operands():
+    """fqt::mm_int8 (a lowered convolution's GEMM): exact int32 products of its operands'
+    row-major flattenings (M, K) and (K, N), given 2-D, transposed, or before flattening (the
+    im2col copy (B, Ho, Wo, kh, kw, C) of the columns)."""
     from torch.library import opcheck
 
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (2, 3, 4, 3, 3, 5), dtype=torch.int8, generator=g)  # (24, 45)
     b = torch.randint(-128, 128, (45, 7), dtype=torch.int8, generator=g)
-    exact = (a.reshape(24, 45).long() @ b.long()).to(torch.int32)
-    assert torch.equal(torch.ops.fqt.mm_int8(a.reshape(24, 45), b), exact)
-    assert torch.equal(torch.ops.fqt.mm_int8(a, b), exact)
-    at = a.reshape(24, 45).t().contiguous()  # (45, 24): b operand of more dims below
-    c = torch.randint(-128, 128, (7, 45), dtype=torch.int8, generator=g)
-    assert torch.equal(torch.ops.fqt.mm_int8(c, at.reshape(45, 2, 12)), (c.long() @ at.long()).to(torch.int32))
-    assert torch.equal(torch.ops.fqt.mm_int8(c.t().contiguous().t(), at), (c.long() @ at.long()).to(torch.int32))
-    with pytest.raises(RuntimeError, match="at most one operand"):
-        torch.ops.fqt.mm_int8(a, b.reshape(45, 7, 1))
+    a2 = a.reshape(24, 45)
+    exact = (a2.long() @ b.long()).to(torch.int32)
+    assert torch.equal(torch.ops.fqt.mm_int8(a2, b, 45), exact)
+    assert torch.equal(torch.ops.fqt.mm_int8(a, b, 45), exact)
+    assert torch.equal(torch.ops.fqt.mm_int8(a, b.reshape(5, 9, 7), 45), exact)
+    assert torch.equal(torch.ops.fqt.mm_int8(a2.t().contiguous().t(), b.t().contiguous().t(), 45), exact)
+    c = torch.randint(-128, 128, (7, 24), dtype=torch.int8, generator=g)  # (7, 24) @ a as (24, 45)
+    assert torch.equal(torch.ops.fqt.mm_int8(c, a, 24), (c.long() @ a2.long()).to(torch.int32))
     with pytest.raises(RuntimeError, match="does not flatten"):
-        torch.ops.fqt.mm_int8(a, b[:44])
-    opcheck(torch.ops.fqt.mm_int8.default, (a, b))
+        torch.ops.fqt.mm_int8(a, b[:44], 45)
+    with pytest.raises(RuntimeError, match="does not flatten"):
+        torch.ops.fqt.mm_int8(a, b, 7)
+    opcheck(torch.ops.fqt.mm_int8.default, (a, b, 45))
 
 
 def test_small_k_uses_aten_int_mm_and_symmetric_offsets_drop_corrections():
@@ -473,6 +474,6 @@ def test_inductor_hands_the_conv_gemm_row_major_columns(monkeypatch):
     assert [d.kernel for d in fw.decisions] == [CPU_CONV_INT_MM], fw.decisions
     assert seen == [(True, True)]
     # the columns reach the op unflattened, (B, Ho, Wo, kh, kw, C): inductor writes that copy
-    # in a 6-D loop (a (B*L, K) one costs an integer division per index)
+    # in a 6-D loop (a (B*L, K) one costs an integer division per index); K = 3 * 3 * 8
     (mm,) = [n for n in rec.forward.graph.nodes if n.target is torch.ops.fqt.mm_int8.default]
-    assert tuple(mm.args[0].meta["val"].shape) == (2, 5, 5, 3, 3, 8)
+    assert tuple(mm.args[0].meta["val"].shape) == (2, 5, 5, 3, 3, 8) and mm.args[2] == 72
