@@ -138,11 +138,13 @@ def _threshold_backward_int8_mask(grad_output: torch.Tensor, self: torch.Tensor,
     so for the ReLU's backward it saves the 1-byte mask ``self <= threshold`` computed in the
     forward. Inductor's CPU code stores and loads a bool tensor through a generic 64-lane
     ``Vectorized<bool>``, one element at a time: writing the mask of a 128 x 32 x 28 x 28
-    activation took 15 ms where the fused ReLU took 0.3 ms, reading it back 6 ms (torch
-    2.13, benchmarks/bench_training.py --models cnn; docs/performance.md, Training step: CNN).
-    Here the mask is a float select cast to int8 (0.3 ms) and the backward compares its float
-    value (0.5 ms); the partitioner saves it as before (1 byte an element). The same values as
-    ATen's: the gradient where ``self > threshold`` or ``self`` is NaN, else 0."""
+    activation took 15 ms where the fused ReLU took 0.3 ms, reading it back 6 ms (torch 2.13,
+    AMD Zen 5; docs/performance.md, Training step: CNN). Here the mask is a float select cast
+    to int8 (0.3 ms with the ReLU) and the backward keeps the gradient's bits where it is 1 (a
+    bitwise and: 0.4-0.5 ms); the partitioner saves it as before (1 byte an element; a bool
+    compare of it in the backward would be saved instead). ATen's values bit for bit: the
+    gradient where ``self > threshold`` or ``self`` is NaN, else +0, also for NaN/Inf
+    gradients."""
     bits = _SAME_SIZE_INT.get(grad_output.dtype)
     if bits is None:
         return torch.where(self <= threshold, 0.0, grad_output)
