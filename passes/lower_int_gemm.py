@@ -639,9 +639,11 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
     with graph.inserting_before(node):
         e = Emitter(graph, fake_mode)
         # acc = cA @ cB, exact integer accumulation
-        # oneDNN's int8 GEMM is ~3x slower on a transposed (column-major) operand than on a
-        # row-major copy of it. The copy is made in the graph, where inductor writes it in
-        # the kernel that produces the codes (a strided copy inside the op ran at ~1 GB/s).
+        # row_major: a row-major copy of a transposed operand, made in the graph (a strided
+        # copy inside an op ran at ~1 GB/s). The eager inner compiler runs it as written;
+        # inductor's clone ignores memory_format and lays the copy out as its reads favour,
+        # unless the consuming op asks for strides (the layout tags of fqt::mm_int8 and
+        # fqt::bmm_int8; aten._int_mm asks for none).
         static_k = isinstance(k, int) and k <= max_k
         row_major = lambda x: x if _val(x).is_contiguous() else e(aten.clone.default, x, memory_format=torch.contiguous_format)  # noqa: E731
         vb = _val(b_codes)
@@ -664,16 +666,17 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
             else:
                 acc = e(_convert, e(torch.ops.fqt.int_mm_amx.default, a_codes, b_codes), f32)
             d.kernel = "fqt.int_mm_amx"
-        elif va.dim() == 2 and va.device.type == "cpu" and static_k and conv:
-            # the operands go in as the copies im2col traced before flattening them (fqt::mm_int8)
-            a_in, b_in = row_major(_unflattened(a_codes)), row_major(_unflattened(b_codes))
-            acc = e(_convert, e(torch.ops.fqt.mm_int8.default, a_in, b_in, k), f32)
-            d.kernel = "fqt.mm_int8"
         elif va.dim() == 2 and va.device.type == "cpu" and static_k:
-            # inductor may lay out a copy column-major here; oneDNN takes that at 1.0-1.3x the
-            # row-major time (a transposed weight costs nothing), cheaper than a transposing copy
-            acc = e(_convert, e(aten._int_mm.default, row_major(a_codes), row_major(b_codes)), f32)
-            d.kernel = "aten._int_mm"
+            if conv:  # the operands go in as the copies im2col traced before flattening them
+                a_in, b_in = row_major(_unflattened(a_codes)), row_major(_unflattened(b_codes))
+                acc = e(_convert, e(torch.ops.fqt.mm_int8.default, a_in, b_in, k), f32)
+                d.kernel = "fqt.mm_int8"
+            else:
+                # inductor may hand a copy column-major here; oneDNN (AMD machine) takes that
+                # at 1.0-1.3x the row-major time (a transposed weight costs nothing), cheaper
+                # than a transposing copy
+                acc = e(_convert, e(aten._int_mm.default, row_major(a_codes), row_major(b_codes)), f32)
+                d.kernel = "aten._int_mm"
         elif va.dim() == 3 and va.device.type in ("cpu", "cuda") and static_k:
             # int32 out: the conversion fuses into the epilogue (a separate pass over the
             # (B, M, N) result otherwise: ~45 ms for attention's 128 x 512 x 512 scores)
