@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from .config import FQTConfig, InnerCompiler, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
+from .passes.keep_codes import KeepCodesJointPass, partition_keeping_codes
 from .passes.decompose_fqt import decompose_fqt
 from .passes.fuse_gelu import fuse_gelu
 from .passes.fuse_quantizers import fuse_quantizers
@@ -250,7 +251,14 @@ class FQTBackend:
             except Exception as e:
                 raise RuntimeError(f"fqt backend: aten pass {name!r} failed on the {kind} graph: {e}") from e
 
+    @staticmethod
+    def _joint_result(record: GraphRecord) -> Callable[[dict[str, int]], None]:
+        """Where the joint-graph pass (``passes.keep_codes``, before the partition) records its
+        result: ``record.aten_passes["joint"]``."""
+        return lambda result: record.aten_passes.setdefault("joint", []).append(("keep_codes", result))
+
     def _compile_inductor(self, gm: fx.GraphModule, example_inputs: Sequence[Any], record: GraphRecord):
+        import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         def inner_compile(agm: fx.GraphModule, inputs: Sequence[Any], *args: Any, **kw: Any):
@@ -272,9 +280,13 @@ class FQTBackend:
         # record, no decisions) and an artifact compiled by another config (lower_int_gemm,
         # recompute tags) or another version of these passes would run instead. Inductor's own
         # FX graph cache, keyed on the graph compile_fx_inner receives, stays on.
+        # the joint pass runs before a joint_custom_pre_pass set in these patches or globally
+        patches = dict(self.inductor_config_patches)
+        then = patches.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
+        patches["joint_custom_pre_pass"] = KeepCodesJointPass(then, self._joint_result(record))
         with _autograd_cache_off():
             return compile_fx(
-                gm, example_inputs, inner_compile=inner_compile, config_patches=self.inductor_config_patches or None,
+                gm, example_inputs, inner_compile=inner_compile, config_patches=patches,
                 decompositions=_inductor_decompositions(example_inputs),
             )
 
@@ -293,6 +305,7 @@ class FQTBackend:
             fw_compiler=compiler("forward"),
             bw_compiler=compiler("backward"),
             inference_compiler=compiler("inference"),
+            partition_fn=partition_keeping_codes(self._joint_result(record)),
         )(gm, example_inputs)
 
 

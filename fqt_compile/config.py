@@ -96,11 +96,10 @@ class SdpaPolicy(_StrEnum):
     """What to do with ``F.scaled_dot_product_attention``: ``decompose`` it into
     matmul-softmax-matmul so both products are covered; ``recompute``: the same, and the
     attention probabilities (softmax output and its int8 codes) are not kept for the backward
-    but recomputed there from the saved q, k, v, or from the input of the quantized linear
-    layer that produces q, k, v when it feeds nothing else (the forward quantizers round to
-    nearest, so the recomputed values are the forward's): less activation memory, one more
-    score GEMM and softmax (and q/k/v projection) per step; not applied with dropout; or keep
-    attention in ``full_precision``."""
+    but recomputed there from the saved int8 codes of q, k, v (which the backward's GEMMs read
+    anyway; the forward quantizers round to nearest, so the recomputed values are the
+    forward's): less activation memory, one more score GEMM and softmax per step; not applied
+    with dropout; or keep attention in ``full_precision``."""
 
     DECOMPOSE = "decompose"
     RECOMPUTE = "recompute"
@@ -242,8 +241,9 @@ class FQTConfig:
     compiler: InnerCompiler = InnerCompiler.INDUCTOR
     lower_int_gemm: bool = True
     #: recompute a quantized linear layer's output and the GELU after it in the backward
-    #: (from the layer's input) instead of saving GELU's float input: less activation memory,
-    #: one more forward GEMM per such pair; identical gradients (round-to-nearest forward).
+    #: (from the int8 codes of the layer's input and weight) instead of saving GELU's float
+    #: input: less activation memory, one more forward GEMM per such pair; identical gradients
+    #: (round-to-nearest forward).
     recompute_mlp: bool = False
     #: where the GEMMs are lowered and the CPU has AVX-512: compute an attention softmax and the
     #: quantizer of its output in one fused kernel (``fqt::softmax_quantize``), and softmax's

@@ -37,6 +37,7 @@ from ..functional import (
     same_padding,
 )
 from . import fuse_softmax
+from .keep_codes import FQT_AC_ID_BASE
 
 __all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "module_path_of"]
 
@@ -428,13 +429,14 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
     return result
 
 
-_AC_IDS = itertools.count(1)
+_AC_IDS = itertools.count(FQT_AC_ID_BASE)  # keep_codes tells our regions from a user's by this
 
 
 def _tag_for_recompute(nodes: list[fx.Node]) -> None:
     """One recompute region: the tags activation checkpointing uses, which AOTAutograd copies
     onto every aten node traced from these, so its partitioner recomputes them in the
-    backward instead of saving their outputs."""
+    backward instead of saving their outputs (except the quantizers of the region's inputs,
+    whose int8 codes ``passes.keep_codes`` keeps)."""
     ac_id = next(_AC_IDS)
     for n in nodes:
         n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
@@ -452,10 +454,15 @@ def _softmax_fused(cfg: FQTConfig, sdpa: fx.Node) -> bool:
 
 
 def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
-    """Tag an fqt_sdpa call so that AOTAutograd's partitioner recomputes everything traced
-    from it in the backward instead of saving it (the tags activation checkpointing uses,
-    copied onto every aten node traced from this one). Not with dropout: the recomputed mask
-    would differ from the forward's.
+    """Tag an fqt_sdpa call so that AOTAutograd's partitioner recomputes what is traced from it
+    in the backward (the score GEMM, the softmax and the quantizer of its output) instead of
+    saving it (the tags activation checkpointing uses, copied onto every aten node traced from
+    this one); ``passes.keep_codes`` keeps the int8 codes of q, k and v, which the backward's
+    GEMMs read anyway. Not with dropout: the recomputed mask would differ from the forward's.
+
+    (Until the fourteenth session the q/k/v projection was recomputed too, from its float
+    input, when it fed only this attention: 19 MB less per GPT block, but 7-9% slower per step
+    than keeping the codes; docs/performance.md.)
 
     Boolean masks are applied with ``masked_fill`` there unless ``mask_as_bias`` (the fused
     softmax kernels will run): with the bias form and inductor's own softmax kernels, inductor
@@ -467,41 +474,10 @@ def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
     p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     if not isinstance(p, (int, float)) or p != 0:
         return "quantized (config.sdpa='recompute' not applied: dropout_p is not 0)"
-    proj = _qkv_projection(node)
-    _tag_for_recompute([node, *proj])
+    _tag_for_recompute([node])
     node.kwargs = {**node.kwargs, "mask_as_bias": mask_as_bias}
-    if proj:
-        return ("quantized; attention probabilities and the q/k/v projection recomputed in the backward "
-                "(config.sdpa='recompute')")  # fmt: skip
-    return "quantized; attention probabilities recomputed in the backward (config.sdpa='recompute')"
-
-
-_VIEWLIKE = {
-    operator.getitem, torch.split, torch.chunk, torch.unbind, torch.reshape, torch.transpose, torch.permute,
-    "split", "chunk", "unbind", "view", "reshape", "transpose", "permute", "contiguous", "unflatten",
-}  # fmt: skip
-
-
-def _qkv_projection(sdpa: fx.Node) -> list[fx.Node]:
-    """The quantized linear layer that produces q, k and v (through splits and views) and the
-    nodes in between, if every one of them is used only on the way to this attention; else [].
-    Recomputing them keeps the projection's input (d_model wide) instead of q, k, v."""
-    chain: set[fx.Node] = set()
-    roots: set[fx.Node] = set()
-    for arg in sdpa.args[:3]:
-        n = arg
-        while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.target in _VIEWLIKE:
-            chain.add(n)
-            n = n.args[0]
-        if not (isinstance(n, fx.Node) and n.target is fqt_linear):
-            return []
-        roots.add(n)
-    if len(roots) != 1:
-        return []
-    nodes = chain | roots
-    if any(u not in nodes and u is not sdpa for n in nodes for u in n.users):
-        return []
-    return sorted(nodes, key=lambda n: n.name)
+    return ("quantized; attention probabilities recomputed in the backward from the int8 codes of q, k, v "
+            "(config.sdpa='recompute')")  # fmt: skip
 
 
 _GELUS = (F.gelu, torch._C._nn.gelu)
@@ -510,7 +486,8 @@ _GELUS = (F.gelu, torch._C._nn.gelu)
 def _mark_linear_gelu_recompute(graph: fx.Graph) -> None:
     """config.recompute_mlp: tag each GELU whose input is a quantized linear layer used only
     by it, and that layer, for recomputation in the backward (see :func:`_mark_recompute`):
-    the partitioner then keeps the layer's input instead of GELU's float input."""
+    the partitioner then keeps the int8 codes of the layer's input (``passes.keep_codes``)
+    instead of GELU's float input, and recomputes the layer's GEMM and the GELU."""
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _GELUS:
             continue

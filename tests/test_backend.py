@@ -449,24 +449,32 @@ def _attention_step(policy):
 
 
 def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilities():
-    """config.sdpa='recompute': the softmax output and its int8 codes, and here also the q/k/v
-    projection (TransformerBlock's qkv linear feeds only the attention), are recomputed in the
-    backward instead of saved. The forward quantizers round to nearest, so the recomputed
-    values and hence the gradients (same seed, same draws) are identical; the saved bytes drop
-    by at least the (B, H, L, L) float + int8 probabilities (here 2*4*64*64*5 bytes) minus
-    float q, k, v (3*2*64*32*4 bytes; the projection's input, a third of that, is kept)."""
-    y_d, g_d, saved_d, _ = _attention_step("decompose")
+    """config.sdpa='recompute': the softmax output and its int8 codes are recomputed in the
+    backward (score GEMM, softmax, quantizer) from the int8 codes of q, k, v, which
+    passes.keep_codes keeps (the backward's GEMMs read them anyway). The forward quantizers
+    round to nearest, so the recomputed values and hence the gradients (same seed, same draws)
+    are identical. The saved bytes drop by exactly the (B, H, L, L) int8 probability codes and
+    by at least their float values; nothing else is added (q, k, v are kept as codes, as in
+    the decompose policy, not as floats)."""
+    y_d, g_d, saved_d, rec_d = _attention_step("decompose")
     y_r, g_r, saved_r, rec = _attention_step("recompute")
     assert torch.equal(y_d, y_r)
     for n in g_d:
         assert torch.equal(g_d[n], g_r[n]), n
-    probs, qkv = 2 * 4 * 64 * 64 * 5, 3 * 2 * 64 * 32 * 4
-    assert sum(saved_d.values()) - sum(saved_r.values()) >= probs - qkv - 4096, (saved_d, saved_r)
+    probs = 2 * 4 * 64 * 64
+    assert saved_d[torch.int8] - saved_r[torch.int8] == probs, (saved_d, saved_r)
+    assert saved_d[torch.float32] - saved_r[torch.float32] >= 4 * probs, (saved_d, saved_r)
+    # q, k, v keep their codes; the probabilities' quantizer is recomputed
+    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 3, "recomputed": 1})]
+    assert rec_d.aten_passes["joint"] == [("keep_codes", {"kept": 0, "recomputed": 0})]
     (d,) = [d for d in rec.insert.decisions if d.op == "sdpa"]
-    assert d.quantized and "probabilities and the q/k/v projection recomputed in the backward" in d.reason
+    assert d.quantized and "recomputed in the backward from the int8 codes of q, k, v" in d.reason
+    # the projection is not recomputed: none of the tagged torch-level nodes is a linear layer
+    tagged = [n for n in rec.torch_graph.graph.nodes if "recompute" in n.meta]
+    assert [n.target for n in tagged] == [fqt_compile.functional.fqt_sdpa]
     # without the fused softmax kernels (fuse_softmax=False here) the recomputed attention masks
     # with masked_fill (insert_qdq._mark_recompute: peak memory with inductor's softmax)
-    (call,) = [n for n in rec.torch_graph.graph.nodes if n.target is fqt_compile.functional.fqt_sdpa]
+    (call,) = tagged
     assert call.kwargs["mask_as_bias"] is False
 
 
@@ -487,16 +495,19 @@ def _mlp_step(recompute):
 
 
 def test_recompute_mlp_keeps_the_gradients_and_drops_the_gelu_input():
-    """config.recompute_mlp: fc1's output and GELU are recomputed in the backward from fc1's
-    input. Identical gradients (same seed; round-to-nearest forward quantizers); the float
-    bytes drop by about GELU's input (4*64*128 floats) minus fc1's float input now kept
-    (4*64*32 floats)."""
+    """config.recompute_mlp: fc1's output and GELU are recomputed in the backward from the
+    int8 codes of fc1's input (kept by passes.keep_codes: fc1's grad_weight GEMM reads them
+    anyway) and fc1's weight (quantized again from the parameter). Identical gradients (same
+    seed; round-to-nearest forward quantizers); the float bytes drop by at least GELU's float
+    input (4*64*128 floats), the int8 bytes by fc1's weight codes (128*32) and no more."""
     y_a, g_a, s_a, _ = _mlp_step(False)
     y_b, g_b, s_b, rec = _mlp_step(True)
     assert torch.equal(y_a, y_b)
     for n in g_a:
         assert torch.equal(g_a[n], g_b[n]), n
-    assert s_a[torch.float32] - s_b[torch.float32] >= 4 * 64 * (128 - 32) * 4 - 4096, (s_a, s_b)
+    assert s_a[torch.float32] - s_b[torch.float32] >= 4 * 64 * 128 * 4, (s_a, s_b)
+    assert s_a[torch.int8] - s_b[torch.int8] == 128 * 32, (s_a, s_b)
+    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 1, "recomputed": 1})]
     (d,) = [d for d in rec.insert.decisions if d.module == "fc1"]
     assert d.quantized and "recomputed in the backward" in d.reason
 

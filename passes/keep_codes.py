@@ -1,0 +1,137 @@
+"""keep_codes: a recompute region keeps the int8 codes of the values it reads from outside.
+
+``config.sdpa="recompute"`` and ``config.recompute_mlp`` tag torch-level nodes with the tags
+activation checkpointing uses (``insert_qdq._tag_for_recompute``); AOTAutograd copies them onto
+every aten node traced from those nodes, and its partitioner recomputes those nodes in the
+backward. That includes the forward quantizers (``fqt::quantize``) of the region's inputs: the
+attention's q, k and v, fc1's input. Left alone, the partitioner keeps each input as the float
+tensor and quantizes it again in the backward. But the backward needs those codes anyway (the
+grad_input and grad_weight GEMMs read the forward's int8 codes of the other operand), they are
+a quarter of the float bytes, and re-quantizing costs a pass over the float tensor (a range
+reduction for per-tensor scales, then the rounding). So this pass, run on the joint graph
+before the partition, marks each such quantizer ``MUST_SAVE``: its codes, scale and offset
+are saved, the rest of the region (the score GEMM, the softmax and the quantizer of its output;
+fc1's GEMM and the GELU) is still recomputed from them. The quantizers round to nearest, so
+the values are the same either way; what changes is what the step keeps and recomputes.
+
+A quantizer is taken when it lies in one of insert_qdq's recompute regions (``ac_graph_id`` at
+least ``FQT_AC_ID_BASE``: a user's own ``torch.utils.checkpoint`` regions keep their meaning)
+and its input, followed back through views, is neither recomputed itself nor a graph input
+(a parameter: quantizing it again costs no activation memory).
+
+Installed by the backend: on inductor as ``torch._inductor.config.joint_custom_pre_pass``
+(:class:`KeepCodesJointPass`, chained with a pass the user set there), with the eager inner
+compiler in the partition function (:func:`partition_keeping_codes`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from ..ops import quantize  # noqa: F401  (registers fqt::quantize)
+
+__all__ = ["FQT_AC_ID_BASE", "KeepCodesJointPass", "keep_codes", "partition_keeping_codes"]
+
+log = logging.getLogger(__name__)
+
+#: insert_qdq numbers its recompute regions (``ac_graph_id``) from here, above the ids that
+#: dynamo gives ``torch.utils.checkpoint`` regions (counted from 1 per graph).
+FQT_AC_ID_BASE = 1 << 40
+
+_RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _recomputed(node: fx.Node) -> bool:
+    return node.meta.get("recompute") in _RECOMPUTE
+
+
+def _in_fqt_region(node: fx.Node) -> bool:
+    ac_id = node.meta.get("ac_graph_id")
+    return _recomputed(node) and isinstance(ac_id, int) and ac_id >= FQT_AC_ID_BASE
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and bool(getattr(node.target, "is_view", False))  # aten OpOverloads
+
+
+def _source(node: Any) -> Any:
+    """``node`` followed back through recomputed views (the region's own transposes and
+    reshapes of its input)."""
+    while isinstance(node, fx.Node) and _recomputed(node) and _is_view(node) and node.args:
+        node = node.args[0]
+    return node
+
+
+def keep_codes(graph: fx.Graph) -> dict[str, int]:
+    """Mark the region-input quantizers of insert_qdq's recompute regions ``MUST_SAVE``, in
+    place (node metadata only). Returns ``{"kept": n, "recomputed": m}``: quantizers whose
+    codes are now saved, and the other quantizers in those regions (recomputed)."""
+    q_op = torch.ops.fqt.quantize.default
+    kept = recomputed = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not q_op or not _in_fqt_region(node):
+            continue
+        src = _source(node.args[0])
+        if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr") or _recomputed(src):
+            recomputed += 1
+            continue
+        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+        # the partitioners save the getitems of a multi-output op, not the tuple
+        for user in node.users:
+            user.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+        kept += 1
+    if kept or recomputed:
+        log.info("keep_codes: %d region-input quantizers keep their codes, %d recomputed", kept, recomputed)
+    return {"kept": kept, "recomputed": recomputed}
+
+
+try:  # torch >= 2.5: inductor keys its FX graph cache on the pass's uuid()
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except ImportError:  # pragma: no cover - older torch: a plain callable is what inductor takes
+    _PassBase = object  # type: ignore[assignment,misc]
+
+
+class KeepCodesJointPass(_PassBase):  # type: ignore[misc,valid-type]
+    """:func:`keep_codes` as inductor's ``joint_custom_pre_pass``, followed by ``then`` (what was
+    set there before: a pass, a list of passes, or None); ``on_result`` receives each result
+    (the backend's graph record)."""
+
+    def __init__(self, then: Any = None, on_result: Callable[[dict[str, int]], None] | None = None) -> None:
+        self.then: tuple[Callable[[fx.Graph], Any], ...] = (
+            () if then is None else tuple(then) if isinstance(then, (list, tuple)) else (then,)
+        )
+        self.on_result = on_result
+
+    def __call__(self, graph: fx.Graph) -> None:
+        result = keep_codes(graph)
+        if self.on_result is not None:
+            self.on_result(result)
+        for p in self.then:
+            p(graph)
+
+    def uuid(self) -> Any:
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        ids = [p.uuid() if callable(getattr(p, "uuid", None)) else None for p in self.then]
+        if any(i is None for i in ids):
+            return None  # a chained pass without an id: inductor does not cache (as without us)
+        return (get_hash_for_files((__file__,)), *ids)
+
+
+def partition_keeping_codes(on_result: Callable[[dict[str, int]], None] | None = None) -> Callable[..., Any]:
+    """AOTAutograd's default partition function (the eager inner compiler's) after
+    :func:`keep_codes` on the joint graph."""
+    from torch._functorch.partitioners import default_partition
+
+    def partition(joint_module: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
+        result = keep_codes(joint_module.graph)
+        if on_result is not None:
+            on_result(result)
+        return default_partition(joint_module, joint_inputs, **kwargs)
+
+    return partition
