@@ -211,6 +211,10 @@ class Report:
     #: (a graph input, a GEMM's, convolution's or ``fqt::`` kernel's output), left to the C
     #: kernel of ``fqt::sr_quantize`` instead of being inlined into an inductor kernel
     c_kernel_quantizers: int = 0
+    #: ``passes/keep_codes.py`` (recompute options): forward quantizers in recompute regions
+    #: whose int8 codes the step saves, and those it runs again in the backward
+    recompute_kept_codes: int = 0
+    recompute_requantized: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -246,6 +250,8 @@ class Report:
             "fused_gelu_backward": self.fused_gelu_backward,
             "fused_quantizers": self.fused_quantizers,
             "c_kernel_quantizers": self.c_kernel_quantizers,
+            "recompute_kept_codes": self.recompute_kept_codes,
+            "recompute_requantized": self.recompute_requantized,
         }
 
     def row(self, key: str) -> Row:
@@ -370,6 +376,12 @@ class Report:
                 "already in memory (a graph input or an extern kernel's output) and run as fqt::sr_quantize's "
                 "C kernel, not inlined into inductor's"
             )
+        if self.recompute_kept_codes or self.recompute_requantized:
+            lines.append(
+                f"Recomputed in the backward (config.sdpa='recompute' / recompute_mlp): {self.recompute_kept_codes} "
+                "quantizers of the recomputed products' inputs keep their int8 codes for it, "
+                f"{self.recompute_requantized} quantize again (of parameters, or of values recomputed there)"
+            )
         return "\n".join(lines)
 
     # -- drawing ------------------------------------------------------------------------
@@ -451,6 +463,11 @@ def report_from_records(
             ))  # fmt: skip
 
     quantizers = seeds = 0
+    joint = {"kept": 0, "recomputed": 0}
+    for rec in records:
+        for name, result in (rec.aten_passes or {}).get("joint", []):
+            if name == "keep_codes":
+                joint = {k: joint[k] + int(result.get(k, 0)) for k in joint}
     fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0, "multi": 0, "c_kernel": 0}
     for rec in records:
         for gm in (rec.forward, rec.backward, rec.inference):
@@ -481,6 +498,7 @@ def report_from_records(
         stochastic_quantizers=quantizers, seeds=seeds, fused_softmax=fused["forward"],
         fused_softmax_backward=fused["backward"], fused_gelu=fused["gelu"],
         fused_gelu_backward=fused["gelu_backward"], fused_quantizers=fused["multi"], c_kernel_quantizers=fused["c_kernel"],
+        recompute_kept_codes=joint["kept"], recompute_requantized=joint["recomputed"],
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

@@ -461,8 +461,8 @@ def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
     GEMMs read anyway. Not with dropout: the recomputed mask would differ from the forward's.
 
     (Until the fourteenth session the q/k/v projection was recomputed too, from its float
-    input, when it fed only this attention: 19 MB less per GPT block, but 7-9% slower per step
-    than keeping the codes; docs/performance.md.)
+    input, when it fed only this attention: 19 MB less per GPT block, but a one-block step 8%
+    slower than with the codes kept; docs/performance.md.)
 
     Boolean masks are applied with ``masked_fill`` there unless ``mask_as_bias`` (the fused
     softmax kernels will run): with the bias form and inductor's own softmax kernels, inductor

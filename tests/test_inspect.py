@@ -201,7 +201,7 @@ _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
                "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds",
                "fused_softmax", "fused_softmax_backward", "fused_gelu", "fused_gelu_backward",
-               "fused_quantizers", "c_kernel_quantizers"}  # fmt: skip
+               "fused_quantizers", "c_kernel_quantizers", "recompute_kept_codes", "recompute_requantized"}  # fmt: skip
 
 
 def test_json_schema_is_stable(tmp_path):
@@ -249,6 +249,18 @@ def test_printed_table_and_graph_text():
     assert f"Backward: {n_sr} stochastic gradient quantizers, {n_sr} seeds (one per quantizer" in text
     shared = dataclasses.replace(report, seeds=n_sr - 2)
     assert "(2 quantizers share a seed with another: their roundings are correlated)" in str(shared)
+
+
+def test_recompute_options_report_the_quantizers_that_keep_their_codes():
+    """sdpa='recompute' + recompute_mlp on a TransformerBlock: q, k, v and fc1's input keep
+    their codes (4, passes/keep_codes.py); the probabilities' quantizer and fc1's weight
+    quantizer run again in the backward (2). The default config has no such line."""
+    torch.manual_seed(0)
+    model, x = _block()
+    report = inspect(model, x, FQTConfig(compiler="eager", sdpa="recompute", recompute_mlp=True))
+    assert (report.totals["recompute_kept_codes"], report.totals["recompute_requantized"]) == (4, 2)
+    assert "Recomputed in the backward (config.sdpa='recompute' / recompute_mlp): 4 quantizers" in str(report)
+    assert "Recomputed in the backward" not in str(inspect(model, x, FQTConfig(compiler="eager")))
 
 
 def test_forward_only_has_no_backward_graph():
