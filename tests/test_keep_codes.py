@@ -97,18 +97,20 @@ def test_joint_pass_chains_what_was_set_and_ids_itself():
 
 
 @needs_inductor_torch
-def test_inductor_runs_the_pass_before_the_partition_and_a_users_joint_pass(monkeypatch):
+def test_inductor_runs_the_pass_before_the_partition_and_a_users_joint_pass():
     """Under inductor the backend installs the pass as joint_custom_pre_pass, then runs a pass
     the user set there. With recompute_mlp the backward quantizes fc1's weight again (from the
     parameter) but not fc1's input: its codes were saved (one fqt::quantize in the backward
-    graph, not two). Inductor's FX graph cache is off so that the compile really runs."""
+    graph, not two). Inductor's FX graph cache is off so that the compile really runs.
+    (``config.patch``, not pytest's monkeypatch: pytest >= 9 undoes a module attribute it did
+    not find in the module's ``__dict__`` with delattr, which hides a torch config entry for
+    the rest of the session.)"""
     calls = []
-    monkeypatch.setattr(torch._inductor.config, "joint_custom_pre_pass", lambda graph: calls.append(graph))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     torch.manual_seed(0)
     m = TransformerBlock(32, 4)
     fqt_compile.compile(m, FQTConfig(recompute_mlp=True, fuse_gelu=False))
-    m(torch.randn(2, 16, 32)).square().mean().backward()
+    with torch._inductor.config.patch(joint_custom_pre_pass=lambda graph: calls.append(graph), fx_graph_cache=False):
+        m(torch.randn(2, 16, 32)).square().mean().backward()
     (rec,) = fqt_compile.records(m)
     assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 1, "recomputed": 1})]
     assert len(calls) == 1
