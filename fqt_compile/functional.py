@@ -31,6 +31,7 @@ from .config import FQTConfig, Mode
 from . import gemm as _gemm  # noqa: F401  (registers fqt::qmm, fqt::int_mm)
 from . import quantizers as Q
 from .ops import estimate_grad, grad_codes
+from .rng import new_seed
 
 __all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa"]
 
@@ -498,7 +499,12 @@ def sdpa_with(
         scores = masked(scores, attn_mask) if attn_mask.dtype == torch.bool else scores + attn_mask
     attn = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
-        attn = F.dropout(attn, dropout_p, training=True)
+        # the counter-based dropout (fqt::dropout): F.dropout's values with a mask that is a
+        # function of a seed, so that the backward keeps the seed and recomputes the mask in
+        # its loops; inductor's own dropout on CPU draws each element with a scalar Philox
+        # call and saves a bool mask (a one-block GPT step with attention dropout 0.1 took
+        # twice as long as without, docs/performance.md)
+        attn = torch.ops.fqt.dropout(attn, new_seed(attn.device), float(dropout_p))
     return matmul(attn, value, "p@v")
 
 

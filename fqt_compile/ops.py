@@ -14,6 +14,7 @@ fqt::bhq_plan               BHQ grouping -> (group, v, s) per row
 fqt::bhq_transform          T x = H_n diag(s) x per group;  fqt::bhq_inverse: T^-1 y
 fqt::hadamard               block Hadamard mix of rows (padded); fqt::hadamard_inverse
 fqt::grad_quant             identity forward; backward returns Q(grad) for a configured Q
+fqt::dropout                dropout with a counter-based mask of (seed, index); backward: the same
 ==========================  ======================================================================
 
 ``sr_quantize`` takes its seed as a 0-d int64 tensor, so a compiled graph draws a new one
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import quantizers as Q
-from .rng import new_seed
+from .rng import new_seed, uniform_from_seed
 
 __all__ = ["estimate_grad", "grad_codes", "fqt_ops"]
 
@@ -283,6 +284,55 @@ def _grad_quant_backward(ctx, grad: Tensor):
 grad_quant.register_autograd(_grad_quant_backward, setup_context=_grad_quant_setup)
 
 
+# --- dropout ------------------------------------------------------------------------------------
+
+
+def _check_dropout_p(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"fqt::dropout: p must be in [0, 1], got {p}")
+
+
+def dropout_keep(seed: Tensor, shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> Tensor:
+    """The 0/1 keep mask of :func:`dropout` in ``dtype``: element ``i`` (row-major index) is kept
+    where the counter-based draw ``u_i`` (:func:`fqt_compile.rng.uniform_from_seed`) is at
+    least ``p``, so with probability ``1 - p`` up to the draws' 2**-24 resolution."""
+    return (uniform_from_seed(seed, shape) >= p).to(dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::dropout", mutates_args=())
+def dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    """``x * keep / (1 - p)`` with ``keep`` = :func:`dropout_keep` of ``seed`` (a 0-d int64
+    tensor from ``fqt::new_seed``), and 0 for ``p == 1``: the values of ``F.dropout`` (which
+    computes ``x * mask * scale`` too, so NaN and Inf propagate the same way), with a mask that
+    is a pure function of ``(seed, index)``. Its gradient is the same op on the gradient with the
+    same seed: the backward keeps an 8-byte seed, not a mask, and recomputes the mask where it
+    needs it (``passes/decompose_fqt.py`` inlines both into inductor's loops). Used for the
+    attention dropout of quantized SDPA (``functional.sdpa_with``)."""
+    _check_dropout_p(p)
+    if p == 1.0:
+        return x * 0.0
+    return x * dropout_keep(seed.to(x.device), x.shape, p, x.dtype) * (1.0 / (1.0 - p))
+
+
+@dropout.register_fake
+def _(x, seed, p):
+    _check_dropout_p(p)
+    return torch.empty_like(x)
+
+
+def _dropout_setup(ctx, inputs, output):
+    _, seed, ctx.p = inputs
+    ctx.save_for_backward(seed)
+
+
+def _dropout_backward(ctx, grad: Tensor):
+    (seed,) = ctx.saved_tensors
+    return torch.ops.fqt.dropout(grad, seed, ctx.p), None, None
+
+
+dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+
+
 fqt_ops = (
     quantize,
     dequantize,
@@ -294,4 +344,5 @@ fqt_ops = (
     hadamard,
     hadamard_inverse,
     grad_quant,
+    dropout,
 )

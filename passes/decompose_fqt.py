@@ -11,7 +11,8 @@ Runs last, on a *copy* of the graph handed to inductor, so that records and the 
 report keep the readable ``fqt::`` form. An ``fqt::sr_quantize`` that ``passes/fuse_quantizers.py``
 marked (``meta[C_KERNEL]``: its input is in memory anyway) stays a call of its C kernel. Ops inlined: ``quantize`` (tensor granularity),
 ``sr_quantize``, ``dequantize``, and the conv GEMMs left simulated (``qconv*``: dequantize +
-the float convolution). BHQ/Hadamard transforms and ``int_mm`` stay calls.
+the float convolution), ``dropout`` (the counter-based mask and the scaling). BHQ/Hadamard
+transforms and ``int_mm`` stay calls.
 """
 
 from __future__ import annotations
@@ -109,14 +110,19 @@ class Emitter:
         return self(aten.bitwise_xor.Tensor, self.shr(x, 16), x)
 
 
-def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node) -> fx.Node:
-    # rng.uniform_from_seed for an (N, D) tensor: index i = row * D + col, 32-bit arithmetic
+def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node, shape: tuple[int, int] | None = None) -> fx.Node:
+    # rng.uniform_from_seed for an (N, D) tensor, x or one of the static ``shape`` on x's
+    # device: index i = row * D + col, 32-bit arithmetic
     val = x.meta["val"]
-    # static sizes as ints (torch 2.5's inductor has no lowering for sym_size of a static dim)
-    n, d = (s if isinstance(s, int) else e(aten.sym_size.int, x, i) for i, s in enumerate(val.shape))
+    if shape is not None:
+        n, d = shape
+        numel = n * d
+    else:
+        # static sizes as ints (torch 2.5's inductor has no lowering for sym_size of a static dim)
+        n, d = (s if isinstance(s, int) else e(aten.sym_size.int, x, i) for i, s in enumerate(val.shape))
+        numel = val.numel()
     s_lo = e.hash32(e.cast(seed, i32))
     s_hi = e.hash32(e(aten.bitwise_xor.Scalar, e.cast(e(aten.bitwise_right_shift.Tensor_Scalar, seed, 32), i32), _SEED_HI_SALT))
-    numel = val.numel()
     small = isinstance(numel, int) and numel < 2**31
     dt = i32 if small else i64
     # prims.iota, not aten.arange: inductor lowers iota in every supported torch, while it
@@ -135,6 +141,24 @@ def _uniform_2d(e: Emitter, x: fx.Node, seed: fx.Node) -> fx.Node:
     h = e.hash32(e(aten.bitwise_xor.Tensor, lo, s_lo))
     h = e.hash32(e(aten.bitwise_xor.Tensor, h, s_hi))
     return e(aten.mul.Tensor, e.cast(e.shr(h, 8), f32), 1.0 / 16777216.0)
+
+
+def _dropout(e: Emitter, x: fx.Node, seed: fx.Node, p: float) -> fx.Node | None:
+    """``fqt::dropout`` (ops.dropout): ``x * keep * (1 / (1 - p))``, keep = the draws of x's
+    row-major index >= p; None (the op stays a call) for symbolic shapes."""
+    val = x.meta["val"]
+    shape = tuple(val.shape)
+    if not all(isinstance(s, int) for s in shape):
+        return None
+    if p == 1.0:
+        return e(aten.mul.Tensor, x, 0.0)
+    d = shape[-1] if shape else 1
+    n = val.numel() // d if d else 0
+    u = _uniform_2d(e, x, seed, (n, d))
+    keep = e.cast(e(aten.ge.Scalar, u, p), val.dtype)
+    if list(shape) != [n, d]:
+        keep = e(aten.view.default, keep, list(shape))
+    return e(aten.mul.Tensor, e(aten.mul.Tensor, x, keep), 1.0 / (1.0 - p))
 
 
 def _sr_quantize(e: Emitter, x, seed, bits, gran):
@@ -234,6 +258,12 @@ def decompose_fqt(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
                 _replace_multi(node, _quantize(e, *node.args))
             elif t is fqt.dequantize.default:
                 new = e.dequantize(*node.args)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+            elif t is fqt.dropout.default:
+                new = _dropout(e, *node.args)
+                if new is None:
+                    continue
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
             elif t in _QCONV:

@@ -17,11 +17,14 @@ index, the same uniform number at the same index. ``fqt_compile.rng`` now exempt
 that CSE where torch keeps its list of random ops (``rng.CSE_EXEMPT``); this pass does not
 depend on it. It runs first among the backend's aten passes and gives every consumer after the
 first a new ``new_seed`` node of its own, inserted right before it (so the draw order follows
-the graph order, and runs stay reproducible under ``torch.manual_seed``).
+the graph order, and runs stay reproducible under ``torch.manual_seed``). A seed that the
+forward also hands to the backward (the seed of ``fqt::dropout``, whose backward recomputes
+the same mask) is left as it is.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +33,8 @@ import torch.fx as fx
 from ..rng import new_seed  # noqa: F401  (registers fqt::new_seed)
 
 __all__ = ["split_seeds"]
+
+log = logging.getLogger(__name__)
 
 
 def _is_seed(node: fx.Node) -> bool:
@@ -44,7 +49,15 @@ def split_seeds(gm: fx.GraphModule, cfg: Any = None, kind: str | None = None) ->
     graph = gm.graph
     added = 0
     for node in [n for n in graph.nodes if _is_seed(n)]:
-        for user in list(node.users)[1:]:
+        users = list(node.users)
+        if any(u.op == "output" for u in users):
+            # a forward seed saved for the backward (``fqt::dropout`` recomputes its mask there
+            # from it): the forward's consumers must read the very seed the backward gets
+            if sum(u.op != "output" for u in users) > 1:
+                log.warning("split_seeds: %d ops share seed %s, which the backward reads too; left shared",
+                            sum(u.op != "output" for u in users), node.name)
+            continue
+        for user in users[1:]:
             with graph.inserting_before(user):
                 fresh = graph.call_function(node.target, node.args, node.kwargs)
             val = node.meta.get("val")

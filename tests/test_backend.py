@@ -490,6 +490,38 @@ def test_sdpa_recompute_is_not_applied_with_dropout():
     assert d.quantized and "not applied: dropout_p is not 0" in d.reason
 
 
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=needs_inductor_torch)])
+def test_attention_dropout_saves_a_seed_and_recomputes_the_mask(compiler):
+    """Quantized SDPA with dropout_p > 0 drops with fqt::dropout (a counter-based mask of a
+    seed): the backward keeps the 0-d seed, no bool mask, and recomputes the mask with the
+    same op; the forward is reproducible under torch.manual_seed, and the inductor-compiled
+    forward is the eager inner compiler's (the same mask: without it, a fifth of the attention
+    probabilities would differ; with it, float rounding of softmax and layer norm only)."""
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(0)
+        m = TransformerBlock(32, 4, dropout=0.2)
+        fqt_compile.compile(m, FQTConfig(compiler=compiler))
+        torch.manual_seed(seed)
+        y = m(torch.randn(2, 16, 32))
+        y.square().mean().backward()
+        outs.append(y.detach())
+        rec = fqt_compile.records(m)[0]
+        for gm, n_drop in ((rec.forward, 1), (rec.backward, 1)):
+            assert sum(n.target is torch.ops.fqt.dropout.default for n in gm.graph.nodes) == n_drop
+        saved = [n.meta["val"] for n in rec.backward.graph.nodes if n.op == "placeholder"]
+        assert not any(v.dtype == torch.bool for v in saved)
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    if compiler == "inductor":
+        torch.manual_seed(0)
+        m = TransformerBlock(32, 4, dropout=0.2)
+        fqt_compile.compile(m, FQTConfig(compiler="eager"))
+        torch.manual_seed(5)
+        ref = m(torch.randn(2, 16, 32)).detach()
+        torch.testing.assert_close(ref, outs[0], rtol=1e-4, atol=1e-4)
+
+
 def _mlp_step(recompute):
     return _block_step((4, 64, 32), recompute_mlp=recompute)
 

@@ -167,3 +167,35 @@ def test_conv_gemms_decompose_or_lower_into_inductor_lowerable_ops(lower, monkey
     assert not missing, missing
     for a, b in zip(ref, fused(*args)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+def _dropout_program(a, b, seed):
+    return [fqt.dropout(a, seed, 0.3), fqt.dropout(b, seed, 0.1), fqt.dropout(b, seed, 1.0)]
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_inlined_dropout_is_exactly_the_op(tracing_mode):
+    """fqt::dropout inlined: the same counter-based mask (the draws of the row-major index, on
+    a 4-D tensor through an (N, D) view of the index) and the same scaling; a symbolic shape
+    leaves the op a call."""
+    a, b = torch.randn(2, 3, 16, 24), torch.randn(40, 7)
+    seed = torch.tensor(2**40 + 5, dtype=torch.int64)
+    gm = make_fx(_dropout_program, tracing_mode=tracing_mode)(a, b, seed)
+    fused, counts = decompose_fqt(gm)
+    left = [n for n in fused.graph.nodes if n.target is fqt.dropout.default]
+    assert (counts, len(left)) == (({"dropout": 3}, 0) if tracing_mode == "fake" else ({}, 3))
+    assert _without_lowering(fused) == (set() if tracing_mode == "fake" else {"fqt.dropout.default"})
+    for x, y in zip(gm(a, b, seed), fused(a, b, seed)):
+        assert torch.equal(x, y)
+
+
+@needs_inductor_torch
+def test_inductor_code_drops_exactly_like_the_op():
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    a, b = torch.randn(2, 3, 16, 24), torch.randn(40, 7)
+    seed = torch.tensor(99, dtype=torch.int64)
+    fused, _ = decompose_fqt(make_fx(_dropout_program, tracing_mode="fake")(a, b, seed))
+    compiled = compile_fx_inner(fused, [a, b, seed])
+    for x, y in zip(_dropout_program(a, b, seed), compiled([a, b, seed])):
+        assert torch.equal(x, y)

@@ -56,6 +56,8 @@ def _opcheck_cases() -> list[tuple[str, tuple]]:
         ("hadamard", (torch.randn(3, 5), 16)),
         ("hadamard_inverse", (torch.randn(32, 5), 20, 16)),
         *[("grad_quant", (grad_x(), kind, 4, -1, 16)) for kind in (*KINDS, "none")],
+        ("dropout", (grad_x(), seed, 0.3)),
+        ("dropout", (torch.randn(2, 3, 5, requires_grad=True), seed, 1.0)),
     ]
 
 
@@ -223,3 +225,47 @@ def test_grad_quant_in_a_model_step():
     # 4-bit PSQ: each element within one level of the exact gradient's row range.
     level = (exact.amax(1, keepdim=True) - exact.amin(1, keepdim=True)) / 15
     assert bool(((grads[0] - exact).abs() <= level * 1.0001).all())
+
+
+# --- dropout ----------------------------------------------------------------------------------
+
+
+def test_dropout_keeps_a_fraction_of_one_minus_p_and_scales_like_f_dropout():
+    """Kept elements are x / (1 - p), the others 0, as F.dropout; the mask is the counter-based
+    draws of the row-major index >= p (ops.dropout_keep). Kept count of n = 2**18 elements at
+    p = 0.3: mean n * 0.7, standard deviation sqrt(n * 0.7 * 0.3) = 235; the tolerance is 5
+    standard deviations (a fixed seed; the generator's uniformity is tested in test_rng.py)."""
+    from fqt_compile.ops import dropout_keep
+
+    x = torch.randn(512, 512)
+    seed = torch.tensor(2024)
+    y = fqt.dropout(x, seed, 0.3)
+    keep = dropout_keep(seed, x.shape, 0.3, torch.bool)
+    assert torch.equal(y, torch.where(keep, x * (1 / 0.7), torch.zeros(())))
+    n = x.numel()
+    assert abs(int(keep.sum()) - 0.7 * n) < 5 * math.sqrt(n * 0.7 * 0.3)
+    # the mask is a function of (seed, index): a 4-D tensor of the same elements gets the same
+    assert torch.equal(fqt.dropout(x.reshape(8, 2, 128, 128), seed, 0.3).reshape(512, 512), y)
+    assert not torch.equal(fqt.dropout(x, torch.tensor(2025), 0.3), y)
+    assert torch.equal(fqt.dropout(x, seed, 0.0), x)
+    # NaN and Inf propagate through a dropped element as in F.dropout (x * mask * scale)
+    z = torch.tensor([float("nan"), float("inf")]).repeat(64)
+    out = fqt.dropout(z, seed, 0.5)
+    torch.testing.assert_close(out, z * dropout_keep(seed, z.shape, 0.5, z.dtype) * 2.0, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(out).all() == False and torch.isnan(out[1::2]).any()  # noqa: E712 - dropped Inf: NaN
+
+
+def test_dropout_backward_recomputes_the_mask_from_the_seed():
+    x = torch.randn(64, 48, requires_grad=True)
+    seed = new_seed()
+    y = fqt.dropout(x, seed, 0.25)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, fqt.dropout(g, seed, 0.25))
+    assert torch.equal(x.grad == 0, y == 0) or bool(torch.any(x == 0))
+
+
+def test_dropout_rejects_p_outside_0_1():
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+            fqt.dropout(torch.ones(3), torch.tensor(1), p)

@@ -80,6 +80,22 @@ def _without_exemption(monkeypatch) -> None:
                                                     if op is not torch.ops.fqt.new_seed])
 
 
+def test_a_seed_the_backward_reads_too_is_left_alone():
+    """fqt::dropout's seed is a forward output (the backward recomputes the mask from it): the
+    forward's dropout must keep reading that very seed, so the pass leaves it as it is."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    seed = g.call_function(SEED, (torch.device("cpu"),))
+    y = g.call_function(torch.ops.fqt.dropout.default, (x, seed, 0.5))
+    g.output((y, seed))
+    gm = fx.GraphModule(nn.Module(), g)
+    assert split_seeds(gm) == {"seeds": 1, "added": 0}
+    torch.manual_seed(0)
+    x = torch.randn(8, 8)
+    y, s = gm(x)
+    assert torch.equal(y, torch.ops.fqt.dropout(x, s, 0.5))
+
+
 def test_aot_cse_leaves_seed_draws_alone(monkeypatch):
     """rng registers fqt::new_seed with the random ops AOTAutograd's CSE skips (its list, not
     the op's tag, decides up to torch 2.14; 2.15 also skips impure nodes), so two draws stay
