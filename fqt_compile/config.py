@@ -98,8 +98,8 @@ class SdpaPolicy(_StrEnum):
     attention probabilities (softmax output and its int8 codes) are not kept for the backward
     but recomputed there from the saved int8 codes of q, k, v (which the backward's GEMMs read
     anyway; the forward quantizers round to nearest, so the recomputed values are the
-    forward's): less activation memory, one more score GEMM and softmax per step; not applied
-    with dropout; or keep attention in ``full_precision``."""
+    forward's; an attention dropout's mask is recomputed from its saved seed): less activation
+    memory, one more score GEMM and softmax per step; or keep attention in ``full_precision``."""
 
     DECOMPOSE = "decompose"
     RECOMPUTE = "recompute"

@@ -458,7 +458,8 @@ def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
     in the backward (the score GEMM, the softmax and the quantizer of its output) instead of
     saving it (the tags activation checkpointing uses, copied onto every aten node traced from
     this one); ``passes.keep_codes`` keeps the int8 codes of q, k and v, which the backward's
-    GEMMs read anyway. Not with dropout: the recomputed mask would differ from the forward's.
+    GEMMs read anyway, and the seed of the attention dropout (``fqt::dropout``), whose mask is
+    then recomputed exactly.
 
     (Until the fourteenth session the q/k/v projection was recomputed too, from its float
     input, when it fed only this attention: 19 MB less per GPT block, but a one-block step 8%
@@ -471,9 +472,6 @@ def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
     read the int32 products and the bias directly (one block: peak 574 MB with the bias form,
     583 MB with masked_fill), and ``masked_fill``'s backward would keep softmax's backward out
     of the fused kernel (docs/performance.md)."""
-    p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-    if not isinstance(p, (int, float)) or p != 0:
-        return "quantized (config.sdpa='recompute' not applied: dropout_p is not 0)"
     _tag_for_recompute([node])
     node.kwargs = {**node.kwargs, "mask_as_bias": mask_as_bias}
     return ("quantized; attention probabilities recomputed in the backward from the int8 codes of q, k, v "

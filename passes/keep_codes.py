@@ -17,7 +17,9 @@ the values are the same either way; what changes is what the step keeps and reco
 A quantizer is taken when it lies in one of insert_qdq's recompute regions (``ac_graph_id`` at
 least ``FQT_AC_ID_BASE``: a user's own ``torch.utils.checkpoint`` regions keep their meaning)
 and its input, followed back through views, is neither recomputed itself nor a graph input
-(a parameter: quantizing it again costs no activation memory).
+(a parameter: quantizing it again costs no activation memory). A seed drawn in such a region
+(``fqt::new_seed`` of the attention dropout) is saved too: drawn again, it would give the
+recomputed attention another dropout mask than the forward's.
 
 Installed by the backend: on inductor as ``torch._inductor.config.joint_custom_pre_pass``
 (:class:`KeepCodesJointPass`, chained with a pass the user set there), with the eager inner
@@ -74,12 +76,21 @@ def _source(node: Any) -> Any:
 
 def keep_codes(graph: fx.Graph) -> dict[str, int]:
     """Mark the region-input quantizers of insert_qdq's recompute regions ``MUST_SAVE``, in
-    place (node metadata only). Returns ``{"kept": n, "recomputed": m}``: quantizers whose
-    codes are now saved, and the other quantizers in those regions (recomputed)."""
+    place (node metadata only), and the seeds drawn in them. Returns ``{"kept": n,
+    "recomputed": m, "seeds": k}``: quantizers whose codes are now saved, the other quantizers
+    in those regions (recomputed), and the seeds saved."""
     q_op = torch.ops.fqt.quantize.default
-    kept = recomputed = 0
+    kept = recomputed = seeds = 0
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is not q_op or not _in_fqt_region(node):
+        if node.op != "call_function" or not _in_fqt_region(node):
+            continue
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+            # a seed drawn in the region (the attention dropout's, fqt::dropout): drawing it
+            # again in the backward would give another mask; saved, the mask is recomputed
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            seeds += 1
+            continue
+        if node.target is not q_op:
             continue
         src = _source(node.args[0])
         if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr") or _recomputed(src):
@@ -90,9 +101,10 @@ def keep_codes(graph: fx.Graph) -> dict[str, int]:
         for user in node.users:
             user.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         kept += 1
-    if kept or recomputed:
-        log.info("keep_codes: %d region-input quantizers keep their codes, %d recomputed", kept, recomputed)
-    return {"kept": kept, "recomputed": recomputed}
+    if kept or recomputed or seeds:
+        log.info("keep_codes: %d region-input quantizers keep their codes, %d recomputed, %d seeds saved",
+                 kept, recomputed, seeds)
+    return {"kept": kept, "recomputed": recomputed, "seeds": seeds}
 
 
 try:  # torch >= 2.5: inductor keys its FX graph cache on the pass's uuid()

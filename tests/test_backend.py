@@ -465,8 +465,8 @@ def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilitie
     assert saved_d[torch.int8] - saved_r[torch.int8] == probs, (saved_d, saved_r)
     assert saved_d[torch.float32] - saved_r[torch.float32] >= 4 * probs, (saved_d, saved_r)
     # q, k, v keep their codes; the probabilities' quantizer is recomputed
-    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 3, "recomputed": 1})]
-    assert rec_d.aten_passes["joint"] == [("keep_codes", {"kept": 0, "recomputed": 0})]
+    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 3, "recomputed": 1, "seeds": 0})]
+    assert rec_d.aten_passes["joint"] == [("keep_codes", {"kept": 0, "recomputed": 0, "seeds": 0})]
     (d,) = [d for d in rec.insert.decisions if d.op == "sdpa"]
     assert d.quantized and "recomputed in the backward from the int8 codes of q, k, v" in d.reason
     # the projection is not recomputed: none of the tagged torch-level nodes is a linear layer
@@ -478,16 +478,29 @@ def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilitie
     assert call.kwargs["mask_as_bias"] is False
 
 
-def test_sdpa_recompute_is_not_applied_with_dropout():
-    class Attn(nn.Module):
-        def forward(self, q):
-            return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+def test_sdpa_recompute_with_dropout_recomputes_the_same_mask():
+    """With attention dropout the recompute policy saves the dropout's seed (passes.keep_codes)
+    and recomputes the mask from it: outputs and gradients identical to the decompose
+    policy's under the same torch seed; the probabilities are still not saved."""
+    def step(policy):
+        torch.manual_seed(0)
+        m = TransformerBlock(32, 4, dropout=0.25)
+        fqt_compile.compile(m, FQTConfig(compiler="eager", sdpa=policy, fuse_softmax=False))
+        torch.manual_seed(3)
+        y = m(torch.randn(2, 64, 32))
+        y.square().mean().backward()
+        return y.detach(), {n: p.grad for n, p in m.named_parameters()}, fqt_compile.records(m)[0]
 
-    m = Attn()
-    fqt_compile.compile(m, FQTConfig(sdpa="recompute", compiler="eager"))
-    m(torch.randn(1, 2, 8, 4, requires_grad=True)).sum().backward()
-    (d,) = [d for d in fqt_compile.records(m)[0].insert.decisions if d.op == "sdpa"]
-    assert d.quantized and "not applied: dropout_p is not 0" in d.reason
+    y_d, g_d, _ = step("decompose")
+    y_r, g_r, rec = step("recompute")
+    assert torch.equal(y_d, y_r)
+    for n in g_d:
+        assert torch.equal(g_d[n], g_r[n]), n
+    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 3, "recomputed": 1, "seeds": 1})]
+    (d,) = [d for d in rec.insert.decisions if d.op == "sdpa"]
+    assert "recomputed in the backward" in d.reason
+    probs = [n for n in rec.backward.graph.nodes if n.op == "placeholder" and tuple(n.meta["val"].shape) == (2, 4, 64, 64)]
+    assert not probs
 
 
 @pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=needs_inductor_torch)])
@@ -539,7 +552,7 @@ def test_recompute_mlp_keeps_the_gradients_and_drops_the_gelu_input():
         assert torch.equal(g_a[n], g_b[n]), n
     assert s_a[torch.float32] - s_b[torch.float32] >= 4 * 64 * 128 * 4, (s_a, s_b)
     assert s_a[torch.int8] - s_b[torch.int8] == 128 * 32, (s_a, s_b)
-    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 1, "recomputed": 1})]
+    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 1, "recomputed": 1, "seeds": 0})]
     (d,) = [d for d in rec.insert.decisions if d.module == "fc1"]
     assert d.quantized and "recomputed in the backward" in d.reason
 

@@ -36,8 +36,8 @@ def _quantize(g: fx.Graph, x: fx.Node, tag: dict) -> tuple[fx.Node, list[fx.Node
 def _joint_like_graph():
     """A forward fragment as AOTAutograd hands it to the partitioner: y = x * 2 outside any
     region; in one fqt region (ac id >= FQT_AC_ID_BASE) quantizers of y through a view, of a
-    parameter, of relu(y) (computed in the region); in a user's checkpoint region (ac id 1) a
-    quantizer of y."""
+    parameter, of relu(y) (computed in the region), and a dropout of relu(y) with a seed drawn
+    in the region; in a user's checkpoint region (ac id 1) a quantizer of y."""
     g = fx.Graph()
     w, x = g.placeholder("w"), g.placeholder("x")
     y = g.call_function(aten.mul.Tensor, (x, 2))
@@ -49,20 +49,26 @@ def _joint_like_graph():
     r.meta.update(fqt)
     nodes = {"view": _quantize(g, t, fqt), "param": _quantize(g, w, fqt), "inner": _quantize(g, r, fqt),
              "user": _quantize(g, y, user)}
-    g.output(tuple(outs[0] for _, outs in nodes.values()))
+    seed = g.call_function(torch.ops.fqt.new_seed.default, (torch.device("cpu"),))  # a dropout's seed
+    seed.meta.update(fqt)
+    drop = g.call_function(torch.ops.fqt.dropout.default, (r, seed, 0.5))
+    drop.meta.update(fqt)
+    nodes["seed"] = (seed, [])
+    g.output((*(outs[0] for _, outs in nodes.values() if outs), drop))
     return g, nodes
 
 
-def test_keep_codes_saves_only_quantizers_of_values_from_outside_the_region():
+def test_keep_codes_saves_only_quantizers_of_values_from_outside_the_region_and_seeds():
     g, nodes = _joint_like_graph()
-    assert keep_codes(g) == {"kept": 1, "recomputed": 2}
+    assert keep_codes(g) == {"kept": 1, "recomputed": 2, "seeds": 1}
+    assert nodes["seed"][0].meta["recompute"] is MUST_SAVE  # drawn again, it would change the mask
     q, outs = nodes["view"]  # y, through the region's own transpose: kept, with its outputs
     assert all(n.meta["recompute"] is MUST_SAVE for n in (q, *outs))
     assert q.meta["ac_graph_id"] == FQT_AC_ID_BASE + 3
     for name in ("param", "inner", "user"):  # a parameter; a value the region computes; a user's region
         q, outs = nodes[name]
         assert all(n.meta["recompute"] is MUST_RECOMPUTE for n in (q, *outs)), name
-    assert keep_codes(g) == {"kept": 0, "recomputed": 2}  # a second run changes nothing
+    assert keep_codes(g) == {"kept": 0, "recomputed": 2, "seeds": 0}  # a second run changes nothing
     assert nodes["view"][0].meta["recompute"] is MUST_SAVE
 
 
@@ -71,7 +77,9 @@ def test_keep_codes_leaves_graphs_without_fqt_regions_alone():
     for q, outs in nodes.values():
         for n in (q, *outs):
             n.meta.pop("recompute")
-    assert keep_codes(g) == {"kept": 0, "recomputed": 0}
+    for n in g.nodes:
+        n.meta.pop("recompute", None)
+    assert keep_codes(g) == {"kept": 0, "recomputed": 0, "seeds": 0}
     assert not any("recompute" in n.meta for q, outs in nodes.values() for n in (q, *outs))
 
 
@@ -80,7 +88,7 @@ def test_joint_pass_chains_what_was_set_and_ids_itself():
     seen, results = [], []
     p = KeepCodesJointPass([lambda graph: seen.append(graph)], results.append)
     p(g)
-    assert seen == [g] and results == [{"kept": 1, "recomputed": 2}]
+    assert seen == [g] and results == [{"kept": 1, "recomputed": 2, "seeds": 1}]
     assert KeepCodesJointPass().uuid() is not None
     assert KeepCodesJointPass(lambda graph: None).uuid() is None  # a plain callable: no cache key
     if hasattr(torch._inductor, "custom_graph_pass"):
@@ -112,7 +120,7 @@ def test_inductor_runs_the_pass_before_the_partition_and_a_users_joint_pass():
     with torch._inductor.config.patch(joint_custom_pre_pass=lambda graph: calls.append(graph), fx_graph_cache=False):
         m(torch.randn(2, 16, 32)).square().mean().backward()
     (rec,) = fqt_compile.records(m)
-    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 1, "recomputed": 1})]
+    assert rec.aten_passes["joint"] == [("keep_codes", {"kept": 1, "recomputed": 1, "seeds": 0})]
     assert len(calls) == 1
     quantizers = [n for n in rec.backward.graph.nodes if n.target is QUANTIZE]
     assert len(quantizers) == 1 and quantizers[0].args[0].op == "placeholder"
