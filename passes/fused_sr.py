@@ -131,7 +131,8 @@ def replace_with_fused(graph: fx.Graph, x2: fx.Node, qs: list[fx.Node], target: 
     last = max(order[sd] for sd in seeds)
     pos = x2
     for n in [n for n in graph.nodes if order[x2] < order[n] <= last and call(n, torch.ops.fqt.new_seed.default)]:
-        pos.append(n)
+        if pos.next is not n:  # already in place (torch 2.5's fx warns on moving a node onto itself)
+            pos.append(n)
         pos = n
     with graph.inserting_before(pos.next):
         node = graph.call_function(target, make_args(qs))
