@@ -5,6 +5,7 @@
     python benchmarks/ab_config.py --a 'FQTConfig(fuse_gelu=False)' --layers 2 --steps 8
     python benchmarks/ab_config.py --model cnn --a None --b 'FQTConfig()' --steps 20
     python benchmarks/ab_config.py --dropout-b 0.1      # the cost of attention dropout
+    python benchmarks/ab_config.py --resid-dropout 0.1 --a 'FQTConfig(counter_dropout=False)'
 
 Builds two GPTs (d 1024, 16 heads, MLP 4096, ``--layers`` blocks, same initial weights),
 compiles one with each config (inductor inner compiler unless the config says otherwise),
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each variant")
     ap.add_argument("--dropout-a", type=float, default=0.0, help="GPT attention dropout of variant A")
     ap.add_argument("--dropout-b", type=float, default=0.0, help="GPT attention dropout of variant B")
+    ap.add_argument("--resid-dropout", type=float, default=0.0,
+                    help="GPT residual dropout (GPT-2's places) of both variants")
     ap.add_argument("--out", default=None, help="write the step times as JSON here")
     args = ap.parse_args(argv)
     fqt_compile.keep_freed_memory()
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             model = GPT(vocab=256, d_model=1024, n_heads=16, n_layers=args.layers, max_len=512, d_ff=4096)
             for block in model.blocks:
                 block.dropout = getattr(args, f"dropout_{name}")
+                block.resid_dropout = args.resid_dropout
         else:
             model = SmallCNN(in_ch=1, width=32, n_classes=10, blocks=2)
         if cfg is not None:
@@ -84,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step {i + 1}/{args.steps}: A {times['a'][-1]:.3f} s, B {times['b'][-1]:.3f} s", file=sys.stderr)
     ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
     drop = f"  dropout A {args.dropout_a} B {args.dropout_b}" if args.dropout_a or args.dropout_b else ""
+    drop += f"  residual dropout {args.resid_dropout}" if args.resid_dropout else ""
     print(f"{args.model} layers={args.layers}{drop}  A {args.a}: {ma:.3f} s  B {args.b}: {mb:.3f} s  B/A {mb / ma:.3f}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"a": args.a, "b": args.b, "model": args.model, "layers": args.layers,
-                       "dropout_a": args.dropout_a, "dropout_b": args.dropout_b, "times": times, "median_a": ma,
+                       "dropout_a": args.dropout_a, "dropout_b": args.dropout_b, "resid_dropout": args.resid_dropout,
+                       "times": times, "median_a": ma,
                        "median_b": mb, "torch": torch.__version__}, f, indent=1)
     return 0
 

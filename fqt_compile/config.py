@@ -263,6 +263,12 @@ class FQTConfig:
     #: kernel (``fqt::sr_quantize_multi``): same quantizers and random draws, codes bit-equal
     #: (passes/fuse_quantizers.py)
     fuse_quantizers: bool = True
+    #: in training graphs, ``F.dropout`` / ``nn.Dropout`` (outside the modules whose mode is
+    #: "off") drop with ``fqt::dropout``: the same values, with a mask drawn by the counter-based
+    #: generator from a seed, which the backward keeps instead of the mask (the attention
+    #: dropout of quantized SDPA always does). False keeps torch's dropout (its random stream;
+    #: on CPU inductor draws it with a scalar Philox call per element and saves a bool mask)
+    counter_dropout: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum_value(Mode, self.mode, "FQTConfig.mode"))
@@ -291,7 +297,8 @@ class FQTConfig:
             if not isinstance(o, Override):
                 raise TypeError(f"FQTConfig.overrides must hold Override objects, got {o!r}")
         object.__setattr__(self, "overrides", overrides)
-        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax", "fuse_gelu", "fuse_quantizers"):
+        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax", "fuse_gelu", "fuse_quantizers",
+                     "counter_dropout"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FQTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

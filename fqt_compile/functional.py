@@ -448,6 +448,17 @@ def fqt_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: flo
     return addmm_with(lambda x, y: fqt_matmul(x, y, spec=spec), bias, a, b, beta, alpha)
 
 
+def fqt_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """``F.dropout`` through ``fqt::dropout`` (a counter-based mask of a fresh seed, which the
+    backward keeps instead of the mask); ``inplace`` is not supported (insert_qdq leaves such
+    calls to torch)."""
+    if inplace:
+        raise NotImplementedError("fqt_dropout: inplace dropout is left to torch")
+    if not training or p == 0:
+        return input
+    return torch.ops.fqt.dropout(input, new_seed(input.device), float(p))
+
+
 def _mask_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
     """0 where ``keep``, -inf elsewhere."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
@@ -504,7 +515,7 @@ def sdpa_with(
         # its loops; inductor's own dropout on CPU draws each element with a scalar Philox
         # call and saves a bool mask (a one-block GPT step with attention dropout 0.1 took
         # twice as long as without, docs/performance.md)
-        attn = torch.ops.fqt.dropout(attn, new_seed(attn.device), float(dropout_p))
+        attn = fqt_dropout(attn, dropout_p)
     return matmul(attn, value, "p@v")
 
 

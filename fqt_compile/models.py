@@ -61,9 +61,12 @@ class SmallCNN(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block: causal self-attention (SDPA) + GELU MLP."""
+    """Pre-norm transformer block: causal self-attention (SDPA) + GELU MLP. ``dropout``: on the
+    attention probabilities; ``resid_dropout``: on the attention and MLP outputs before each
+    residual add (GPT-2's places)."""
 
-    def __init__(self, d_model: int = 64, n_heads: int = 4, d_ff: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int = 64, n_heads: int = 4, d_ff: int | None = None, dropout: float = 0.0,
+                 resid_dropout: float = 0.0) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.ln1 = nn.LayerNorm(d_model)
@@ -73,14 +76,18 @@ class TransformerBlock(nn.Module):
         self.fc1 = nn.Linear(d_model, d_ff or 4 * d_model)
         self.fc2 = nn.Linear(d_ff or 4 * d_model, d_model)
         self.dropout = dropout
+        self.resid_dropout = resid_dropout
+
+    def _resid(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.resid_dropout, self.training) if self.resid_dropout else h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        x = x + self._resid(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+        return x + self._resid(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
 
 
 class GPT(nn.Module):

@@ -30,6 +30,7 @@ from ..functional import (
     QSpec,
     fqt_addmm,
     fqt_conv,
+    fqt_dropout,
     fqt_linear,
     fqt_matmul,
     fqt_sdpa,
@@ -106,6 +107,8 @@ class NodeDecision:
 @dataclass
 class InsertResult:
     decisions: list[NodeDecision] = field(default_factory=list)
+    #: ``F.dropout`` calls turned into ``fqt_dropout`` (config.counter_dropout)
+    counter_dropouts: int = 0
 
     @property
     def quantized(self) -> list[NodeDecision]:
@@ -423,6 +426,8 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
         result.decisions.append(d)
     if cfg.recompute_mlp:
         _mark_linear_gelu_recompute(graph)
+    if cfg.counter_dropout:
+        result.counter_dropouts = _counter_dropouts(graph, cfg)
     graph.lint()
     gm.recompile()
     log.info("insert_qdq: %d quantized, %d kept in full precision", len(result.quantized), len(result.skipped))
@@ -476,6 +481,29 @@ def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
     node.kwargs = {**node.kwargs, "mask_as_bias": mask_as_bias}
     return ("quantized; attention probabilities recomputed in the backward from the int8 codes of q, k, v "
             "(config.sdpa='recompute')")  # fmt: skip
+
+
+def _counter_dropouts(graph: fx.Graph, cfg: FQTConfig) -> int:
+    """config.counter_dropout: ``F.dropout(x, p, training=True)`` with constant ``p`` and
+    ``training`` (as dynamo writes ``nn.Dropout`` and ``F.dropout`` calls) becomes
+    ``fqt_dropout``, outside modules whose mode is "off"; in-place dropout is left to torch."""
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not F.dropout:
+            continue
+        bound = dict(zip(("input", "p", "training", "inplace"), node.args))
+        bound.update(node.kwargs)
+        p, training, inplace = bound.get("p", 0.5), bound.get("training", True), bound.get("inplace", False)
+        if not (isinstance(p, (int, float)) and 0 < p <= 1 and training is True and inplace is False):
+            continue
+        if cfg.for_module(module_path_of(node)).mode is Mode.OFF:
+            continue
+        node.target = fqt_dropout
+        node.args, node.kwargs = (bound["input"], float(p)), {}
+        n += 1
+    if n:
+        log.info("insert_qdq: %d dropout calls use the counter-based mask (config.counter_dropout)", n)
+    return n
 
 
 _GELUS = (F.gelu, torch._C._nn.gelu)

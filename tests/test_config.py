@@ -58,6 +58,7 @@ def test_value_errors_name_field_value_and_choices(make, match):
         (lambda: FQTConfig(grad_input=ForwardSpec()), r"FQTConfig\.grad_input must be a GradSpec, got ForwardSpec"),
         (lambda: FQTConfig(overrides=["fc"]), r"FQTConfig\.overrides must hold Override objects, got 'fc'"),
         (lambda: FQTConfig(lower_int_gemm=1), r"FQTConfig\.lower_int_gemm must be a bool, got 1"),
+        (lambda: FQTConfig(counter_dropout="no"), r"FQTConfig\.counter_dropout must be a bool, got 'no'"),
         (lambda: Override("fc", weight=GradSpec()), r"Override\.weight must be a ForwardSpec or None"),
     ],
 )

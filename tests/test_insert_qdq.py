@@ -8,6 +8,8 @@ from collections import Counter
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 import fqt_compile
 from fqt_compile import FQTConfig, GradSpec, Override
@@ -209,3 +211,45 @@ def test_module_path_normalization():
     # torch 2.5's dynamo writes every level through _modules
     N.meta = {"nn_module_stack": {"k": ("L['self']._modules['layers']._modules['0']", None)}}
     assert module_path_of(N()) == "layers.0"
+
+
+class _Dropouts(nn.Module):
+    """nn.Dropout and F.dropout (written by dynamo as F.dropout calls), an in-place one, and a
+    dropout inside a module configured off."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.1)
+        self.off = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.2))
+
+    def forward(self, x):
+        h = F.dropout(self.drop(self.fc(x)), 0.3, self.training)
+        return self.off(h) + F.dropout(x.clone(), 0.4, self.training, True)
+
+
+@pytest.mark.parametrize("counter", [True, False])
+def test_training_dropouts_use_the_counter_based_mask(counter):
+    """config.counter_dropout: the training graph's F.dropout calls become fqt_dropout
+    (fqt::dropout in the aten graphs, a 0-d int64 seed saved for the backward instead of a bool
+    mask), except an in-place one and one in a module whose mode is "off"; an eval graph has
+    none to rewrite; counter_dropout=False leaves torch's."""
+    torch.manual_seed(0)
+    m = _Dropouts()
+    cfg = FQTConfig(compiler="eager", counter_dropout=counter, overrides=(Override("off*", mode="off"),))
+    rec = compile_and_step(m, torch.randn(4, 16), cfg)
+    assert rec.insert.counter_dropouts == (2 if counter else 0)
+    calls = [n for n in rec.torch_graph.graph.nodes if n.op == "call_function"]
+    assert sum(n.target is fqt_compile.functional.fqt_dropout for n in calls) == (2 if counter else 0)
+    assert sum(n.target is F.dropout for n in calls) == (2 if counter else 4)
+    drops = [n for n in rec.backward.graph.nodes if n.target is torch.ops.fqt.dropout.default]
+    assert len(drops) == (2 if counter else 0)
+    for n in drops:
+        seed = n.args[1]
+        assert seed.op == "placeholder" and seed.meta["val"].dtype == torch.int64 and seed.meta["val"].dim() == 0
+    m.eval()
+    torch._dynamo.reset()
+    fqt_compile.compile(m, cfg)
+    with torch.no_grad():
+        m(torch.randn(4, 16))
+    assert fqt_compile.records(m)[-1].insert.counter_dropouts == 0
