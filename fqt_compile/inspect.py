@@ -215,6 +215,9 @@ class Report:
     #: whose int8 codes the step saves, and those it runs again in the backward
     recompute_kept_codes: int = 0
     recompute_requantized: int = 0
+    #: ``F.dropout`` calls that drop with ``fqt::dropout`` (config.counter_dropout; quantized
+    #: attention's own dropout is inside its row)
+    counter_dropouts: int = 0
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -252,6 +255,7 @@ class Report:
             "c_kernel_quantizers": self.c_kernel_quantizers,
             "recompute_kept_codes": self.recompute_kept_codes,
             "recompute_requantized": self.recompute_requantized,
+            "counter_dropouts": self.counter_dropouts,
         }
 
     def row(self, key: str) -> Row:
@@ -382,6 +386,11 @@ class Report:
                 "quantizers of the recomputed products' inputs keep their int8 codes for it, "
                 f"{self.recompute_requantized} quantize again (of parameters, or of values recomputed there)"
             )
+        if self.counter_dropouts:
+            lines.append(
+                f"Dropout: {self.counter_dropouts} F.dropout calls use fqt::dropout's counter-based mask "
+                "(config.counter_dropout): the backward keeps a seed, not a mask"
+            )
         return "\n".join(lines)
 
     # -- drawing ------------------------------------------------------------------------
@@ -499,6 +508,7 @@ def report_from_records(
         fused_softmax_backward=fused["backward"], fused_gelu=fused["gelu"],
         fused_gelu_backward=fused["gelu_backward"], fused_quantizers=fused["multi"], c_kernel_quantizers=fused["c_kernel"],
         recompute_kept_codes=joint["kept"], recompute_requantized=joint["recomputed"],
+        counter_dropouts=sum(r.insert.counter_dropouts for r in records if r.insert is not None),
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

@@ -201,7 +201,8 @@ _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
                "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds",
                "fused_softmax", "fused_softmax_backward", "fused_gelu", "fused_gelu_backward",
-               "fused_quantizers", "c_kernel_quantizers", "recompute_kept_codes", "recompute_requantized"}  # fmt: skip
+               "fused_quantizers", "c_kernel_quantizers", "recompute_kept_codes", "recompute_requantized",
+               "counter_dropouts"}  # fmt: skip
 
 
 def test_json_schema_is_stable(tmp_path):
@@ -261,6 +262,15 @@ def test_recompute_options_report_the_quantizers_that_keep_their_codes():
     assert (report.totals["recompute_kept_codes"], report.totals["recompute_requantized"]) == (4, 2)
     assert "Recomputed in the backward (config.sdpa='recompute' / recompute_mlp): 4 quantizers" in str(report)
     assert "Recomputed in the backward" not in str(inspect(model, x, FQTConfig(compiler="eager")))
+
+
+def test_counter_dropouts_are_counted():
+    torch.manual_seed(0)
+    model, x = TransformerBlock(32, 4, resid_dropout=0.1), torch.randn(2, 8, 32)
+    report = inspect(model, x, FQTConfig(compiler="eager"))
+    assert report.totals["counter_dropouts"] == 2
+    assert "Dropout: 2 F.dropout calls use fqt::dropout's counter-based mask" in str(report)
+    assert inspect(model, x, FQTConfig(compiler="eager", counter_dropout=False)).totals["counter_dropouts"] == 0
 
 
 def test_forward_only_has_no_backward_graph():
