@@ -300,6 +300,30 @@ class _Reference:
     layers: dict[str, slice]
 
 
+def _training_dropouts(model: nn.Module) -> int:
+    """Dropout calls with p > 0 in training mode in the torch-level graphs compiled for
+    ``model`` (F.dropout, the counter-based fqt_dropout, quantized attention's dropout_p)."""
+    import torch.nn.functional as F
+
+    from .functional import fqt_dropout, fqt_sdpa
+    from .frontend import records
+
+    n = 0
+    for rec in records(model):
+        for node in rec.torch_graph.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is fqt_dropout:
+                n += 1
+            elif node.target is F.dropout:
+                bound = {**dict(zip(("input", "p", "training", "inplace"), node.args)), **node.kwargs}
+                n += bound.get("training", True) is not False and bound.get("p", 0.5) != 0
+            elif node.target is fqt_sdpa:
+                p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+                n += not (isinstance(p, (int, float)) and p == 0)
+    return n
+
+
 def _reference(model, cfg, loss_fn, batches, progress) -> _Reference:
     qat = _compiled_copy(model, _qat_of(cfg))
     params, layers = _layer_slices(qat)
@@ -307,6 +331,12 @@ def _reference(model, cfg, loss_fn, batches, progress) -> _Reference:
     for i, b in enumerate(batches):
         grads.append(_flat_grad(qat, params, loss_fn, b))
         progress(1)
+        if i == 0 and (n := _training_dropouts(qat)):
+            log.warning(
+                "gradient_variance: the model drops out in training mode (%d dropout calls): every pass "
+                "draws other dropout masks, so the 'quantization' variance includes dropout noise and the "
+                "bias check compares gradients of different masks; measure with dropout p = 0", n,
+            )
     g = torch.stack(grads)
     sampling = g.var(dim=0, correction=1) if len(grads) > 1 else torch.zeros_like(grads[0])
     return _Reference(grads, sampling, params, layers)
@@ -426,6 +456,10 @@ def gradient_variance(
     * ``bias``, ``bias_se``, ``bias_ok``: the distance between the mean of the ``samples`` FQT
       gradients and the QAT gradient, its standard error if FQT is unbiased, and whether the
       first is within :data:`BIAS_TOLERANCE` of the second.
+
+    Measure with dropout off: dropout in training mode draws other masks in every pass (its
+    noise would count as quantization variance, and the bias check would compare gradients of
+    different masks); the tool logs a warning when the compiled graphs drop out.
 
     Cost: ``batches * (1 + samples)`` forward-backward passes plus two compilations.
     Reproducible: the draws are reseeded from ``seed`` (the global torch generator is changed).

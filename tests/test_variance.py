@@ -164,3 +164,20 @@ def test_command_line_entry_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["samples"] == 2 and data["total"]["bias_ok"] in (True, False)
     assert isinstance(fqt_compile.FQTConfig.recipe("psq4"), fqt_compile.FQTConfig)
+
+
+def test_active_dropout_is_warned_about(caplog):
+    """With dropout in training mode every pass draws other masks (dropout noise in the
+    'quantization' variance, the bias check across masks): the tool warns; without, it does not."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 4))
+    with caplog.at_level("WARNING", logger="fqt_compile.variance"):
+        gradient_variance(model, _weighted_ce, _data(), _cfg("psq8"), samples=2, batches=2)
+    assert "drops out in training mode (1 dropout calls)" in caplog.text
+    caplog.clear()
+    model[1].p = 0.0
+    with caplog.at_level("WARNING", logger="fqt_compile.variance"):
+        gradient_variance(model, _weighted_ce, _data(), _cfg("psq8"), samples=2, batches=2)
+    assert "drops out" not in caplog.text
