@@ -33,7 +33,7 @@ from . import quantizers as Q
 from .ops import estimate_grad, grad_codes
 from .rng import new_seed
 
-__all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa"]
+__all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa", "fqt_dropout"]
 
 
 class QSpec(NamedTuple):
