@@ -49,3 +49,24 @@ def test_lowered_step_matches_simulated_on_cuda(compiler):
     assert sum(len(r.lowered) for r in low) == 6 + 12
     if compiler == "eager":  # same draws only where the seeds come from the same generator
         torch.testing.assert_close(g_l, g_s, rtol=1e-3, atol=1e-4)
+
+
+def test_counter_dropout_on_cuda_matches_the_cpu_mask_and_saves_a_seed():
+    """fqt::dropout on CUDA: the mask is the same function of (seed, index) as on the CPU, the
+    inlined (inductor) form equals the op, and a compiled block with attention and residual
+    dropout keeps a seed, no bool mask, for its backward."""
+    x = torch.randn(4, 8, 64, 64)
+    seed = torch.tensor(12345)
+    ref = torch.ops.fqt.dropout(x, seed, 0.2)
+    assert torch.equal(torch.ops.fqt.dropout(x.cuda(), seed.cuda(), 0.2).cpu(), ref)
+    torch.manual_seed(0)
+    m = TransformerBlock(64, 4, dropout=0.2, resid_dropout=0.1).cuda()
+    fqt_compile.compile(m, FQTConfig())
+    y = m(torch.randn(2, 16, 64, device="cuda"))
+    y.square().mean().backward()
+    rec = fqt_compile.records(m)[0]
+    assert rec.insert.counter_dropouts == 2
+    assert sum(n.target is torch.ops.fqt.dropout.default for n in rec.backward.graph.nodes) == 3
+    saved = [n.meta["val"] for n in rec.backward.graph.nodes if n.op == "placeholder"]
+    assert not any(v.dtype == torch.bool for v in saved)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
