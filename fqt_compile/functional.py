@@ -24,7 +24,6 @@ import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FQTConfig, Mode
