@@ -307,6 +307,7 @@ def _training_dropouts(model: nn.Module) -> int:
 
     from .functional import fqt_dropout, fqt_sdpa
     from .frontend import records
+    from .passes.insert_qdq import dropout_arguments
 
     n = 0
     for rec in records(model):
@@ -316,8 +317,8 @@ def _training_dropouts(model: nn.Module) -> int:
             if node.target is fqt_dropout:
                 n += 1
             elif node.target is F.dropout:
-                bound = {**dict(zip(("input", "p", "training", "inplace"), node.args)), **node.kwargs}
-                n += bound.get("training", True) is not False and bound.get("p", 0.5) != 0
+                bound = dropout_arguments(node)
+                n += bound["training"] is not False and bound["p"] != 0
             elif node.target is fqt_sdpa:
                 p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
                 n += not (isinstance(p, (int, float)) and p == 0)

@@ -483,6 +483,14 @@ def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
             "(config.sdpa='recompute')")  # fmt: skip
 
 
+def dropout_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of an ``F.dropout`` call node by name, defaults filled in."""
+    bound = {"p": 0.5, "training": True, "inplace": False}
+    bound.update(zip(("input", "p", "training", "inplace"), node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
 def _counter_dropouts(graph: fx.Graph, cfg: FQTConfig) -> int:
     """config.counter_dropout: ``F.dropout(x, p, training=True)`` with constant ``p`` and
     ``training`` (as dynamo writes ``nn.Dropout`` and ``F.dropout`` calls) becomes
@@ -491,9 +499,8 @@ def _counter_dropouts(graph: fx.Graph, cfg: FQTConfig) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not F.dropout:
             continue
-        bound = dict(zip(("input", "p", "training", "inplace"), node.args))
-        bound.update(node.kwargs)
-        p, training, inplace = bound.get("p", 0.5), bound.get("training", True), bound.get("inplace", False)
+        bound = dropout_arguments(node)
+        p, training, inplace = bound["p"], bound["training"], bound["inplace"]
         if not (isinstance(p, (int, float)) and 0 < p <= 1 and training is True and inplace is False):
             continue
         if cfg.for_module(module_path_of(node)).mode is Mode.OFF:
