@@ -30,7 +30,7 @@ from .config import FQTConfig, Mode
 from . import gemm as _gemm  # noqa: F401  (registers fqt::qmm, fqt::int_mm)
 from . import quantizers as Q
 from .ops import estimate_grad, grad_codes
-from .rng import new_seed
+from .rng import DROPOUT_STREAM, new_seed
 
 __all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa", "fqt_dropout"]
 
@@ -455,7 +455,7 @@ def fqt_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: b
         raise NotImplementedError("fqt_dropout: inplace dropout is left to torch")
     if not training or p == 0:
         return input
-    return torch.ops.fqt.dropout(input, new_seed(input.device), float(p))
+    return torch.ops.fqt.dropout(input, new_seed(input.device, DROPOUT_STREAM), float(p))
 
 
 def _mask_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:

@@ -29,25 +29,72 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["new_seed", "uniform_from_seed", "uniform_at", "hash32", "seed_words", "seed_words_int"]
+import contextlib
+from typing import Iterator
+
+__all__ = [
+    "new_seed",
+    "rounding_generator",
+    "ROUNDING_STREAM",
+    "DROPOUT_STREAM",
+    "uniform_from_seed",
+    "uniform_at",
+    "hash32",
+    "seed_words",
+    "seed_words_int",
+]
 
 _MULT = 0x45D9F3B
 _SEED_BOUND = 2**62
 _SEED_HI_SALT = 0x5BD1E995
 
+#: ``stream`` of a seed that stochastic rounding uses (every quantizer of a gradient, of a
+#: collective's payload).
+ROUNDING_STREAM = 0
+#: ``stream`` of a counter-based dropout's seed (``fqt::dropout``).
+DROPOUT_STREAM = 1
+
+# The generator that rounding seeds come from while :func:`rounding_generator` is active.
+_rounding_generator: torch.Generator | None = None
+
 torch.library.define(
-    "fqt::new_seed", "(Device device) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,)
+    "fqt::new_seed",
+    "(Device device, int stream=0) -> Tensor",
+    tags=(torch.Tag.nondeterministic_seeded,),
 )
 
 
 @torch.library.impl("fqt::new_seed", "CompositeExplicitAutograd")
-def _new_seed_impl(device: torch.device) -> torch.Tensor:
-    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, device=device)
+def _new_seed_impl(device: torch.device, stream: int = ROUNDING_STREAM) -> torch.Tensor:
+    gen = _rounding_generator if stream == ROUNDING_STREAM else None
+    if gen is None:
+        return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, device=device)
+    # the generator lives on the CPU: one 8-byte copy to another device
+    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, generator=gen).to(device)
 
 
 @torch.library.register_fake("fqt::new_seed")
-def _new_seed_fake(device: torch.device) -> torch.Tensor:
+def _new_seed_fake(device: torch.device, stream: int = ROUNDING_STREAM) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device=device)
+
+
+@contextlib.contextmanager
+def rounding_generator(generator: torch.Generator) -> Iterator[torch.Generator]:
+    """While active, the seeds of stochastic rounding (``stream`` 0) are drawn from
+    ``generator`` (a CPU ``torch.Generator``) instead of the global generator, in eager and in
+    compiled graphs alike (the draw is an op that runs every call). Dropout seeds and
+    everything else that is random keep drawing from the global generator, so that
+    reseeding the global generator repeats the same dropout masks while the rounding changes:
+    how :func:`fqt_compile.gradient_variance` holds the masks fixed across the passes on one
+    batch. Not thread-safe (one process-wide setting); nests."""
+    global _rounding_generator
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"rounding_generator: expected a CPU torch.Generator, got {generator!r}")
+    before, _rounding_generator = _rounding_generator, generator
+    try:
+        yield generator
+    finally:
+        _rounding_generator = before
 
 
 def _exempt_from_aot_cse() -> bool:
@@ -126,14 +173,20 @@ def seed_words_int(seed: int) -> tuple[int, int]:
     return _hash32_int(seed), _hash32_int((seed >> 32) ^ _SEED_HI_SALT)
 
 
-def new_seed(device: torch.device | str | None = None) -> torch.Tensor:
-    """A fresh seed: a 0-d int64 tensor drawn from the global generator (``fqt::new_seed``).
+def new_seed(device: torch.device | str | None = None, stream: int = ROUNDING_STREAM) -> torch.Tensor:
+    """A fresh seed: a 0-d int64 tensor drawn from the global generator (``fqt::new_seed``;
+    rounding seeds, ``stream`` 0, from :func:`rounding_generator`'s while one is active).
 
     Drawing it in an op (and not in Python) matters inside compiled graphs: the draw becomes a
     graph node that runs every step instead of a constant baked in at trace time, which would
     repeat the same rounding every step.
     """
-    return torch.ops.fqt.new_seed(torch.device("cpu") if device is None else torch.device(device))
+    if stream not in (ROUNDING_STREAM, DROPOUT_STREAM):
+        raise ValueError(f"new_seed: stream must be {ROUNDING_STREAM} (rounding) or {DROPOUT_STREAM} (dropout), got {stream!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if stream == ROUNDING_STREAM:
+        return torch.ops.fqt.new_seed(device)
+    return torch.ops.fqt.new_seed(device, stream)
 
 
 def uniform_from_seed(

@@ -300,44 +300,31 @@ class _Reference:
     layers: dict[str, slice]
 
 
-def _training_dropouts(model: nn.Module) -> int:
-    """Dropout calls with p > 0 in training mode in the torch-level graphs compiled for
-    ``model`` (F.dropout, the counter-based fqt_dropout, quantized attention's dropout_p)."""
-    import torch.nn.functional as F
-
-    from .functional import fqt_dropout, fqt_sdpa
-    from .frontend import records
-    from .passes.insert_qdq import dropout_arguments
-
-    n = 0
-    for rec in records(model):
-        for node in rec.torch_graph.graph.nodes:
-            if node.op != "call_function":
-                continue
-            if node.target is fqt_dropout:
-                n += 1
-            elif node.target is F.dropout:
-                bound = dropout_arguments(node)
-                n += bound["training"] is not False and bound["p"] != 0
-            elif node.target is fqt_sdpa:
-                p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-                n += not (isinstance(p, (int, float)) and p == 0)
-    return n
+def _mask_seed(seed: int, batch: int) -> int:
+    """The global generator's seed for every pass on batch ``batch``: dropout masks (torch's
+    and the counter-based ones) are a function of it, the same in the QAT pass and the FQT
+    samples of that batch."""
+    return (seed * _SEED_STRIDE + batch * 7919 + 104729) % (2**63)
 
 
-def _reference(model, cfg, loss_fn, batches, progress) -> _Reference:
+def _pass_on(batch_index: int, seed: int, model, params, loss_fn, batch, rounding_seed: int | None = None):
+    """One forward-backward on a batch with its dropout masks fixed (:func:`_mask_seed`); the
+    stochastic rounding draws from a generator of its own (``rounding_seed``)."""
+    from .rng import rounding_generator
+
+    torch.manual_seed(_mask_seed(seed, batch_index))
+    gen = torch.Generator().manual_seed(seed if rounding_seed is None else rounding_seed)
+    with rounding_generator(gen):
+        return _flat_grad(model, params, loss_fn, batch)
+
+
+def _reference(model, cfg, loss_fn, batches, seed, progress) -> _Reference:
     qat = _compiled_copy(model, _qat_of(cfg))
     params, layers = _layer_slices(qat)
     grads = []
     for i, b in enumerate(batches):
-        grads.append(_flat_grad(qat, params, loss_fn, b))
+        grads.append(_pass_on(i, seed, qat, params, loss_fn, b))
         progress(1)
-        if i == 0 and (n := _training_dropouts(qat)):
-            log.warning(
-                "gradient_variance: the model drops out in training mode (%d dropout calls): every pass "
-                "draws other dropout masks, so the 'quantization' variance includes dropout noise and the "
-                "bias check compares gradients of different masks; measure with dropout p = 0", n,
-            )
     g = torch.stack(grads)
     sampling = g.var(dim=0, correction=1) if len(grads) > 1 else torch.zeros_like(grads[0])
     return _Reference(grads, sampling, params, layers)
@@ -357,8 +344,7 @@ def _measure(model, cfg, loss_fn, batches, ref: _Reference, samples: int, seed: 
         s1 = torch.zeros(n_p, dtype=torch.float64)
         s2 = torch.zeros(n_p, dtype=torch.float64)
         for k in range(1, samples + 1):
-            torch.manual_seed(seed * _SEED_STRIDE + bi * 7919 + k)
-            e = _flat_grad(fqt, params, loss_fn, batch) - g_qat
+            e = _pass_on(bi, seed, fqt, params, loss_fn, batch, seed * _SEED_STRIDE + bi * 7919 + k) - g_qat
             s1 += e
             s2 += e * e
             progress(1)
@@ -458,9 +444,14 @@ def gradient_variance(
       gradients and the QAT gradient, its standard error if FQT is unbiased, and whether the
       first is within :data:`BIAS_TOLERANCE` of the second.
 
-    Measure with dropout off: dropout in training mode draws other masks in every pass (its
-    noise would count as quantization variance, and the bias check would compare gradients of
-    different masks); the tool logs a warning when the compiled graphs drop out.
+    Dropout in training mode: every pass on one batch (the QAT reference and the FQT samples)
+    draws the same dropout masks, so dropout's noise counts as sampling variance (it changes
+    from batch to batch) and not as quantization variance, and the bias check compares
+    gradients of the same masks. The global generator is reseeded per batch for that, and the
+    stochastic rounding draws its seeds from a generator of its own
+    (:func:`fqt_compile.rng.rounding_generator`). Holds for torch's dropout and for the
+    counter-based one, as long as the QAT and the FQT graph draw the same random numbers in
+    the same order apart from the rounding seeds (they come from the same traced model).
 
     Cost: ``batches * (1 + samples)`` forward-backward passes plus two compilations.
     Reproducible: the draws are reseeded from ``seed`` (the global torch generator is changed).
@@ -472,7 +463,7 @@ def gradient_variance(
         raise ValueError("gradient_variance: config mode 'off' has no quantizers; use mode 'fqt' or 'qat'")
     batch_list = _prepare_batches(model, data, batches)
     count = _Counter(len(batch_list) * (1 + samples), progress)
-    ref = _reference(model, cfg, loss_fn, batch_list, count)
+    ref = _reference(model, cfg, loss_fn, batch_list, seed, count)
     return _measure(model, cfg, loss_fn, batch_list, ref, samples, seed, count)
 
 
@@ -517,7 +508,7 @@ def variance_vs_bits(
     configs = {(k, b): _sweep_config(base_cfg, k, b, grad_weight) for k in kinds for b in bits}
     batch_list = _prepare_batches(model, data, batches)
     count = _Counter(len(batch_list) * (1 + samples * len(configs)), progress)
-    ref = _reference(model, base_cfg, loss_fn, batch_list, count)
+    ref = _reference(model, base_cfg, loss_fn, batch_list, seed, count)
     sweep = BitsSweep(kinds, tuple(bits))
     for key, cfg in configs.items():
         sweep.reports[key] = _measure(model, cfg, loss_fn, batch_list, ref, samples, seed, count)

@@ -156,6 +156,41 @@ def test_new_seed_draws_from_the_global_generator():
     assert a == b and len(set(a)) == 4
 
 
+def test_rounding_generator_redirects_rounding_seeds_only():
+    """Inside rounding_generator(g), rounding seeds (stream 0) come from g, dropout seeds
+    (stream 1) from the global generator, eager and in a compiled graph (the draw is an op that
+    runs every call); outside, both from the global generator. Bad arguments are refused."""
+    from fqt_compile.rng import DROPOUT_STREAM, rounding_generator
+
+    def draws():
+        return [int(new_seed()), int(new_seed(stream=DROPOUT_STREAM))]
+
+    def graph_draws(x):
+        return x + new_seed(), x + new_seed(stream=DROPOUT_STREAM)
+
+    compiled = torch.compile(graph_draws, backend="aot_eager", fullgraph=True)
+    zero = torch.zeros((), dtype=torch.int64)
+    runs = []
+    for rounding_seed in (1, 2):
+        torch.manual_seed(7)
+        with rounding_generator(torch.Generator().manual_seed(rounding_seed)):
+            runs.append(draws() + [int(t) for t in compiled(zero)])
+    assert runs[0][1] == runs[1][1] and runs[0][3] == runs[1][3]  # dropout: global generator
+    assert runs[0][0] != runs[1][0] and runs[0][2] != runs[1][2]  # rounding: the given one
+    torch.manual_seed(7)
+    with rounding_generator(torch.Generator().manual_seed(1)):
+        assert draws() + [int(t) for t in compiled(zero)] == runs[0]  # reproducible
+    torch.manual_seed(7)
+    a = draws()
+    torch.manual_seed(7)
+    assert a[0] == int(new_seed())  # outside: the global generator again
+    with pytest.raises(TypeError, match="CPU torch.Generator"):
+        with rounding_generator(7):
+            pass
+    with pytest.raises(ValueError, match="stream"):
+        new_seed(stream=2)
+
+
 def test_compiled_generator_matches_eager():
     # One inductor compile (CPU): the hash is int32 elementwise code (wrapping multiplies,
     # masked shifts) that must give the same bits in generated C++ as in eager, for low and
