@@ -23,6 +23,8 @@ every call (``fqt_compile.rng.new_seed``) instead of baking a constant in.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -297,6 +299,21 @@ def dropout_keep(seed: Tensor, shape: torch.Size | tuple[int, ...], p: float, dt
     where the counter-based draw ``u_i`` (:func:`fqt_compile.rng.uniform_from_seed`) is at
     least ``p``, so with probability ``1 - p`` up to the draws' 2**-24 resolution."""
     return (uniform_from_seed(seed, shape) >= p).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def keep_threshold(p: float) -> int:
+    """The least 24-bit integer ``k`` whose draw ``k * 2**-24`` :func:`dropout_keep` keeps
+    (``>= p`` as torch compares a float32 tensor with ``p``): the C kernels that drop out on the
+    way compare the draw's integer with it. ``2**24`` keeps nothing."""
+    lo, hi = 0, 2**24
+    while lo < hi:  # the comparison is monotone in k
+        mid = (lo + hi) // 2
+        if bool((torch.tensor([mid * 2.0**-24], dtype=torch.float32) >= p)[0]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @torch.library.custom_op(f"{_LIB}::dropout", mutates_args=())

@@ -68,9 +68,12 @@ _SOURCE = sr_fused.COMMON_C + r"""
 // row of x is computed in cache from the int32 product acc and its epilogue (epilogue_row: M
 // rows per batch, nt terms er/ec), times c, plus row (i mod Lq) of the (Lq, L) additive mask
 // (NULL: none): the attention scores' scale and causal mask
+// Where drop is not 0, rmin/rmax are the ranges of ops.dropout(p) (drop16/keep16 with the seed
+// words dslo/dshi at p's flat index), which the forward quantizer rounds, and p is written undropped
 void fqt_softmax_rows(const float* x, const int32_t* acc, int64_t M, int nt, const float* const* er,
                       const float* const* ec, float c, const float* mask, int64_t Lq, float* p, float* rmin,
-                      float* rmax, int64_t rows, int64_t L, int nthreads) {
+                      float* rmax, int64_t rows, int64_t L, int drop, uint32_t dslo, uint32_t dshi, uint32_t kmin,
+                      float inv, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < rows; i++) {
         const float* xr = x + i * L;
@@ -110,6 +113,7 @@ void fqt_softmax_rows(const float* x, const int32_t* acc, int64_t M, int nt, con
             __mmask16 m = tail_mask(L - j);
             __m512 q = _mm512_div_ps(load16(m, pr + j), vs);
             store16(pr + j, m, q);
+            if (drop) q = drop16(q, keep16(i * L + j, dslo, dshi, kmin), _mm512_set1_ps(inv));
             lo = _mm512_mask_min_ps(lo, m, lo, q);
             hi = _mm512_mask_max_ps(hi, m, hi, q);
         }
@@ -130,12 +134,14 @@ void fqt_softmax_rows(const float* x, const int32_t* acc, int64_t M, int nt, con
 // product acc and its epilogue (epilogue_row: M rows per batch, nt terms er/ec); rmin/rmax:
 // each row's range of ds (NaN for a row holding a NaN); cmin/cmax: one (D) row per thread of
 // column ranges, which the caller reduces (NULL: not needed); and the nr stochastic roundings
-// with a row range, while the row is in cache (div as _safe_scale)
+// with a row range, while the row is in cache (div as _safe_scale). Where drop is not 0, g is
+// first ops.dropout(g) (drop16/keep16 with the seed words dslo/dshi at the flat index): the
+// gradient of the forward's dropout of p
 void fqt_softmax_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt, const float* const* er,
                           const float* const* ec, const float* p, float* ds, float* rmin, float* rmax, float* cmin,
                           float* cmax, int64_t rows, int64_t D, float c, int nr, const int* levels,
                           const int* half, const uint32_t* slo, const uint32_t* shi, int8_t* const* codes,
-                          int nthreads) {
+                          int drop, uint32_t dslo, uint32_t dshi, uint32_t kmin, float inv, int nthreads) {
     #pragma omp parallel num_threads(nthreads)
     {
         float* tmin = cmin ? cmin + (int64_t)omp_get_thread_num() * D : 0;
@@ -153,7 +159,9 @@ void fqt_softmax_bwd_rows(const float* g, const int32_t* acc, int64_t M, int nt,
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < D; j += 16) {
                 __mmask16 m = tail_mask(D - j);
-                __m512 gp = _mm512_mul_ps(load16(m, gr + j), load16(m, pr + j));
+                __m512 gv = load16(m, gr + j);
+                if (drop) gv = drop16(gv, keep16(i * D + j, dslo, dshi, kmin), _mm512_set1_ps(inv));
+                __m512 gp = _mm512_mul_ps(gv, load16(m, pr + j));
                 store16(dr + j, m, gp);
                 sum = _mm512_add_ps(sum, gp);
             }
@@ -181,11 +189,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib is None:
         return None, why
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    drop = [ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, f32]  # sr_fused.Dropout.args
     lib.fqt_softmax_rows.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, ptr, f32, ptr, i64, ptr, ptr, ptr, i64, i64,
-                                     ctypes.c_int]
+                                     *drop, ctypes.c_int]
     lib.fqt_softmax_rows.restype = None
     lib.fqt_softmax_bwd_rows.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, ptr] + [ptr] * 6 + [
-        i64, i64, f32, ctypes.c_int] + [ptr] * 5 + [ctypes.c_int]
+        i64, i64, f32, ctypes.c_int] + [ptr] * 5 + [*drop, ctypes.c_int]
     lib.fqt_softmax_bwd_rows.restype = None
     sr_fused.bind_pass2(lib)
     return lib, "in use (AVX-512)"
@@ -204,8 +213,21 @@ def status() -> str:
 _OP_FWD = "fqt::softmax_quantize"
 
 
+def _check_dropout(op: str, seed: Tensor | None, p: float, numel: int) -> None:
+    if seed is None:
+        return
+    torch._check(seed.dim() == 0 and seed.dtype == torch.int64, lambda: f"{op}: the dropout seed must be a 0-d int64 tensor")
+    torch._check(0.0 < p < 1.0, lambda: f"{op}: dropout_p must lie in (0, 1) with a seed, got {p}")
+    torch._check(numel < 2**31, lambda: f"{op}: dropout on below 2**31 elements only")
+
+
+def _dropped(t: Tensor, seed: Tensor | None, p: float) -> Tensor:
+    return t if seed is None else torch.ops.fqt.dropout(t, seed, p)
+
+
 def _check(x: Tensor, bits: int, scheme: str, scale: float, mask: Tensor | None, rows: list[Tensor],
-           cols: list[Tensor]) -> None:
+           cols: list[Tensor], seed: Tensor | None, p: float) -> None:
+    _check_dropout(_OP_FWD, seed, p, x.numel())
     Q.check_bits(bits)
     torch._check(scheme in Q.FORWARD_SCHEMES, lambda: f"{_OP_FWD}: scheme must be one of {Q.FORWARD_SCHEMES}")
     torch._check(x.dim() >= 1, lambda: f"{_OP_FWD}: input must have at least one dimension")
@@ -225,7 +247,7 @@ def _check(x: Tensor, bits: int, scheme: str, scale: float, mask: Tensor | None,
 @torch.library.custom_op("fqt::softmax_quantize", mutates_args=())
 def softmax_quantize(
     x: Tensor, bits: int, scheme: str, scale: float, mask: Optional[Tensor], epi_rows: List[Tensor],
-    epi_cols: List[Tensor],
+    epi_cols: List[Tensor], dropout_seed: Optional[Tensor] = None, dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``P = softmax(s, -1)`` and ``fqt::quantize(P, bits, scheme, "tensor")``: returns ``(P,
     codes, scale, offset)`` (P and codes of ``x``'s shape, scale and offset 0-d).
@@ -234,8 +256,12 @@ def softmax_quantize(
     int32 product of a lowered GEMM with its epilogue terms (as in
     ``fqt::softmax_backward_sr_quantize``), ``s = epilogue(x) * scale + mask``, ``mask``
     (optional) broadcasting to the last two dimensions: the attention scores, their scale and
-    additive (causal) mask."""
-    _check(x, bits, scheme, scale, mask, epi_rows, epi_cols)
+    additive (causal) mask.
+
+    With ``dropout_seed`` (and ``0 < dropout_p < 1``) the codes are those of
+    ``fqt::dropout(P, dropout_seed, dropout_p)`` (quantized attention's dropout, its mask drawn
+    in the kernel's passes), while the returned ``P`` is softmax's (its backward reads it)."""
+    _check(x, bits, scheme, scale, mask, epi_rows, epi_cols, dropout_seed, dropout_p)
     lib = _load()[0]
     if lib is None or x.device.type != "cpu" or x.numel() == 0:
         s = sr_fused.epilogue_reference(x, epi_rows, epi_cols).reshape(x.shape)
@@ -244,7 +270,7 @@ def softmax_quantize(
             if mask is not None:
                 s = s + mask
         p = torch.softmax(s, -1)
-        q = Q.quantize_forward(p, bits, scheme, "tensor", name="softmax output")
+        q = Q.quantize_forward(_dropped(p, dropout_seed, dropout_p), bits, scheme, "tensor", name="softmax output")
         return p, q.codes, q.scale.reshape(()), q.offset.reshape(())
     L = x.shape[-1]
     rows = x.numel() // L
@@ -255,15 +281,16 @@ def softmax_quantize(
     p = torch.empty(x.shape)
     rmin, rmax = torch.empty(rows), torch.empty(rows)
     threads = torch.get_num_threads()
+    drop = sr_fused.Dropout(dropout_seed, dropout_p)
     lib.fqt_softmax_rows(sr_fused.ptr_or_none(xc), *epi.args(), float(scale), sr_fused.ptr_or_none(mc), lq,
-                         p.data_ptr(), rmin.data_ptr(), rmax.data_ptr(), rows, L, threads)
-    codes, qscale, offset = sr_fused.forward_quantize(lib, p, rmin, rmax, bits, scheme, "softmax output", threads)
+                         p.data_ptr(), rmin.data_ptr(), rmax.data_ptr(), rows, L, *drop.args, threads)
+    codes, qscale, offset = sr_fused.forward_quantize(lib, p, rmin, rmax, bits, scheme, "softmax output", threads, drop)
     return p, codes, qscale, offset
 
 
 @softmax_quantize.register_fake
-def _(x, bits, scheme, scale, mask, epi_rows, epi_cols):
-    _check(x, bits, scheme, scale, mask, epi_rows, epi_cols)
+def _(x, bits, scheme, scale, mask, epi_rows, epi_cols, dropout_seed=None, dropout_p=0.0):
+    _check(x, bits, scheme, scale, mask, epi_rows, epi_cols, dropout_seed, dropout_p)
     return (x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=torch.int8),
             x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
 
@@ -287,7 +314,7 @@ def _check_bwd(g: Tensor, p: Tensor, bits: list[int], grans: list[str], seeds: l
 @torch.library.custom_op("fqt::softmax_backward_sr_quantize", mutates_args=())
 def softmax_backward_sr_quantize(
     g: Tensor, p: Tensor, scale: float, seeds: List[Tensor], bits: List[int], granularities: str,
-    epi_rows: List[Tensor], epi_cols: List[Tensor],
+    epi_rows: List[Tensor], epi_cols: List[Tensor], dropout_seed: Optional[Tensor] = None, dropout_p: float = 0.0,
 ) -> List[Tensor]:
     """``ds = softmax_backward(g, p) * scale`` (softmax over the last dimension, ``p`` its
     output) viewed as ``(N, D)`` with ``D`` the last dimension, and ``fqt::sr_quantize(ds,
@@ -297,14 +324,19 @@ def softmax_backward_sr_quantize(
     ``g`` is float32 of ``p``'s shape (``epi_rows``/``epi_cols`` empty), or a lowered GEMM's
     int32 product ((B, M, N) or (M, N), ``p``'s elements) with the terms of its epilogue:
     ``g = acc * epi_rows[0] * epi_cols[0] + sum_t epi_rows[t] * epi_cols[t]``
-    (``sr_fused.check_epilogue`` gives the shapes)."""
+    (``sr_fused.check_epilogue`` gives the shapes).
+
+    With ``dropout_seed`` (and ``0 < dropout_p < 1``), ``g`` is first
+    ``fqt::dropout(g, dropout_seed, dropout_p)``: the gradient through the forward's dropout of
+    ``p`` (:func:`softmax_quantize`'s), its mask drawn again in the kernel's pass."""
     grans = granularities.split(",")
     _check_bwd(g, p, bits, grans, seeds, epi_rows, epi_cols)
+    _check_dropout(_OP, dropout_seed, dropout_p, p.numel())
     d = p.shape[-1]
     n = p.numel() // d
     lib = _load()[0]
     if lib is None or p.device.type != "cpu" or p.numel() == 0:
-        gf = sr_fused.epilogue_reference(g, epi_rows, epi_cols).reshape(p.shape)
+        gf = _dropped(sr_fused.epilogue_reference(g, epi_rows, epi_cols).reshape(p.shape), dropout_seed, dropout_p)
         gp = gf * p
         ds = ((gp - p * gp.sum(-1, keepdim=True)) * scale).reshape(n, d)
         return [ds, *sr_fused.reference_quantize(ds, seeds, bits, grans)]
@@ -318,15 +350,17 @@ def softmax_backward_sr_quantize(
     cmin, cmax = qs.column_buffers(threads)
     lib.fqt_softmax_bwd_rows(
         sr_fused.ptr_or_none(gc), *epi.args(), p.data_ptr(), ds.data_ptr(), rmin.data_ptr(), rmax.data_ptr(),
-        sr_fused.ptr_or_none(cmin), sr_fused.ptr_or_none(cmax), n, d, float(scale), *qs.pass1_args(), threads,
+        sr_fused.ptr_or_none(cmin), sr_fused.ptr_or_none(cmax), n, d, float(scale), *qs.pass1_args(),
+        *sr_fused.Dropout(dropout_seed, dropout_p).args, threads,
     )
     return [ds, *sr_fused.finish(lib, ds, qs, rmin, rmax, cmin, cmax, threads)]
 
 
 @softmax_backward_sr_quantize.register_fake
-def _(g, p, scale, seeds, bits, granularities, epi_rows, epi_cols):
+def _(g, p, scale, seeds, bits, granularities, epi_rows, epi_cols, dropout_seed=None, dropout_p=0.0):
     grans = granularities.split(",")
     _check_bwd(g, p, bits, grans, seeds, epi_rows, epi_cols)
+    _check_dropout(_OP, dropout_seed, dropout_p, p.numel())
     d = p.shape[-1]
     n = p.numel() // d
     return [p.new_empty((n, d)), *sr_fused.fake_outputs(p, n, d, grans)]

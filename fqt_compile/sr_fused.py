@@ -35,7 +35,7 @@ from .rng import seed_words_int
 
 __all__ = ["COMMON_C", "GRANS", "MAX_QUANTIZERS", "check_quantizers", "check_epilogue", "epilogue_reference",
            "Epilogue", "Quantizers", "finish", "reference_quantize", "fake_outputs", "bind_pass2", "range_shape",
-           "MAX_EPILOGUE_TERMS", "ptr_or_none", "forward_quantize"]
+           "MAX_EPILOGUE_TERMS", "ptr_or_none", "forward_quantize", "Dropout", "NO_DROPOUT"]
 
 #: most stochastic quantizers one call of a fused kernel applies
 MAX_QUANTIZERS = 4
@@ -105,6 +105,22 @@ static inline __m512i hash32x16(__m512i x) {
     x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
     x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(x, 16), x), mult);
     return _mm512_xor_si512(_mm512_srli_epi32(x, 16), x);
+}
+
+// ops.dropout_keep at the 16 flat indices base .. base + 15 (below 2**31): an element is kept
+// where its draw (rng.uniform_at: h >> 8, times 2**-24) is at least p, i.e. where the 24-bit
+// integer is at least kmin (ops.keep_threshold(p), the least one the float comparison keeps)
+static inline __mmask16 keep16(int64_t base, uint32_t slo, uint32_t shi, uint32_t kmin) {
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), iota);
+    __m512i h = hash32x16(_mm512_xor_si512(hash32x16(_mm512_xor_si512(idx, _mm512_set1_epi32((int)slo))),
+                                           _mm512_set1_epi32((int)shi)));
+    return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 8), _mm512_set1_epi32((int)kmin));
+}
+
+// ops.dropout's arithmetic on 16 lanes: x * keep * inv, keep 0.0 or 1.0 (so a NaN stays NaN)
+static inline __m512 drop16(__m512 x, __mmask16 keep, __m512 inv) {
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_mask_blend_ps(keep, _mm512_setzero_ps(), _mm512_set1_ps(1.0f))), inv);
 }
 
 // one row i of a stochastic rounding (quantizers.stochastic_quantize): codes = clamp(floor((x - lo)
@@ -182,9 +198,11 @@ static inline void finish_row(const float* dr, int64_t i, int64_t D, __m512 lo, 
 }
 
 // a forward quantizer's rounding (quantizers.quantize_forward with its scalars from
-// quantizers.forward_params): codes = clamp(round((p - shift) / div) + zero, cmin, cmax) - bias, round half to even
+// quantizers.forward_params): codes = clamp(round((p - shift) / div) + zero, cmin, cmax) - bias, round half to even;
+// where drop is not 0, of ops.dropout(p) (drop16 with the seed words dslo/dshi, keep16 at p's flat index) instead
 void fqt_quantize_affine(const float* p, int8_t* codes, int64_t n, float shift, float div, float zero,
-                         float cmin, float cmax, float bias, int nthreads) {
+                         float cmin, float cmax, float bias, int drop, uint32_t dslo, uint32_t dshi, uint32_t kmin,
+                         float inv, int nthreads) {
     const int64_t chunk = 1 << 14;
     int64_t nchunks = (n + chunk - 1) / chunk;
     __m512 vshift = _mm512_set1_ps(shift), vdiv = _mm512_set1_ps(div), vzero = _mm512_set1_ps(zero);
@@ -194,7 +212,9 @@ void fqt_quantize_affine(const float* p, int8_t* codes, int64_t n, float shift, 
         int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
         for (int64_t j = c * chunk; j < end; j += 16) {
             __mmask16 m = tail_mask(end - j);
-            __m512 v = _mm512_div_ps(_mm512_sub_ps(load16(m, p + j), vshift), vdiv);
+            __m512 x = load16(m, p + j);
+            if (drop) x = drop16(x, keep16(j, dslo, dshi, kmin), _mm512_set1_ps(inv));
+            __m512 v = _mm512_div_ps(_mm512_sub_ps(x, vshift), vdiv);
             v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzero);
             v = _mm512_sub_ps(_mm512_min_ps(_mm512_max_ps(v, vlo), vhi), vbias);
             store16_i8(codes + j, m, _mm512_cvtps_epi32(v));
@@ -221,8 +241,9 @@ void fqt_sr_quantize_rows(const float* x, int64_t rows, int64_t D, int nq, const
 def bind_pass2(lib: ctypes.CDLL) -> None:
     """Declare the argument types of :data:`COMMON_C`'s exported pass-2 functions."""
     f32 = ctypes.c_float
+    u32 = ctypes.c_uint32
     lib.fqt_quantize_affine.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, f32, f32, f32, f32, f32, f32,
-                                        ctypes.c_int]
+                                        ctypes.c_int, u32, u32, u32, f32, ctypes.c_int]
     lib.fqt_quantize_affine.restype = None
     lib.fqt_sr_quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [
         ctypes.c_void_p] * 8 + [ctypes.c_int]
@@ -375,17 +396,34 @@ def finish(lib: ctypes.CDLL, ds: Tensor, qs: Quantizers, rmin: Tensor, rmax: Ten
     return out
 
 
+class Dropout:
+    """The C kernels' arguments for ``fqt::dropout(x, seed, p)`` applied on the way (``drop,
+    seed words, kmin, inv``; ``drop`` 0 and the rest unused where ``seed`` is None)."""
+
+    def __init__(self, seed: Tensor | None, p: float) -> None:
+        from .ops import keep_threshold
+
+        if seed is None:
+            self.args = (0, 0, 0, 0, 1.0)
+        else:
+            slo, shi = seed_words_int(int(seed))
+            self.args = (1, slo, shi, keep_threshold(p), 1.0 / (1.0 - p))
+
+
+NO_DROPOUT = Dropout(None, 0.0)
+
+
 def forward_quantize(lib: ctypes.CDLL, y: Tensor, rmin: Tensor, rmax: Tensor, bits: int, scheme: str, name: str,
-                     threads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A per-tensor forward quantizer of ``y`` from its row ranges (pass 1's): the range and
-    scalars of :func:`fqt_compile.quantizers.quantize_forward`, then the rounding in C; returns
-    ``(codes, scale, offset)`` (0-d scale and offset)."""
+                     threads: int, dropout: Dropout = NO_DROPOUT) -> tuple[Tensor, Tensor, Tensor]:
+    """A per-tensor forward quantizer of ``y`` (of ``fqt::dropout(y)`` with ``dropout``) from its
+    row ranges (pass 1's): the range and scalars of :func:`fqt_compile.quantizers.quantize_forward`,
+    then the rounding in C; returns ``(codes, scale, offset)`` (0-d scale and offset)."""
     lo, hi = rmin.amin(), rmax.amax()
     Q._check_finite_range(lo, hi, name)
     prm = Q.forward_params(lo, hi, bits, scheme)
     codes = torch.empty_like(y, dtype=torch.int8)
     lib.fqt_quantize_affine(y.data_ptr(), codes.data_ptr(), y.numel(), float(prm.shift), float(prm.div),
-                            float(prm.zero), float(prm.cmin), float(prm.cmax), float(prm.bias), threads)
+                            float(prm.zero), float(prm.cmin), float(prm.cmax), float(prm.bias), *dropout.args, threads)
     return codes, prm.scale, prm.offset
 
 

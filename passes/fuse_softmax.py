@@ -114,6 +114,34 @@ def _softmax_backward_args(sb: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return (g, p) if isinstance(g, fx.Node) else None
 
 
+def _dropout_args(a: fx.Node) -> tuple[fx.Node, float] | None:
+    """``(seed, p)`` if ``a`` is ``fqt::dropout(p_node, seed, p)`` with ``0 < p < 1`` read by one
+    node (the quantizer it feeds, or softmax's backward), else None."""
+    if not call(a, torch.ops.fqt.dropout.default) or len(a.users) != 1:
+        return None
+    seed, p = a.args[1], a.args[2]
+    if not (isinstance(seed, fx.Node) and isinstance(p, (int, float)) and 0.0 < p < 1.0):
+        return None
+    return seed, float(p)
+
+
+def _seed_before(graph: fx.Graph, seed: fx.Node, p: fx.Node) -> bool:
+    """Make the dropout's ``seed`` available where the fused op goes (before softmax's ``p``):
+    True if it already is, or if it is a draw that moves up there without changing the order
+    of the graph's draws (no other random op in between; it reads no node)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if order[seed] < order[p]:
+        return True
+    if not call(seed, torch.ops.fqt.new_seed.default) or seed.all_input_nodes:
+        return False
+    between = [n for n in graph.nodes if order[p] <= order[n] < order[seed]]
+    if any(n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
+           for n in between):
+        return False
+    p.prepend(seed)
+    return True
+
+
 def _quantizer_args(qs: list[fx.Node]) -> tuple[list[Any], list[int], str]:
     """The fused ops' (seeds, bits, granularities) arguments for the quantizers ``qs``."""
     return [q.args[1] for q in qs], [q.args[2] for q in qs], ",".join(q.args[3] for q in qs)
@@ -139,6 +167,11 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
     if gp is None:
         return False
     g, p = gp
+    drop = _dropout_args(g)
+    if drop is not None:  # the gradient through the forward's dropout of p: dropped in the kernel
+        g = g.args[0]
+        if not isinstance(g, fx.Node):
+            return False
     if not cpu_float32((g, p, sb)):
         return False
     vals = [n.meta["val"] for n in (g, p, sb)]
@@ -151,7 +184,7 @@ def _fuse_backward(graph: fx.Graph, x2: fx.Node) -> bool:
 
     def make_args(qs: list[fx.Node]) -> tuple[Any, ...]:
         rows, cols = emit_terms(graph, ep, detect_fake_mode(vals)) if ep is not None else ([], [])
-        return (ep.acc if ep is not None else g, p, scale, *_quantizer_args(qs), rows, cols)
+        return (ep.acc if ep is not None else g, p, scale, *_quantizer_args(qs), rows, cols, *(drop or ()))
 
     outs = replace_with_fused(graph, x2, qs, torch.ops.fqt.softmax_backward_sr_quantize.default, make_args, [xv])
     if outs is None:
@@ -214,7 +247,7 @@ def _absorb_scores(graph: fx.Graph, node: fx.Node, outs: list[fx.Node], x: fx.No
     with graph.inserting_before(node):
         rows, cols = emit_terms(graph, ep, detect_fake_mode([x.meta["val"]]))
     old_vals = [outs[0].meta["val"], outs[1].meta["val"]]
-    node.args = (ep.acc, node.args[1], node.args[2], scale, mask, rows, cols)
+    node.args = (ep.acc, node.args[1], node.args[2], scale, mask, rows, cols, *node.args[7:])
     node.meta["val"] = (*new_vals, *node.meta["val"][2:])
     outs[0].meta["val"], outs[1].meta["val"] = new_vals
     view_outputs(graph, outs[:2], old_vals)
@@ -249,7 +282,11 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
     for q in list(graph.nodes):
         if not call(q, torch.ops.fqt.quantize.default) or q.args[3] != "tensor":
             continue
-        p = q.args[0]
+        p, drop = q.args[0], None
+        if isinstance(p, fx.Node) and (drop := _dropout_args(p)) is not None:
+            p = p.args[0]
+            if not (isinstance(p, fx.Node) and _seed_before(graph, drop[0], p)):
+                continue
         x = _softmax_input(p) if isinstance(p, fx.Node) else None
         xv = x.meta.get("val") if x is not None else None
         if not (isinstance(xv, torch.Tensor) and xv.dtype == torch.float32 and xv.device.type == "cpu"):
@@ -258,16 +295,20 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
             continue
         bits, scheme = q.args[1], q.args[2]
         with graph.inserting_before(p):
-            node = graph.call_function(torch.ops.fqt.softmax_quantize.default, (x, bits, scheme, 1.0, None, [], []))
+            node = graph.call_function(torch.ops.fqt.softmax_quantize.default,
+                                       (x, bits, scheme, 1.0, None, [], [], *(drop or ())))
             outs = [graph.call_function(operator.getitem, (node, i)) for i in range(4)]
         node.meta["val"] = (p.meta["val"], q.meta["val"][0], q.meta["val"][1], q.meta["val"][2])
         for i, o in enumerate(outs):
             o.meta["val"] = node.meta["val"][i]
-        p.replace_all_uses_with(outs[0])
+        dropped = q.args[0]
         for u in list(q.users):
             u.replace_all_uses_with(outs[1 + u.args[1]])
             graph.erase_node(u)
         graph.erase_node(q)
+        if drop is not None:
+            graph.erase_node(dropped)
+        p.replace_all_uses_with(outs[0])
         erase_dead(p, stop=x)
         _absorb_scores(graph, node, outs, x)
         fused += 1

@@ -62,9 +62,9 @@ def test_softmax_backward_patterns(decompose, dim, expected):
     assert (_softmax_backward_args(_output(gm)) == (ph[0], ph[1])) is expected, gm.code
 
 
-def _block_grads(compiler, seed=0, **cfg):
+def _block_grads(compiler, seed=0, dropout=0.0, **cfg):
     torch.manual_seed(seed)
-    m = TransformerBlock(32, 4)
+    m = TransformerBlock(32, 4, dropout=dropout)
     x = torch.randn(2, 64, 32)
     # fuse_quantizers off: the fuse_softmax=False graphs compared against keep their stochastic
     # quantizers as fqt::sr_quantize nodes (tests/test_fuse_quantizers.py)
@@ -168,6 +168,34 @@ def test_recompute_policy_is_fused_forward_recompute_and_backward():
     assert torch.equal(y_d, y_r)
     for n in g_d:
         assert torch.equal(g_d[n], g_r[n]), n
+
+
+@needs_kernel
+def test_attention_dropout_is_drawn_inside_both_kernels():
+    """Attention dropout (fqt::dropout on P, and on dP in the backward) goes into the fused ops:
+    the forward kernel quantizes dropout(P) and returns P for the backward, the backward kernel
+    drops dP out before softmax's backward; no fqt::dropout node is left, and the seed the
+    forward draws is the one the backward reads. The step equals the unfused graphs' to the
+    tolerance above (same seeds, drawn in the same order), and sdpa="recompute" recomputes the
+    same mask: output and gradients bit for bit the fused decompose policy's."""
+    drop = torch.ops.fqt.dropout.default
+    y_u, g_u, rec_u = _block_grads("eager", dropout=0.2, fuse_softmax=False)
+    y_f, g_f, rec = _block_grads("eager", dropout=0.2)
+    assert _count(rec_u.forward, drop) == 1 and _count(rec_u.backward, drop) == 1
+    assert _count(rec.forward, drop) == 0 and _count(rec.backward, drop) == 0
+    (fwd,) = [n for n in rec.forward.graph.nodes if n.target is FWD]
+    (bwd,) = [n for n in rec.backward.graph.nodes if n.target is BWD]
+    seed = fwd.args[7]
+    assert seed.target is torch.ops.fqt.new_seed.default and fwd.args[8] == 0.2
+    assert bwd.args[8].op == "placeholder" and bwd.args[9] == 0.2 and bwd.args[0].meta["val"].dtype == torch.int32
+    fwd_out = next(n for n in rec.forward.graph.nodes if n.op == "output").args[0]
+    assert seed in fwd_out  # saved for the backward
+    _assert_close_grads({"y": y_u, **g_u}, {"y": y_f, **g_f})
+    y_r, g_r, rec_r = _block_grads("eager", dropout=0.2, sdpa="recompute")
+    assert _pass_result(rec_r, "backward")["fused"] == 1 and _count(rec_r.backward, drop) == 0
+    assert torch.equal(y_f, y_r)
+    for n in g_f:
+        assert torch.equal(g_f[n], g_r[n]), n
 
 
 @needs_kernel

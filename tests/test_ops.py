@@ -265,6 +265,18 @@ def test_dropout_backward_recomputes_the_mask_from_the_seed():
     assert torch.equal(x.grad == 0, y == 0) or bool(torch.any(x == 0))
 
 
+@pytest.mark.parametrize("p", [0.1, 0.2, 1 / 3, 0.5, 0.9, 2.0**-24, 1 - 2.0**-24, 0.3000000001])
+def test_keep_threshold_is_the_least_kept_draw(p):
+    """ops.keep_threshold(p), the integer the C kernels compare a draw's 24 bits with, keeps
+    exactly the draws dropout_keep keeps: checked over all 2**24 draw values."""
+    from fqt_compile.ops import keep_threshold
+
+    u = torch.arange(2**24, dtype=torch.int32).to(torch.float32) * (1.0 / 16777216.0)  # rng's draws, exact
+    kept = u >= p
+    k = keep_threshold(p)
+    assert not kept[:k].any() and kept[k:].all()
+
+
 def test_dropout_rejects_p_outside_0_1():
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):

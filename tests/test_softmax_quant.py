@@ -286,3 +286,92 @@ def test_ops_pass_opcheck(which):
         acc, rows, cols = _epilogue(2, 4, 19)
         torch.library.opcheck(torch.ops.fqt.softmax_backward_sr_quantize.default,
                               (acc, p.reshape(2, 4, 19), 0.25, _seeds(2), [8, 8], "row,column", rows, cols))
+
+
+# --- attention dropout on the way (fqt::dropout's mask drawn in the kernels) --------------------
+
+DROP_SEED = torch.tensor(2**41 + 12345, dtype=torch.int64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("p_drop", [0.1, 0.5, 1 / 3])
+def test_forward_with_dropout_rounds_the_dropped_softmax_exactly(shape, p_drop):
+    """With a dropout seed the codes are quantize_forward's of fqt::dropout(P) bit for bit (the
+    same mask, the same x * keep * (1 / (1 - p)) in float32), and P is the softmax itself, the
+    kernel's P without dropout."""
+    x = _scores(shape, causal=True)
+    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [], DROP_SEED, p_drop)
+    assert torch.equal(p, torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [])[0])
+    ref = Q.quantize_forward(torch.ops.fqt.dropout(p, DROP_SEED, p_drop), 8, "affine_zero", "tensor")
+    assert torch.equal(codes, ref.codes)
+    assert torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,grans", QUANTIZER_SETS)
+def test_backward_with_dropout_is_the_op_on_the_dropped_gradient(bits, grans):
+    """With a dropout seed the kernel first drops g out (the gradient of the forward's dropout):
+    outputs equal the op's on the float fqt::dropout(g) bit for bit."""
+    g, p = _bwd_inputs((2, 3, 37))
+    seeds = _seeds(len(bits))
+    out = torch.ops.fqt.softmax_backward_sr_quantize(g, p, 0.125, seeds, bits, grans, [], [], DROP_SEED, 0.2)
+    ref = torch.ops.fqt.softmax_backward_sr_quantize(torch.ops.fqt.dropout(g, DROP_SEED, 0.2), p, 0.125, seeds, bits,
+                                                     grans, [], [])
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@needs_kernel
+def test_dropout_from_int32_products_uses_the_flat_index_of_the_output():
+    """The int32 forms (the graph's: (B H, L, L) products) draw the mask at the same flat
+    indices as the float forms: dropped and undropped outputs agree where the mask keeps, and
+    the dropped codes / gradients are 0 / p-scaled where it drops."""
+    acc, rows, cols = _epilogue(6, 37, 37)
+    rows[0] = rows[0] * 1e-2
+    keep = torch.ops.fqt.dropout(torch.ones(6, 37, 37), DROP_SEED, 0.3) > 0
+    _, codes, scale, offset = torch.ops.fqt.softmax_quantize(acc, 8, "affine_zero", 0.125, None, rows, cols, DROP_SEED, 0.3)
+    p, *_ = torch.ops.fqt.softmax_quantize(acc, 8, "affine_zero", 0.125, None, rows, cols)
+    ref = Q.quantize_forward(torch.ops.fqt.dropout(p, DROP_SEED, 0.3), 8, "affine_zero", "tensor")
+    assert torch.equal(codes, ref.codes) and torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
+    assert 0.6 < keep.float().mean() < 0.8
+    pb = torch.softmax(torch.randn(6, 37, 37), -1)
+    out = torch.ops.fqt.softmax_backward_sr_quantize(acc, pb, 0.5, _seeds(1), [8], "row", rows, cols, DROP_SEED, 0.3)
+    g = SF.epilogue_reference(acc, rows, cols).reshape(6, 37, 37)
+    ref = torch.ops.fqt.softmax_backward_sr_quantize(g * keep / 0.7, pb, 0.5, _seeds(1), [8], "row", [], [])
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-5 * ref[0].abs().max().item())
+
+
+def test_dropout_without_the_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(SQ, "_load", lambda: (None, "off (test)"))
+    x = _scores((2, 5, 9))
+    p, codes, _, _ = torch.ops.fqt.softmax_quantize(x, 8, "affine", 1.0, None, [], [], DROP_SEED, 0.25)
+    assert torch.equal(p, torch.softmax(x, -1))
+    ref = Q.quantize_forward(torch.ops.fqt.dropout(p, DROP_SEED, 0.25), 8, "affine", "tensor")
+    assert torch.equal(codes, ref.codes)
+    g, pb = _bwd_inputs((2, 5, 9))
+    out = torch.ops.fqt.softmax_backward_sr_quantize(g, pb, 0.5, _seeds(1), [8], "row", [], [], DROP_SEED, 0.25)
+    ref = torch.ops.fqt.softmax_backward_sr_quantize(torch.ops.fqt.dropout(g, DROP_SEED, 0.25), pb, 0.5, _seeds(1),
+                                                     [8], "row", [], [])
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_dropout_arguments_are_checked():
+    x, (g, p) = _scores((2, 4)), _bwd_inputs((2, 4))
+    for bad_p in (0.0, 1.0, -0.5):
+        with pytest.raises(RuntimeError, match=r"dropout_p must lie in \(0, 1\)"):
+            torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [], DROP_SEED, bad_p)
+        with pytest.raises(RuntimeError, match=r"dropout_p must lie in \(0, 1\)"):
+            torch.ops.fqt.softmax_backward_sr_quantize(g, p, 1.0, _seeds(1), [8], "row", [], [], DROP_SEED, bad_p)
+    with pytest.raises(RuntimeError, match="0-d int64"):
+        torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [], DROP_SEED.float(), 0.5)
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_ops_with_dropout_pass_opcheck(which):
+    if which == "forward":
+        torch.library.opcheck(torch.ops.fqt.softmax_quantize.default,
+                              (_scores((2, 4, 19)), 8, "affine_zero", 1.0, None, [], [], DROP_SEED, 0.1))
+    else:
+        g, p = _bwd_inputs((2, 4, 19))
+        torch.library.opcheck(torch.ops.fqt.softmax_backward_sr_quantize.default,
+                              (g, p, 0.25, _seeds(2), [8, 8], "row,column", [], [], DROP_SEED, 0.1))
