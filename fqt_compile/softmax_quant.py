@@ -39,6 +39,13 @@ while the row is in cache; pass 2 rounds the column- and tensor-range ones. Give
 bit for bit, with the same counter-based draws (``fqt_compile.rng``, hashed in 16 lanes;
 the shared pieces are in ``sr_fused.py``).
 
+Attention dropout (``fqt::dropout`` of ``P`` before its quantizer, and of the incoming
+gradient in the backward) can ride along: given its seed and ``p``, the kernels draw its mask
+in their passes (the counter-based hash at each element's flat index, ``keep16``/``drop16`` in
+``sr_fused.py``) and compute ``x * keep * (1 / (1 - p))`` as the op does, so the forward's
+codes are those of the dropped ``P`` and the backward's of softmax's backward of the dropped
+gradient, bit for bit given ``P`` / the gradient.
+
 Where the kernel cannot run (no AVX-512, no compiler, ``FQT_FUSED_SOFTMAX=0``) the ops compute
 the same with torch (``torch.softmax`` / the softmax-backward formula, then the reference
 quantizers); the graph pass ``passes/fuse_softmax.py`` only puts them into graphs where the

@@ -18,6 +18,9 @@ Matched on the aten graphs of the backend's inner compiler (after ``lower_int_ge
 * ``x`` float32 on the CPU.
 
 ``P``'s other users (the softmax backward, a saved activation) read the fused op's ``P``.
+Attention dropout between the softmax and its quantizer, ``fqt::quantize(fqt::dropout(P,
+seed, p))``, goes into the op too (its seed and ``p``): the op rounds the dropped ``P`` and
+returns ``P`` itself; the seed draw moves up to the op where it came after the softmax.
 Where ``x`` is ``[add](mul(s, c), mask)`` with ``s`` a lowered GEMM's result (through views)
 and ``mask`` broadcasting to the last two dimensions -- the attention scores as SDPA's
 decomposition writes them -- the op takes the int32 product, its epilogue terms, ``c`` and the
@@ -27,7 +30,8 @@ product where ``g`` is a lowered GEMM's result read by nothing else.
 Backward: ``sr_quantize(view(ds, [N, D]), seed, bits, gran)`` nodes (1 to 4, granularity
 tensor/row/column) on ``ds = softmax_backward(g, p) [* c]``, softmax's backward written as
 ``aten._softmax_backward_data(g, p, d, float32)`` or as inductor's decomposition
-``prims.fma(neg(p), sum(g * p, [d], True), g * p)``, ``c`` a constant (the scores' scale).
+``prims.fma(neg(p), sum(g * p, [d], True), g * p)``, ``c`` a constant (the scores' scale), and ``g`` possibly ``fqt::dropout(g', seed, p)`` (the
+gradient through the forward's dropout), which the op then applies to ``g'``.
 Other users of the (N, D) view (a BHQ transform) read the fused op's ``ds``. The seed draws
 after the view move up to the fused call with every seed draw in between, so the graph draws
 its seeds in the same order as before and each quantizer keeps its seed (and its draws).
@@ -285,13 +289,13 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
         p, drop = q.args[0], None
         if isinstance(p, fx.Node) and (drop := _dropout_args(p)) is not None:
             p = p.args[0]
-            if not (isinstance(p, fx.Node) and _seed_before(graph, drop[0], p)):
-                continue
         x = _softmax_input(p) if isinstance(p, fx.Node) else None
         xv = x.meta.get("val") if x is not None else None
         if not (isinstance(xv, torch.Tensor) and xv.dtype == torch.float32 and xv.device.type == "cpu"):
             continue
         if any(u.target is not operator.getitem for u in q.users):
+            continue
+        if drop is not None and not _seed_before(graph, drop[0], p):
             continue
         bits, scheme = q.args[1], q.args[2]
         with graph.inserting_before(p):
