@@ -15,7 +15,7 @@ need).
 (GPT-2 MLP with ``Conv1D``, BERT intermediate) are covered.
 
 Dropout is off so the loss curve and the first-step comparison with full precision are
-deterministic. BERT gets ``problem_type`` up front: otherwise its first forward writes it into
+deterministic (one test trains GPT-2 with its default dropouts). BERT gets ``problem_type`` up front: otherwise its first forward writes it into
 the config and the changed attribute recompiles the graph (harmless, but a second record).
 """
 
@@ -55,11 +55,11 @@ QUANTIZE = torch.ops.fqt.quantize.default
 # ---------------------------------------------------------------------------------------------
 
 
-def _gpt2(attn: str) -> nn.Module:
+def _gpt2(attn: str, pdrop: float = 0.0) -> nn.Module:
     config = transformers.GPT2Config(
         n_layer=LAYERS, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32,
         bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=pdrop, embd_pdrop=pdrop, attn_pdrop=pdrop,
     )  # fmt: skip
     return transformers.GPT2LMHeadModel._from_config(config, attn_implementation=attn)
 
@@ -244,6 +244,41 @@ def test_every_trained_weight_gets_a_gradient(run: Run):
     finally:
         run.model.zero_grad(set_to_none=True)
     assert len(fqt_compile.records(run.model)) == n_records, "another step recompiled"
+
+
+def test_gpt2_with_its_default_dropouts_trains_with_counter_based_masks():
+    """GPT-2 as configured by default (dropout 0.1 on embeddings, attention probabilities and
+    both residual branches): every dropout draws a counter-based mask (config.counter_dropout:
+    the embedding's and the 2 residual ones per layer rewritten; attention's inside quantized
+    SDPA), the attention dropout runs inside the fused softmax kernels where they are
+    available, no bool mask is saved for the backward, and the model trains (finite losses,
+    every weight gets a finite gradient)."""
+    from fqt_compile import softmax_quant
+
+    torch.manual_seed(0)
+    model = _gpt2("sdpa", pdrop=0.1)
+    model.train()
+    fqt_compile.compile(model, CFG)
+    losses = _train(model, _batch("gpt2"))
+    assert all(math.isfinite(x) for x in losses), losses
+    recs = fqt_compile.records(model)
+    assert sum(r.insert.counter_dropouts for r in recs) == 1 + 2 * LAYERS
+    fused = softmax_quant.available()
+    for r in recs:
+        drops = [n for n in r.forward.graph.nodes if n.target is torch.ops.fqt.dropout.default]
+        soft = [n for n in r.forward.graph.nodes if n.target is torch.ops.fqt.softmax_quantize.default]
+        n_attn = sum(1 for d in r.insert.quantized if d.op == "sdpa")
+        if fused:  # the attention's dropout is an argument of the fused kernel (seed, p)
+            assert len(soft) == n_attn and all(len(n.args) == 9 and n.args[8] == 0.1 for n in soft)
+            assert len(drops) == r.insert.counter_dropouts
+        else:
+            assert len(drops) == r.insert.counter_dropouts + n_attn
+        saved = [n.meta["val"] for n in r.backward.graph.nodes if n.op == "placeholder"]
+        assert not any(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in saved)
+    model(**_batch("gpt2")).loss.backward()
+    for name in _product_modules(model):
+        g = model.get_submodule(name).weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
 
 
 def test_torch_compile_string_backend():
