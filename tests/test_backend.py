@@ -516,8 +516,8 @@ def test_attention_dropout_saves_a_seed_and_recomputes_the_mask(compiler):
     """Quantized SDPA with dropout_p > 0 drops with fqt::dropout (a counter-based mask of a
     seed): the backward keeps the 0-d seed, no bool mask, and recomputes the mask with the
     same op; the forward is reproducible under torch.manual_seed, and the inductor-compiled
-    forward is the eager inner compiler's (the same mask: without it, a fifth of the attention
-    probabilities would differ; with it, float rounding of softmax and layer norm only)."""
+    forward is the eager inner compiler's (the same mask: with another one every output row
+    differs; with it, at most the row or two where float rounding flips a code)."""
     outs = []
     for seed in (5, 5, 6):
         torch.manual_seed(0)
@@ -540,7 +540,12 @@ def test_attention_dropout_saves_a_seed_and_recomputes_the_mask(compiler):
         fqt_compile.compile(m, FQTConfig(compiler="eager"))
         torch.manual_seed(5)
         ref = m(torch.randn(2, 16, 32)).detach()
-        torch.testing.assert_close(ref, outs[0], rtol=1e-4, atol=1e-4)
+        # float rounding of softmax and layer norm can move a value across a forward
+        # quantizer's rounding boundary: one code then differs and so does its token's row
+        # (0 of 32 rows on torch 2.13, 1 on 2.15); another mask changes every row
+        rows = ((ref - outs[0]).abs() > 1e-4).any(-1)
+        assert rows.sum() <= 2, rows
+        assert ((ref - outs[2]).abs() > 1e-4).any(-1).all()
 
 
 def _mlp_step(recompute):
