@@ -48,6 +48,13 @@ SCHEMA = "fqt_compile.inspect/1"
 
 _FUSED_FWD = torch.ops.fqt.softmax_quantize.default
 _FUSED_BWD = torch.ops.fqt.softmax_backward_sr_quantize.default
+
+
+def _drops_inside(n: torch.fx.Node) -> bool:
+    """A fused softmax kernel that draws the attention dropout's mask (a seed among its
+    arguments, ``passes/fuse_softmax.py``)."""
+    seed_at = {_FUSED_FWD: 7, _FUSED_BWD: 8}.get(n.target)
+    return seed_at is not None and len(n.args) > seed_at and n.args[seed_at] is not None
 _FUSED_GELU_BWD = torch.ops.fqt.gelu_backward_sr_quantize.default
 _FUSED_GELU = torch.ops.fqt.gelu_quantize.default
 _FUSED_MULTI = torch.ops.fqt.sr_quantize_multi.default
@@ -199,6 +206,9 @@ class Report:
     #: the stochastic quantizers of its result (whose quantizers count above)
     fused_softmax: int = 0
     fused_softmax_backward: int = 0
+    #: of those, the kernels that draw the attention dropout's mask inside (its seed and p are
+    #: arguments: ``fqt::dropout`` of the probabilities, or of their gradient)
+    fused_softmax_dropout: int = 0
     #: fused kernels put in by ``passes/fuse_gelu.py``: GELU + its output's quantizer, and GELU's
     #: backward + the bias gradient + the stochastic quantizers of its result (whose quantizers
     #: count above)
@@ -249,6 +259,7 @@ class Report:
             "seeds": self.seeds,
             "fused_softmax": self.fused_softmax,
             "fused_softmax_backward": self.fused_softmax_backward,
+            "fused_softmax_dropout": self.fused_softmax_dropout,
             "fused_gelu": self.fused_gelu,
             "fused_gelu_backward": self.fused_gelu_backward,
             "fused_quantizers": self.fused_quantizers,
@@ -373,6 +384,8 @@ class Report:
                 f"(fqt::gelu_quantize), {self.fused_gelu_backward} GELU backward + bias gradient + its stochastic "
                 f"quantizers (fqt::gelu_backward_sr_quantize), {self.fused_quantizers} gradient's stochastic "
                 "quantizers + column sums (fqt::sr_quantize_multi)"
+                + (f"; {self.fused_softmax_dropout} of the softmax kernels draw the attention dropout's mask inside"
+                   if self.fused_softmax_dropout else "")
             )
         if self.c_kernel_quantizers:
             lines.append(
@@ -477,12 +490,13 @@ def report_from_records(
         for name, result in (rec.aten_passes or {}).get("joint", []):
             if name == "keep_codes":
                 joint = {k: joint[k] + int(result.get(k, 0)) for k in joint}
-    fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0, "multi": 0, "c_kernel": 0}
+    fused = {"forward": 0, "backward": 0, "gelu": 0, "gelu_backward": 0, "multi": 0, "c_kernel": 0, "dropout": 0}
     for rec in records:
         for gm in (rec.forward, rec.backward, rec.inference):
             if gm is not None:
                 fused["forward"] += sum(n.target is _FUSED_FWD for n in gm.graph.nodes)
                 fused["gelu"] += sum(n.target is _FUSED_GELU for n in gm.graph.nodes)
+                fused["dropout"] += sum(_drops_inside(n) for n in gm.graph.nodes)
         if rec.backward is not None:
             nodes = rec.backward.graph.nodes
             fused["backward"] += sum(n.target is _FUSED_BWD for n in nodes)
@@ -505,7 +519,7 @@ def report_from_records(
         model=model, config=cfg, rows=rows, full_precision=full_precision, graphs=len(records),
         lowering_pass_run=ran, training=training, forward_graph=text("forward"), backward_graph=text("backward"),
         stochastic_quantizers=quantizers, seeds=seeds, fused_softmax=fused["forward"],
-        fused_softmax_backward=fused["backward"], fused_gelu=fused["gelu"],
+        fused_softmax_backward=fused["backward"], fused_softmax_dropout=fused["dropout"], fused_gelu=fused["gelu"],
         fused_gelu_backward=fused["gelu_backward"], fused_quantizers=fused["multi"], c_kernel_quantizers=fused["c_kernel"],
         recompute_kept_codes=joint["kept"], recompute_requantized=joint["recomputed"],
         counter_dropouts=sum(r.insert.counter_dropouts for r in records if r.insert is not None),

@@ -128,6 +128,11 @@ def test_inspection_report_counts_the_fused_kernels_and_their_quantizers():
     assert t["fused_softmax"] == 1 and t["fused_softmax_backward"] == 1
     assert t["stochastic_quantizers"] == t["seeds"] > 2  # the fused op's two quantizers counted
     assert "Fused kernels: 1 softmax + quantizer of its output" in report.format()
+    assert t["fused_softmax_dropout"] == 0 and "dropout" not in report.format()
+    torch.manual_seed(0)
+    report = inspect(TransformerBlock(32, 4, dropout=0.1), torch.randn(2, 16, 32), FQTConfig(compiler="eager"))
+    assert report.totals["fused_softmax_dropout"] == 2  # forward and backward kernel
+    assert "2 of the softmax kernels draw the attention dropout's mask inside" in report.format()
 
 
 @needs_kernel

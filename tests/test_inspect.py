@@ -200,7 +200,7 @@ _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason
              "flops", "quantizers", "gemms", "overrides"}  # fmt: skip
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
                "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds",
-               "fused_softmax", "fused_softmax_backward", "fused_gelu", "fused_gelu_backward",
+               "fused_softmax", "fused_softmax_backward", "fused_softmax_dropout", "fused_gelu", "fused_gelu_backward",
                "fused_quantizers", "c_kernel_quantizers", "recompute_kept_codes", "recompute_requantized",
                "counter_dropouts"}  # fmt: skip
 
