@@ -295,8 +295,8 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
             continue
         if any(u.target is not operator.getitem for u in q.users):
             continue
-        if drop is not None and not _seed_before(graph, drop[0], p):
-            continue
+        if drop is not None and (xv.numel() >= 2**31 or not _seed_before(graph, drop[0], p)):
+            continue  # the kernels draw the mask at 32-bit indices; fqt::dropout itself also has 64-bit ones
         bits, scheme = q.args[1], q.args[2]
         with graph.inserting_before(p):
             node = graph.call_function(torch.ops.fqt.softmax_quantize.default,

@@ -204,6 +204,31 @@ def test_attention_dropout_is_drawn_inside_both_kernels():
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape,fused", [((2, 4, 64, 64), True), ((8, 16, 4096, 4096), False)])
+def test_dropout_fuses_below_2_31_elements_only(shape, fused):
+    """The kernels draw the dropout mask at 32-bit flat indices: attention probabilities of
+    2**31 elements or more (8 x 16 heads at 4096 tokens) keep fqt::dropout, which draws at
+    64-bit ones, and so the unfused softmax and quantizer around it (shapes traced with fake
+    tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fqt_compile.passes.fuse_softmax import fuse_softmax
+
+    def fn(x, seed):
+        a = torch.ops.fqt.dropout(torch.softmax(x, -1), seed, 0.1)
+        return torch.ops.fqt.quantize(a, 8, "affine_zero", "tensor", -1)
+
+    with FakeTensorMode():
+        args = (torch.empty(shape), torch.empty((), dtype=torch.int64))
+        gm = make_fx(fn)(*args)
+    assert fuse_softmax(gm, FQTConfig())["fused"] == int(fused)
+    assert _count(gm, FWD) == int(fused) and _count(gm, torch.ops.fqt.dropout.default) == int(not fused)
+    if fused:
+        (node,) = [n for n in gm.graph.nodes if n.target is FWD]
+        assert node.args[8] == 0.1
+
+
+@needs_kernel
 @needs_inductor_torch
 def test_inductor_graphs_are_fused_from_the_decomposed_softmax():
     """Inductor's tracing decomposes softmax and its backward: the pass matches those forms too,
