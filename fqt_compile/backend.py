@@ -238,9 +238,18 @@ class FQTBackend:
         with self._lock:
             self.records.append(record)
             del self.records[: -self.max_records]
-        if cfg.compiler is InnerCompiler.INDUCTOR:
-            return self._compile_inductor(gm, example_inputs, record)
-        return self._compile_eager(gm, example_inputs, record)
+        try:
+            if cfg.compiler is InnerCompiler.INDUCTOR:
+                return self._compile_inductor(gm, example_inputs, record)
+            return self._compile_eager(gm, example_inputs, record)
+        except BaseException:
+            # no compiled graph: an error, or dynamo restarting its analysis (e.g. torch's
+            # TensorifyScalarRestartAnalysis when a float such as a dropout p became symbolic on
+            # a recompile), after which it calls the backend again with the graph it keeps
+            with self._lock:
+                if any(r is record for r in self.records):
+                    self.records.remove(record)
+            raise
 
     def _run_aten_passes(self, gm: fx.GraphModule, record: GraphRecord, kind: str) -> None:
         setattr(record, kind, gm)

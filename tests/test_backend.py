@@ -199,6 +199,34 @@ def test_backend_string_works_in_a_fresh_process_without_importing_fqt_compile()
     assert out.stdout.split() == ["2", "3"]
 
 
+def test_a_compile_that_raises_leaves_no_record(monkeypatch):
+    """When the inner compile raises -- an error, or dynamo restarting its analysis (torch's
+    TensorifyScalarRestartAnalysis, met with a Hugging Face GPT-2 whose dropout p turned
+    symbolic on a recompile), after which dynamo calls the backend again -- the backend keeps
+    no record of the attempt: every record is of a compiled graph (aten graphs and all)."""
+    from fqt_compile.backend import FQTBackend
+
+    backend = FQTBackend(FQTConfig(compiler="eager"))
+    calls = []
+
+    def flaky(self, gm, inputs, record, _orig=FQTBackend._compile_eager):
+        calls.append(len(self.records))
+        if len(calls) == 1:
+            raise torch._dynamo.exc.RestartAnalysis("retry")
+        return _orig(self, gm, inputs, record)
+
+    monkeypatch.setattr(FQTBackend, "_compile_eager", flaky)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    gm = torch.fx.symbolic_trace(m)
+    x = torch.randn(4, 8)
+    with pytest.raises(torch._dynamo.exc.RestartAnalysis):
+        backend(gm, [x])
+    assert backend.records == [] and calls == [1]
+    compiled = torch.compile(m, backend=backend)
+    compiled(x).sum().backward()
+    assert len(backend.records) == 1 and backend.records[0].forward is not None
+
+
 def test_options_select_the_config_and_unknown_options_fail():
     torch._dynamo.reset()
     m = MLP(16, 16, 4)
