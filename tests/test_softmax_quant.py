@@ -296,14 +296,15 @@ DROP_SEED = torch.tensor(2**41 + 12345, dtype=torch.int64)
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("p_drop", [0.1, 0.5, 1 / 3])
-def test_forward_with_dropout_rounds_the_dropped_softmax_exactly(shape, p_drop):
+@pytest.mark.parametrize("scheme", Q.FORWARD_SCHEMES)
+def test_forward_with_dropout_rounds_the_dropped_softmax_exactly(shape, p_drop, scheme):
     """With a dropout seed the codes are quantize_forward's of fqt::dropout(P) bit for bit (the
     same mask, the same x * keep * (1 / (1 - p)) in float32), and P is the softmax itself, the
     kernel's P without dropout."""
     x = _scores(shape, causal=True)
-    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [], DROP_SEED, p_drop)
-    assert torch.equal(p, torch.ops.fqt.softmax_quantize(x, 8, "affine_zero", 1.0, None, [], [])[0])
-    ref = Q.quantize_forward(torch.ops.fqt.dropout(p, DROP_SEED, p_drop), 8, "affine_zero", "tensor")
+    p, codes, scale, offset = torch.ops.fqt.softmax_quantize(x, 8, scheme, 1.0, None, [], [], DROP_SEED, p_drop)
+    assert torch.equal(p, torch.ops.fqt.softmax_quantize(x, 8, scheme, 1.0, None, [], [])[0])
+    ref = Q.quantize_forward(torch.ops.fqt.dropout(p, DROP_SEED, p_drop), 8, scheme, "tensor")
     assert torch.equal(codes, ref.codes)
     assert torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
 
