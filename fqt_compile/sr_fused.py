@@ -107,15 +107,21 @@ static inline __m512i hash32x16(__m512i x) {
     return _mm512_xor_si512(_mm512_srli_epi32(x, 16), x);
 }
 
-// ops.dropout_keep at the 16 flat indices base .. base + 15 (below 2**31): an element is kept
-// where its draw (rng.uniform_at: h >> 8, times 2**-24) is at least p, i.e. where the 24-bit
-// integer is at least kmin (ops.keep_threshold(p), the least one the float comparison keeps)
-static inline __mmask16 keep16(int64_t base, uint32_t slo, uint32_t shi, uint32_t kmin) {
+// the 24-bit integers of rng.uniform_at's draws at the 16 flat indices base .. base + 15 (below
+// 2**31: a 32-bit index) for the seed words (slo, shi): h(h(i ^ slo) ^ shi) >> 8; the draw is
+// this times 2**-24
+static inline __m512i draw24x16(int64_t base, __m512i vslo, __m512i vshi) {
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), iota);
-    __m512i h = hash32x16(_mm512_xor_si512(hash32x16(_mm512_xor_si512(idx, _mm512_set1_epi32((int)slo))),
-                                           _mm512_set1_epi32((int)shi)));
-    return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 8), _mm512_set1_epi32((int)kmin));
+    return _mm512_srli_epi32(hash32x16(_mm512_xor_si512(hash32x16(_mm512_xor_si512(idx, vslo)), vshi)), 8);
+}
+
+// ops.dropout_keep at the 16 flat indices base .. base + 15: an element is kept where its draw
+// is at least p, i.e. where the 24-bit integer is at least kmin (ops.keep_threshold(p), the
+// least one the float comparison keeps)
+static inline __mmask16 keep16(int64_t base, uint32_t slo, uint32_t shi, uint32_t kmin) {
+    __m512i k = draw24x16(base, _mm512_set1_epi32((int)slo), _mm512_set1_epi32((int)shi));
+    return _mm512_cmpge_epu32_mask(k, _mm512_set1_epi32((int)kmin));
 }
 
 // ops.dropout's arithmetic on 16 lanes: x * keep * inv, keep 0.0 or 1.0 (so a NaN stays NaN)
@@ -130,7 +136,6 @@ static inline __m512 drop16(__m512 x, __mmask16 keep, __m512 inv) {
 static inline void sr_round_row(const float* xr, int64_t i, int64_t D, const float* clo, const float* cdiv,
                                 float lo, float div, int levels, int half, uint32_t slo, uint32_t shi,
                                 int8_t* cr) {
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 inv24 = _mm512_set1_ps(1.0f / 16777216.0f);
     __m512 vlo = _mm512_set1_ps(lo), vdiv = _mm512_set1_ps(div), vtop = _mm512_set1_ps((float)levels);
     __m512i vhalf = _mm512_set1_epi32(half), vslo = _mm512_set1_epi32((int)slo), vshi = _mm512_set1_epi32((int)shi);
@@ -140,9 +145,7 @@ static inline void sr_round_row(const float* xr, int64_t i, int64_t D, const flo
             vlo = load16(m, clo + j);
             vdiv = load16_or(_mm512_set1_ps(1.0f), m, cdiv + j);
         }
-        __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)(i * D + j)), iota);
-        __m512i h = hash32x16(_mm512_xor_si512(hash32x16(_mm512_xor_si512(idx, vslo)), vshi));
-        __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), inv24);
+        __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(draw24x16(i * D + j, vslo, vshi)), inv24);
         __m512 y = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(load16(m, xr + j), vlo), vdiv), u);
         y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), vtop);

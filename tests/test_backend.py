@@ -534,9 +534,9 @@ def test_sdpa_recompute_with_dropout_recomputes_the_same_mask():
 def _dropouts(gm) -> int:
     """Dropout calls of an aten graph: fqt::dropout nodes, and fused softmax kernels that drop
     out on the way (a seed among their arguments, passes/fuse_softmax.py)."""
-    plain_args = {torch.ops.fqt.softmax_quantize.default: 7, torch.ops.fqt.softmax_backward_sr_quantize.default: 8}
-    return sum(n.target is torch.ops.fqt.dropout.default or len(n.args) > plain_args.get(n.target, len(n.args))
-               for n in gm.graph.nodes)
+    from fqt_compile.inspect import _drops_inside
+
+    return sum(n.target is torch.ops.fqt.dropout.default or _drops_inside(n) for n in gm.graph.nodes)
 
 
 @pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=needs_inductor_torch)])
