@@ -220,7 +220,8 @@ def test_every_layout_gives_unbiased_gradients(fn, shapes, kind):
 
 def test_sdpa_boolean_masks_are_a_bias_and_the_backward_reads_no_mask():
     """sdpa_with adds boolean masks as a 0 / -inf bias instead of masked_fill: same outputs and
-    gradients as PyTorch's attention (float64, exact products), and the traced backward takes
+    gradients as PyTorch's attention (float64, exact products; also with grouped-query attention
+    and a float mask that needs a gradient), and the traced backward takes
     no boolean tensor (masked_fill's backward needs the mask; inductor's C++ loads a bool
     vector element by element, the hottest part of the compiled softmax backward)."""
     from torch._functorch.aot_autograd import aot_function
@@ -243,6 +244,18 @@ def test_sdpa_boolean_masks_are_a_bias_and_the_backward_reads_no_mask():
             grads = torch.autograd.grad(out.square().sum(), (q, k, v))
             for g, r in zip(grads, ref_grads):
                 torch.testing.assert_close(g, r)
+
+    # grouped-query attention (2 key/value heads for 4 query heads: torch's enable_gqa repeats
+    # each one for consecutive query heads) with a learned float mask (T5's position bias)
+    q4 = torch.randn(2, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 6, 6, dtype=torch.float64, requires_grad=True)
+    kw = dict(attn_mask=bias, enable_gqa=True, scale=1.0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q4, k[:, :2], v[:, :2], **kw)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q4, k, v, bias))
+    out = sdpa_with(exact, q4, k[:, :2], v[:, :2], **kw)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(torch.autograd.grad(out.square().sum(), (q4, k, v, bias)), ref_grads):
+        torch.testing.assert_close(g, r)
 
     backward_graphs = []
 

@@ -1,5 +1,9 @@
-"""Real clients: Hugging Face transformers models (GPT-2, BERT) built from small configs with
-random weights (no download) train under the ``fqt`` backend with every product covered.
+"""Real clients: Hugging Face transformers models (GPT-2, BERT, Llama, T5) built from small
+configs with random weights (no download) train under the ``fqt`` backend with every product
+covered. Llama brings grouped-query attention (SDPA with ``enable_gqa``: 2 key/value heads for 4
+query heads), rotary position embeddings, RMSNorm and the gated SiLU MLP; T5 an encoder-decoder
+with cross-attention and a learned relative position bias that reaches SDPA as a float
+``attn_mask`` needing a gradient.
 
 End-to-end tier (STYLE 10): a few AdamW steps on a fixed random batch, loss finite and falling;
 and what the compiler did: every ``nn.Linear`` / transformers ``Conv1D`` is one quantized
@@ -74,10 +78,32 @@ def _bert(attn: str) -> nn.Module:
     return transformers.BertForSequenceClassification._from_config(config, attn_implementation=attn)
 
 
+def _llama(attn: str) -> nn.Module:
+    config = transformers.LlamaConfig(
+        num_hidden_layers=LAYERS, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn)
+
+
+def _t5(attn: str) -> nn.Module:
+    config = transformers.T5Config(
+        num_layers=LAYERS, num_decoder_layers=LAYERS, d_model=64, num_heads=4, d_kv=16, d_ff=128,
+        vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration._from_config(config, attn_implementation=attn)
+
+
+BUILD = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "t5": _t5}
+#: attention modules per layer: T5's decoder layers have self- and cross-attention
+ATTN_PER_LAYER = {"gpt2": 1, "bert": 1, "llama": 1, "t5": 3}
+
+
 def _batch(kind: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    if kind == "gpt2":
+    if kind in ("gpt2", "llama", "t5"):  # T5: the decoder reads the labels shifted right
         return {"input_ids": ids, "labels": ids}
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[0, SEQ - 4 :] = 0  # one padded sequence: the mask path is exercised
@@ -92,6 +118,7 @@ def _product_modules(model: nn.Module) -> list[str]:
 @dataclass
 class Run:
     name: str
+    kind: str
     model: nn.Module
     records: list
     losses: list[float]
@@ -99,6 +126,7 @@ class Run:
     linear_modules: list[str]
     attn_op: str  # "sdpa" or "matmul"
     attn_per_layer: int
+    attn_modules: int
     dead_grad_input: set[str] = field(default_factory=set)  # products whose input needs no grad
 
 
@@ -123,6 +151,8 @@ VARIANTS = {
     # Frozen embeddings: layer 0's query/key/value inputs need no gradient, so their Q_b1 path
     # is dead and AOTAutograd must drop it from the backward graph.
     "bert-eager-frozen-emb": ("bert", "eager", True),
+    "llama-sdpa-gqa": ("llama", "sdpa", False),
+    "t5-sdpa": ("t5", "sdpa", False),
 }
 
 
@@ -130,7 +160,7 @@ VARIANTS = {
 def run(request) -> Run:
     kind, attn, freeze = VARIANTS[request.param]
     torch.manual_seed(0)
-    model = (_gpt2 if kind == "gpt2" else _bert)(attn)
+    model = BUILD[kind](attn)
     assert model.config._attn_implementation == attn
     model.train()
     dead: set[str] = set()
@@ -143,8 +173,9 @@ def run(request) -> Run:
     fqt_compile.compile(model, CFG)
     losses = _train(model, batch)
     return Run(
-        request.param, model, list(fqt_compile.records(model)), losses, fp_loss,
-        _product_modules(model), "sdpa" if attn == "sdpa" else "matmul", 1 if attn == "sdpa" else 2, dead,
+        request.param, kind, model, list(fqt_compile.records(model)), losses, fp_loss,
+        _product_modules(model), "sdpa" if attn == "sdpa" else "matmul", 1 if attn == "sdpa" else 2,
+        ATTN_PER_LAYER[kind] * LAYERS, dead,
     )  # fmt: skip
 
 
@@ -208,7 +239,7 @@ def test_attention_products_are_quantized(run: Run):
     per_attn_module = Counter()
     for (module, _), n in covered.items():
         per_attn_module[module] += n
-    assert len(per_attn_module) == LAYERS, per_attn_module
+    assert len(per_attn_module) == run.attn_modules, per_attn_module
     assert set(per_attn_module.values()) == {run.attn_per_layer}, per_attn_module
 
 
@@ -234,7 +265,7 @@ def test_gradient_quantizers_in_backward(run: Run):
 
 
 def test_every_trained_weight_gets_a_gradient(run: Run):
-    batch = _batch("gpt2" if isinstance(run.model, transformers.GPT2LMHeadModel) else "bert")
+    batch = _batch(run.kind)
     n_records = len(run.records)
     run.model(**batch).loss.backward()
     try:
@@ -244,6 +275,31 @@ def test_every_trained_weight_gets_a_gradient(run: Run):
     finally:
         run.model.zero_grad(set_to_none=True)
     assert len(fqt_compile.records(run.model)) == n_records, "another step recompiled"
+
+
+def test_gqa_and_a_learned_attention_bias_reach_quantized_sdpa(run: Run):
+    """Llama's grouped-query attention reaches quantized SDPA with its 2 key/value heads (the
+    decomposition repeats them for the 4 query heads, torch's ``enable_gqa`` semantics); T5's
+    relative position bias reaches it as a float mask, and the bias table, which only that
+    mask connects to the loss, gets a finite, non-zero gradient."""
+    if run.kind not in ("llama", "t5"):
+        pytest.skip("GQA / learned attention bias: the llama and t5 variants")
+    sdpa = [d for r in run.records for d in r.insert.quantized if d.op == "sdpa"]
+    assert len(sdpa) >= run.attn_modules, sdpa
+    if run.kind == "llama":
+        for d in sdpa:
+            q, k, v = d.shapes[:3]
+            assert (q[1], k[1], v[1]) == (4, 2, 2), d.shapes
+        return
+    batch = _batch(run.kind)
+    run.model(**batch).loss.backward()
+    try:
+        tables = [(n, p) for n, p in run.model.named_parameters() if "relative_attention_bias" in n]
+        assert len(tables) == 2, [n for n, _ in tables]  # the encoder's and the decoder's first layer
+        for name, p in tables:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    finally:
+        run.model.zero_grad(set_to_none=True)
 
 
 def test_gpt2_with_its_default_dropouts_trains_with_counter_based_masks():
