@@ -292,7 +292,7 @@ class FQTBackend:
         # the joint pass runs before a joint_custom_pre_pass set in these patches or globally
         patches = dict(self.inductor_config_patches)
         then = patches.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
-        patches["joint_custom_pre_pass"] = KeepCodesJointPass(then, self._joint_result(record))
+        patches["joint_custom_pre_pass"] = KeepCodesJointPass(then, self._joint_result(record), example_inputs)
         with _autograd_cache_off():
             return compile_fx(
                 gm, example_inputs, inner_compile=inner_compile, config_patches=patches,
@@ -314,7 +314,7 @@ class FQTBackend:
             fw_compiler=compiler("forward"),
             bw_compiler=compiler("backward"),
             inference_compiler=compiler("inference"),
-            partition_fn=partition_keeping_codes(self._joint_result(record)),
+            partition_fn=partition_keeping_codes(self._joint_result(record), example_inputs),
         )(gm, example_inputs)
 
 

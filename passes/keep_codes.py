@@ -17,7 +17,11 @@ the values are the same either way; what changes is what the step keeps and reco
 A quantizer is taken when it lies in one of insert_qdq's recompute regions (``ac_graph_id`` at
 least ``FQT_AC_ID_BASE``: a user's own ``torch.utils.checkpoint`` regions keep their meaning)
 and its input, followed back through views, is neither recomputed itself nor a graph input
-(a parameter: quantizing it again costs no activation memory). A seed drawn in such a region
+that outlives the step anyway (a parameter, a buffer, the batch: quantizing it again costs no
+activation memory). A graph input that is an activation of an earlier graph (after a graph
+break: the backend passes the positions of the inputs with a ``grad_fn``, ``activations``)
+counts as a value from outside: saved as a float, it would be kept alive by this graph's
+backward alone. A seed drawn in such a region
 (``fqt::new_seed`` of the attention dropout) is saved too: drawn again, it would give the
 recomputed attention another dropout mask than the forward's.
 
@@ -31,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.fx as fx
@@ -39,7 +43,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from ..ops import quantize  # noqa: F401  (registers fqt::quantize)
 
-__all__ = ["FQT_AC_ID_BASE", "KeepCodesJointPass", "keep_codes", "partition_keeping_codes"]
+__all__ = ["FQT_AC_ID_BASE", "KeepCodesJointPass", "activation_inputs", "keep_codes", "partition_keeping_codes"]
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +78,29 @@ def _source(node: Any) -> Any:
     return node
 
 
-def keep_codes(graph: fx.Graph) -> dict[str, int]:
+def _activation_placeholders(graph: fx.Graph, activations: Collection[int], n_inputs: int | None) -> set[fx.Node]:
+    """The joint graph's placeholders for the forward inputs at positions ``activations``:
+    AOTAutograd's primals, in the order of the inputs the backend received, when there are
+    ``n_inputs`` of them (duplicate or aliased inputs, or tensor subclasses, change the count;
+    then none is taken, and those inputs are treated as before: re-quantized)."""
+    if not activations:
+        return set()
+    primals = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+    if len(primals) != n_inputs:
+        log.debug("keep_codes: %d primals for %s inputs; graph inputs are not told apart", len(primals), n_inputs)
+        return set()
+    return {primals[i] for i in activations if 0 <= i < len(primals)}
+
+
+def keep_codes(graph: fx.Graph, activations: Collection[int] = (), n_inputs: int | None = None) -> dict[str, int]:
     """Mark the region-input quantizers of insert_qdq's recompute regions ``MUST_SAVE``, in
-    place (node metadata only), and the seeds drawn in them. Returns ``{"kept": n,
+    place (node metadata only), and the seeds drawn in them. ``activations``: positions, among
+    the graph's ``n_inputs`` forward inputs, of activations of earlier graphs (their quantizers
+    keep their codes like those of values computed in this graph). Returns ``{"kept": n,
     "recomputed": m, "seeds": k}``: quantizers whose codes are now saved, the other quantizers
     in those regions (recomputed), and the seeds saved."""
     q_op = torch.ops.fqt.quantize.default
+    outside = _activation_placeholders(graph, activations, n_inputs)
     kept = recomputed = seeds = 0
     for node in graph.nodes:
         if node.op != "call_function" or not _in_fqt_region(node):
@@ -93,7 +114,8 @@ def keep_codes(graph: fx.Graph) -> dict[str, int]:
         if node.target is not q_op:
             continue
         src = _source(node.args[0])
-        if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr") or _recomputed(src):
+        if (not isinstance(src, fx.Node) or (src.op in ("placeholder", "get_attr") and src not in outside)
+                or _recomputed(src)):
             recomputed += 1
             continue
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
@@ -116,16 +138,20 @@ except ImportError:  # pragma: no cover - older torch: a plain callable is what 
 class KeepCodesJointPass(_PassBase):  # type: ignore[misc,valid-type]
     """:func:`keep_codes` as inductor's ``joint_custom_pre_pass``, followed by ``then`` (what was
     set there before: a pass, a list of passes, or None); ``on_result`` receives each result
-    (the backend's graph record)."""
+    (the backend's graph record); ``example_inputs``: the compiled graph's inputs, whose
+    activations of earlier graphs keep their codes (:func:`activation_inputs`)."""
 
-    def __init__(self, then: Any = None, on_result: Callable[[dict[str, int]], None] | None = None) -> None:
+    def __init__(self, then: Any = None, on_result: Callable[[dict[str, int]], None] | None = None,
+                 example_inputs: Sequence[Any] | None = None) -> None:
         self.then: tuple[Callable[[fx.Graph], Any], ...] = (
             () if then is None else tuple(then) if isinstance(then, (list, tuple)) else (then,)
         )
         self.on_result = on_result
+        self.activations = activation_inputs(example_inputs or ())
+        self.n_inputs = None if example_inputs is None else len(example_inputs)
 
     def __call__(self, graph: fx.Graph) -> None:
-        result = keep_codes(graph)
+        result = keep_codes(graph, self.activations, self.n_inputs)
         if self.on_result is not None:
             self.on_result(result)
         for p in self.then:
@@ -138,13 +164,25 @@ class KeepCodesJointPass(_PassBase):  # type: ignore[misc,valid-type]
         return (_SOURCE_HASH, *ids)
 
 
-def partition_keeping_codes(on_result: Callable[[dict[str, int]], None] | None = None) -> Callable[..., Any]:
+def activation_inputs(example_inputs: Sequence[Any]) -> tuple[int, ...]:
+    """Positions of the inputs that are activations of an earlier autograd graph (tensors with
+    a ``grad_fn``: what a graph break hands the next graph), as opposed to parameters, buffers
+    and data, which live through the step whatever the backward saves."""
+    return tuple(i for i, x in enumerate(example_inputs)
+                 if isinstance(x, torch.Tensor) and getattr(x, "grad_fn", None) is not None)
+
+
+def partition_keeping_codes(on_result: Callable[[dict[str, int]], None] | None = None,
+                            example_inputs: Sequence[Any] | None = None) -> Callable[..., Any]:
     """AOTAutograd's default partition function (the eager inner compiler's) after
-    :func:`keep_codes` on the joint graph."""
+    :func:`keep_codes` on the joint graph (``example_inputs``: as for :class:`KeepCodesJointPass`)."""
     from torch._functorch.partitioners import default_partition
 
+    activations = activation_inputs(example_inputs or ())
+    n_inputs = None if example_inputs is None else len(example_inputs)
+
     def partition(joint_module: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
-        result = keep_codes(joint_module.graph)
+        result = keep_codes(joint_module.graph, activations, n_inputs)
         if on_result is not None:
             on_result(result)
         return default_partition(joint_module, joint_inputs, **kwargs)

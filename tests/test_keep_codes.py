@@ -16,7 +16,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 import fqt_compile
 from fqt_compile import FQTConfig
 from fqt_compile.models import TransformerBlock
-from fqt_compile.passes.keep_codes import FQT_AC_ID_BASE, KeepCodesJointPass, keep_codes
+from fqt_compile.passes.keep_codes import FQT_AC_ID_BASE, KeepCodesJointPass, activation_inputs, keep_codes
 
 from conftest import needs_inductor_torch
 
@@ -81,6 +81,89 @@ def test_keep_codes_leaves_graphs_without_fqt_regions_alone():
         n.meta.pop("recompute", None)
     assert keep_codes(g) == {"kept": 0, "recomputed": 0, "seeds": 0}
     assert not any("recompute" in n.meta for q, outs in nodes.values() for n in (q, *outs))
+
+
+def test_a_graph_input_that_is_an_earlier_graphs_activation_keeps_its_codes():
+    """After a graph break a region may quantize a graph input that an earlier graph computed:
+    its codes are saved like those of a value computed in this graph (saved as a float, the
+    activation would be kept alive by this backward alone), while a parameter or the batch is
+    quantized again. The primals are told apart by the backend's example inputs; when their
+    count does not match (deduplicated or aliased inputs), every input is quantized again."""
+    fqt = {"recompute": MUST_RECOMPUTE, "ac_graph_id": FQT_AC_ID_BASE + 5}
+
+    def graph():
+        g = fx.Graph()
+        w, x, h = (g.placeholder(f"primals_{i}") for i in (1, 2, 3))
+        g.placeholder("tangents_1")
+        quantizers = {name: _quantize(g, v, fqt) for name, v in (("w", w), ("x", x), ("h", h))}
+        g.output(tuple(outs[0] for _, outs in quantizers.values()))
+        return g, quantizers
+
+    leaf = nn_param = torch.nn.Parameter(torch.randn(2))
+    activation = torch.randn(2, requires_grad=True) * 2
+    assert activation_inputs([nn_param, torch.randn(2), activation, 3]) == (2,)
+    assert activation_inputs([leaf, torch.randn(2, requires_grad=True)]) == ()
+
+    g, quantizers = graph()
+    assert keep_codes(g, activation_inputs([nn_param, torch.randn(2), activation]), 3) == {
+        "kept": 1, "recomputed": 2, "seeds": 0}
+    assert quantizers["h"][0].meta["recompute"] is MUST_SAVE
+    assert all(quantizers[n][0].meta["recompute"] is MUST_RECOMPUTE for n in ("w", "x"))
+    g, quantizers = graph()
+    assert keep_codes(g, (2,), 4) == {"kept": 0, "recomputed": 3, "seeds": 0}  # count mismatch
+    g, _ = graph()
+    results = []
+    KeepCodesJointPass(None, results.append, [nn_param, torch.randn(2), activation])(g)
+    assert results == [{"kept": 1, "recomputed": 2, "seeds": 0}]
+
+
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=needs_inductor_torch)])
+def test_attention_after_a_graph_break_keeps_the_codes_of_q_k_v(compiler):
+    """q, k, v computed by one graph and attended to by the next (a graph break between them),
+    with sdpa='recompute': the second graph's backward keeps their int8 codes, not the float
+    tensors, and the gradients are those of the default policy, which saves the probabilities
+    (same seed, same draws). Before, the graph input was quantized again in the backward and
+    its float tensor saved."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+        def forward(self, x):
+            B, L, _ = x.shape
+            q, k, v = self.qkv(x).view(B, L, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            torch._dynamo.graph_break()
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(o.transpose(1, 2).reshape(B, L, 32))
+
+    x = torch.randn(2, 16, 32)
+    grads = {}
+    for sdpa in ("decompose", "recompute"):
+        torch.manual_seed(0)
+        m = Split()
+        fqt_compile.compile(m, FQTConfig(sdpa=sdpa, compiler=compiler))
+        torch.manual_seed(1)
+        m(x).square().mean().backward()
+        grads[sdpa] = [p.grad for p in m.parameters()]
+        recs = fqt_compile.records(m)
+        assert len(recs) == 2
+        attention = recs[1]
+        if sdpa == "recompute":
+            assert attention.aten_passes["joint"] == [("keep_codes", {"kept": 3, "recomputed": 1, "seeds": 0})]
+            saved = [n.meta["val"] for n in attention.backward.graph.nodes if n.op == "placeholder"]
+            qkv_shape = (2, 4, 16, 8)
+            assert not any(v.dtype == torch.float32 and tuple(v.shape) == qkv_shape for v in saved
+                           if isinstance(v, torch.Tensor))
+            assert sum(1 for v in saved if isinstance(v, torch.Tensor) and v.dtype == torch.int8
+                       and tuple(v.shape) in (qkv_shape, (2, 4, 8, 16))) == 3  # k's codes as k^T
+    # bit for bit with the eager inner compiler; inductor fuses the two policies' graphs
+    # differently (another float summation order): float32 rounding
+    tol = dict(rtol=0, atol=0) if compiler == "eager" else {}
+    for a, b in zip(grads["decompose"], grads["recompute"]):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_joint_pass_chains_what_was_set_and_ids_itself():
