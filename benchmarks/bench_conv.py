@@ -1,17 +1,21 @@
-"""Where does the im2col integer lowering of the FQT convolutions beat the float convolution?
+"""Where do the integer lowerings of the FQT convolutions beat the float convolution?
 
 For each conv shape and each of its three GEMMs (``output``, ``grad_input``, ``grad_weight``),
 builds the aten graph of that one ``fqt::qconv*`` op on int8 codes and compiles it with
-inductor twice, as the ``fqt`` backend does:
+inductor as the ``fqt`` backend does, in up to three variants:
 
 - ``float``: left simulated, i.e. dequantize + the float convolution (oneDNN);
-- ``lowered``: ``passes.lower_int_gemm`` -> channels-last im2col of the int8 codes, one
-  ``torch._int_mm``, the float epilogue (scales, zero-point and padding corrections) and, for
-  ``grad_input``, the col2im sum back to the input layout.
+- ``im2col``: ``passes.lower_int_gemm`` with ``direct_conv=False`` -> channels-last im2col of
+  the int8 codes, one ``torch._int_mm``, the float epilogue (scales, zero-point and padding
+  corrections) and, for ``grad_input``, the col2im sum back to the input layout;
+- ``direct``: the default lowering where it applies (``output``, and ``grad_input`` at stride
+  1, on a CPU where ``gemm.conv_int8_available``): oneDNN's int8 convolution of the codes
+  (``fqt::conv_int8``) and the same epilogue.
 
-Both start from the same codes and give the same result (checked); the timings include
-everything each variant does. The lowering rule in ``passes/lower_int_gemm.py``
-(``_conv_rule``) is read off this table. Quantizers: 8-bit per-tensor affine (zero aligned)
+All start from the same codes and give the same result (checked); the timings include
+everything each variant does. The im2col rule in ``passes/lower_int_gemm.py``
+(``_conv_rule``) is read off the ``im2col`` column; the direct convolution needs no rule
+(it won on every shape measured). Quantizers: 8-bit per-tensor affine (zero aligned)
 input and weight, Q_b1 = PSQ (per-sample scales), Q_b2 = PTQ (per-tensor; the per-column Q_b2
 of the default config puts a scale on grad_weight's contracted axis, which stays simulated).
 
@@ -58,9 +62,9 @@ def bench(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def _compiled(fn, args, lower: bool):
+def _compiled(fn, args, lower: bool, direct: bool = False):
     gm = make_fx(fn, tracing_mode="fake")(*args)
-    res = lower_int_gemm(gm, FQTConfig(lower_int_gemm=lower), "bench")
+    res = lower_int_gemm(gm, FQTConfig(lower_int_gemm=lower, direct_conv=direct), "bench")
     gm2, _ = decompose_fqt(gm)
     return torch.compile(gm2, backend="inductor", dynamic=False), res
 
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
     lower_mod.CONV_RULE = False  # time the lowering on every shape; the rule is what this measures
     fqt = torch.ops.fqt
     rows = []
-    print(f"{'B x C -> O, side, k, s':26s} {'gemm':12s} {'M x K x N':>20s} {'float ms':>9s} {'lowered ms':>11s} {'ratio':>6s}  rule")
+    print(f"{'B x C -> O, side, k, s':26s} {'gemm':12s} {'M x K x N':>20s} {'float ms':>9s} {'im2col ms':>10s} "
+          f"{'ratio':>6s}  {'rule':5s} {'direct ms':>10s} {'ratio':>6s}")
     for b, c, o, side, k, s, p in SHAPES:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(b, c, side, side, generator=g)
@@ -99,20 +104,30 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             f_float, _ = _compiled(fn, inputs, lower=False)
             f_low, res = _compiled(fn, inputs, lower=True)
+            f_dir, res_d = _compiled(fn, inputs, lower=True, direct=True)
             d = res.decisions[0]
-            ref, got = f_float(*inputs), f_low(*inputs)
-            err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+            if res_d.decisions[0].kernel != "fqt.conv_int8":
+                f_dir = None  # not applicable here (grad_weight, a strided grad_input, no VNNI)
+            ref = f_float(*inputs)
+            err = {}
+            for name, f in (("im2col", f_low), ("direct", f_dir)):
+                if f is not None:
+                    err[name] = float((f(*inputs) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
             t_f, t_l = bench(lambda: f_float(*inputs), args.reps), bench(lambda: f_low(*inputs), args.reps)
+            t_d = bench(lambda: f_dir(*inputs), args.reps) if f_dir is not None else None
             row = dict(batch=b, in_ch=c, out_ch=o, side=side, kernel=k, stride=s, padding=p, gemm=gemm,
-                       mkn=list(d.mkn), float_s=t_f, lowered_s=t_l, ratio=t_l / t_f, max_rel_err=err,
-                       kernel_used=d.kernel, lowering_reason=d.reason)  # fmt: skip
+                       mkn=list(d.mkn), float_s=t_f, lowered_s=t_l, ratio=t_l / t_f, max_rel_err=err["im2col"],
+                       kernel_used=d.kernel, lowering_reason=d.reason, direct_s=t_d,
+                       direct_ratio=None if t_d is None else t_d / t_f,
+                       direct_max_rel_err=err.get("direct"))  # fmt: skip
             rows.append(row)
             label = f"{b}x{c}->{o}, {side}, {k}, {s}"
             mkn = " x ".join(map(str, d.mkn))
             rule = lower_mod._conv_rule(gemm, tuple(d.mkn), [s, s]) if len(d.mkn) == 3 else None
             row["rule_lowers"] = rule is None
-            print(f"{label:26s} {gemm:12s} {mkn:>20s} {t_f * 1e3:9.2f} {t_l * 1e3:11.2f} {t_l / t_f:6.2f}  "
-                  f"{'lower' if rule is None else 'float'}", flush=True)
+            direct = "" if t_d is None else f"{t_d * 1e3:10.2f} {t_d / t_f:6.2f}"
+            print(f"{label:26s} {gemm:12s} {mkn:>20s} {t_f * 1e3:9.2f} {t_l * 1e3:10.2f} {t_l / t_f:6.2f}  "
+                  f"{'lower' if rule is None else 'float':5s} {direct}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps, "rows": rows},

@@ -240,6 +240,12 @@ class FQTConfig:
     sdpa: SdpaPolicy = SdpaPolicy.DECOMPOSE
     compiler: InnerCompiler = InnerCompiler.INDUCTOR
     lower_int_gemm: bool = True
+    #: where the GEMMs are lowered, on a CPU whose oneDNN int8 convolution sums exactly (VNNI
+    #: or AMX: ``gemm.conv_int8_available``): a convolution's output GEMM, and its grad_input
+    #: at stride 1, run as that direct int8 convolution of the codes (``fqt::conv_int8``)
+    #: instead of im2col + an integer GEMM; the same integer sums and epilogue. False: im2col
+    #: under the measured rule (docs/performance.md, Convolutions)
+    direct_conv: bool = True
     #: recompute a quantized linear layer's output and the GELU after it in the backward
     #: (from the int8 codes of the layer's input and weight) instead of saving GELU's float
     #: input: less activation memory, one more forward GEMM per such pair; identical gradients
@@ -297,7 +303,7 @@ class FQTConfig:
             if not isinstance(o, Override):
                 raise TypeError(f"FQTConfig.overrides must hold Override objects, got {o!r}")
         object.__setattr__(self, "overrides", overrides)
-        for name in ("lower_int_gemm", "recompute_mlp", "fuse_softmax", "fuse_gelu", "fuse_quantizers",
+        for name in ("lower_int_gemm", "direct_conv", "recompute_mlp", "fuse_softmax", "fuse_gelu", "fuse_quantizers",
                      "counter_dropout"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FQTConfig.{name} must be a bool, got {getattr(self, name)!r}")

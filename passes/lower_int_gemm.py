@@ -28,7 +28,11 @@ Convolutions reach the graphs as ``fqt::qconv`` / ``qconv_grad_input`` / ``qconv
 (one node per conv GEMM, on int8 codes). Where exact and measured faster than the float
 convolution (``_conv_rule``, from ``benchmarks/bench_conv.py``), a conv node is rewritten
 into a channels-last im2col of the codes and an ``fqt::qmm`` node, which is then lowered like
-any other (see the section on convolutions below); otherwise it stays, with its reason.
+any other (see the section on convolutions below); otherwise it stays, with its reason. On a
+CPU where oneDNN's int8 convolution sums exactly (``gemm.conv_int8_available``), the
+``output`` GEMM and a stride-1 ``grad_input`` run as that direct convolution
+(``fqt::conv_int8``) instead of im2col + GEMM, with the same epilogue; it beat the float
+convolution on every measured shape, so no rule applies to it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from torch._guards import detect_fake_mode
 
 from .. import amx
 from ..config import FQTConfig
-from ..gemm import int32_safe_k
+from ..gemm import CONV_INT8_MAX_K, conv_int8_available, int32_safe_k
 from .decompose_fqt import Emitter
 
 __all__ = ["lower_int_gemm", "LowerResult", "GemmDecision"]
@@ -70,7 +74,7 @@ class GemmDecision:
     gemm: str  # "output" | "grad_input" | "grad_weight"
     lowered: bool
     reason: str
-    kernel: str  # "fqt.int_mm_amx", "aten._int_mm", "fqt.mm_int8", "fqt.bmm_int8", "fqt.int_mm" (+ "im2col+" for convs) or "simulated"
+    kernel: str  # "fqt.int_mm_amx", "aten._int_mm", "fqt.mm_int8", "fqt.bmm_int8", "fqt.int_mm" (+ "im2col+" for convs), "fqt.conv_int8" or "simulated"
     mkn: tuple[int, ...] = ()  # (M, K, N) or (B, M, K, N); -1 where symbolic
     node: str = ""
 
@@ -164,11 +168,11 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
         if gemm_kind is None:
             continue
         tag = node.args[-1]
-        reason, mkn = _conv_why_not(node, cfg, gemm_kind)
+        reason, mkn, direct = _conv_why_not(node, cfg, gemm_kind)
         d = GemmDecision(tag, tag.rpartition(":")[0], gemm_kind, False, reason or "", "simulated", mkn, node.name)
         if reason is None:
             try:
-                mm, sums = _lower_conv(node, graph, fake_mode, gemm_kind)
+                mm, sums = _lower_conv(node, graph, fake_mode, gemm_kind, direct)
                 conv_note[mm] = (d, sums)
             except Exception as e:
                 raise RuntimeError(f"fqt lower_int_gemm failed on node {node.format_node()}: {e}") from e
@@ -181,8 +185,11 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
         if node in conv_note:  # the GEMM of a lowered convolution (im2col)
             d, sums = conv_note[node]
             _lower(node, graph, fake_mode, d, sums, conv=True)
-            d.reason = "lowered (im2col)" if d.reason == "lowered" else d.reason.replace("lowered (", "lowered (im2col; ", 1)
-            d.kernel = "im2col+" + d.kernel
+            if d.kernel == "fqt.conv_int8":
+                d.reason = "lowered (direct int8 convolution, oneDNN)"
+            else:
+                d.reason = "lowered (im2col)" if d.reason == "lowered" else d.reason.replace("lowered (", "lowered (im2col; ", 1)
+                d.kernel = "im2col+" + d.kernel
             result.decisions.append(d)
             continue
         tag = node.args[8]
@@ -250,6 +257,23 @@ CONV_RULE = True  # benchmarks/bench_conv.py turns it off to time the lowering e
 _COLS_CACHE_BYTES = 32 * 2**20
 
 
+def _direct_conv(gemm: str, c: "_ConvArgs", weight: torch.Tensor, k: int) -> bool:
+    """Whether this conv GEMM runs as ``fqt::conv_int8`` (oneDNN's direct int8 convolution):
+    ``output``, or ``grad_input`` of a stride-1 convolution whose padding is at most its
+    dilated kernel's reach (the transposed convolution is then a direct one with non-negative
+    padding), on a CPU where :func:`conv_int8_available`, with codes of at most 8 bits and
+    K = C*kh*kw within oneDNN's exact int32 range."""
+    if weight.device.type != "cpu" or max(c.a_bits, c.b_bits) > 8 or k > CONV_INT8_MAX_K:
+        return False
+    if gemm == "grad_input":
+        ks = [_static(s) for s in weight.shape[2:]]
+        if any(s != 1 for s in c.stride) or any(p > d * (n - 1) for p, d, n in zip(c.padding, c.dilation, ks)):
+            return False
+    elif gemm != "output":
+        return False
+    return conv_int8_available()
+
+
 def _conv_rule(gemm: str, mkn: tuple[int, ...], stride: list[int]) -> str | None:
     """None if the im2col lowering is expected faster than the float convolution (see
     above), else why not."""
@@ -315,11 +339,13 @@ def _conv_geometry(x_shape: Any, w_shape: Any, c: _ConvArgs) -> tuple[int, int, 
     return b * positions, kk, o
 
 
-def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None, tuple[int, ...]]:
+def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None, tuple[int, ...], bool]:
+    """(None if this conv GEMM lowers, else why not; its (M, K, N); whether it lowers as
+    oneDNN's direct int8 convolution rather than im2col + integer GEMM)."""
     c = _conv_args(node)
     va, vb = _val(c.a[0]), _val(c.b[0])
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
-        return "operand shapes unknown (no meta['val'])", ()
+        return "operand shapes unknown (no meta['val'])", (), False
     if gemm == "output":
         x_shape, w_shape = va.shape, vb.shape
     elif gemm == "grad_input":
@@ -335,20 +361,20 @@ def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None,
         x_pos = math.prod(x_shape[0:1] + x_shape[2:])
         mkn = {"output": (m, k, n), "grad_input": (x_pos, k // x_shape[1] * n, x_shape[1]), "grad_weight": (n, m, k)}[gemm]
     if not cfg.lower_int_gemm:
-        return "config.lower_int_gemm is False", mkn
+        return "config.lower_int_gemm is False", mkn, False
     if va.dtype != torch.int8 or vb.dtype != torch.int8 or c.a_bits == 0 or c.b_bits == 0:
         return (
             "an operand is a float estimate, not integer codes (exact QAT gradient, or a "
             "BHQ/Hadamard transform that mixes the samples grad_weight contracts over)"
-        ), mkn
+        ), mkn, False
     if va.device.type not in ("cpu", "cuda"):
-        return f"no integer GEMM kernel on device {va.device.type!r}", mkn
+        return f"no integer GEMM kernel on device {va.device.type!r}", mkn, False
     if va.dim() not in (3, 4):
-        return "convolution: only 1-D and 2-D convolutions are lowered (im2col); 3-D stays simulated", mkn
+        return "convolution: only 1-D and 2-D convolutions are lowered (im2col); 3-D stays simulated", mkn, False
     if c.groups != 1:
-        return f"convolution: groups={c.groups} (only groups=1 is lowered)", mkn
+        return f"convolution: groups={c.groups} (only groups=1 is lowered)", mkn, False
     if geo is None:
-        return "convolution: symbolic shapes (the im2col lowering needs static shapes)", mkn
+        return "convolution: symbolic shapes (the im2col lowering needs static shapes)", mkn, False
     # constant along the contracted axes (DESIGN.md section 4)
     nd = va.dim()
     spatial = tuple(range(2, nd))
@@ -365,8 +391,10 @@ def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None,
                 why = (f"the {role} {label} varies along the contracted axis (shape {tuple(_val(t).shape)})")
                 if gemm == "grad_weight" and which == "first":
                     why += "; a conv's grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers"
-                return why, mkn
-    return (_conv_rule(gemm, mkn, c.stride) if CONV_RULE else None), mkn
+                return why, mkn, False
+    if cfg.direct_conv and _direct_conv(gemm, c, vb, mkn[1]):
+        return None, mkn, True
+    return (_conv_rule(gemm, mkn, c.stride) if CONV_RULE else None), mkn, False
 
 
 def _zero(e: Emitter, like: fx.Node) -> fx.Node:
@@ -496,6 +524,13 @@ class _ConvEmitter:
         t = e(aten.permute.default, self.as4d(t), [0, 2, 3, 1])
         return e(aten.reshape.default, e(aten.expand.default, t, [self.B, self.Ho, self.Wo, 1]), [self.B * self.L, 1])
 
+    def direct(self, x4d: fx.Node, w4d: fx.Node, stride: list[int], padding: list[int], n: int) -> fx.Node:
+        """``fqt::conv_int8`` of 4-D codes, as the (B*L, n) float32 product the im2col GEMM
+        would give: its channels-last (B, n, Ho, Wo) result viewed as rows (b, ho, wo)."""
+        e = self.e
+        out = e(torch.ops.fqt.conv_int8.default, x4d, w4d, stride, padding, [self.dh, self.dw])
+        return e(aten.reshape.default, e(aten.permute.default, out, [0, 2, 3, 1]), [self.B * self.L, n])
+
     def to_nchw(self, out2d: fx.Node, n: int) -> fx.Node:
         """(B*L, n) rows -> (B, n, Ho, Wo) (or (B, n, Wo) in 1-D)."""
         e = self.e
@@ -508,10 +543,12 @@ def _per_sample(e: Emitter, t: fx.Node, batch: int) -> fx.Node:
     return t if _val(t).dim() == 0 else e(aten.reshape.default, t, [batch, 1, 1])
 
 
-def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tuple[fx.Node, dict[str, Any]]:
+def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direct: bool) -> tuple[fx.Node, dict[str, Any]]:
     """Replace a qconv node by im2col + a new fqt::qmm node (+ corrections); returns the qmm
     node (lowered afterwards like any other) and the row/column sums its epilogue can use
-    (emitted before the qmm node, which they feed)."""
+    (emitted before the qmm node, which they feed). ``direct``: ``sums["direct"]`` is the
+    ``fqt::conv_int8`` of the codes, the same numbers as the qmm's integer product, which
+    ``_lower`` then takes instead of a GEMM of the columns (left dead)."""
     c = _conv_args(node)
     f32 = torch.float32
     qmm = torch.ops.fqt.qmm.default
@@ -527,6 +564,9 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tu
             ws, wo = (t if _val(t).dim() == 0 else e(aten.reshape.default, t, [1, ce.O]) for t in w[1:])
             fix = ce.padded and not _is_zero_offset(x[2])
             sums = {"a_rows": ce.cols_rowsum(x4)}
+            if direct:
+                pt, _, pl, _ = ce.pads
+                sums["direct"] = ce.direct(x4, ce.as4d(w[0]), [ce.sh, ce.sw], [pt, pl], ce.O)
             a_off = _zero(e, x[2]) if fix else ce.pos_rows(x[2])
             mm = e(qmm, cols, ce.pos_rows(x[1]), a_off, wt, ws, wo, c.a_bits, c.b_bits, c.tag)
             out = mm
@@ -573,6 +613,9 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str) -> tu
             wt = e(aten.permute.default, ce.w_rows(w_flip), [1, 0])  # (K, C)
             fix = ce.padded or fwd.sh > 1 or fwd.sw > 1  # zeros that are not codes of G
             sums = {"a_rows": ce.cols_rowsum(gd)}
+            if direct:  # stride 1: the padding is symmetric
+                assert ce.pads[0] == ce.pads[1] and ce.pads[2] == ce.pads[3], ce.pads
+                sums["direct"] = ce.direct(gd, w_flip, [1, 1], [lead_h, lead_w], fwd.C)
             a_off = _zero(e, g[2]) if fix else ce.pos_rows(g[2])
             mm = e(qmm, cols, ce.pos_rows(g[1]), a_off, wt, w[1], w[2], c.a_bits, c.b_bits, c.tag)
             out = mm
@@ -649,7 +692,10 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
         vb = _val(b_codes)
         sizes = [_static(s) for s in (*va.shape, vb.shape[-1])]  # ([B,] M, K, N), -1 if symbolic
         bmkn = ([1] if va.dim() == 2 else []) + sizes
-        if (va.dim() in (2, 3) and va.device.type == "cpu" and static_k and min(bmkn) > 0
+        if "direct" in sums:  # a convolution's GEMM as oneDNN's direct int8 convolution
+            acc = sums.pop("direct")
+            d.kernel = "fqt.conv_int8"
+        elif (va.dim() in (2, 3) and va.device.type == "cpu" and static_k and min(bmkn) > 0
                 and amx.suits(*bmkn)):
             # takes both operands in the layout they come in (packs b, transposes a K-major a
             # as it packs it); the zero-point terms' sums come from the packed operands

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fqt_compile.backend import MIN_INDUCTOR_TORCH, torch_version
+from fqt_compile.gemm import conv_int8_available
 
 # tests import helpers (oracle.py) from this folder
 sys.path.insert(0, os.path.dirname(__file__))
@@ -45,6 +46,11 @@ CPU_INT_MM = "aten._int_mm"
 #: the same for a lowered convolution's GEMM: fqt::mm_int8 (aten._int_mm on operands inductor
 #: must lay out row-major; the im2col columns came out column-major otherwise)
 CPU_CONV_INT_MM = "im2col+fqt.mm_int8"
+#: whether this CPU runs a convolution's output GEMM (and a stride-1 grad_input) as oneDNN's
+#: direct int8 convolution, ``fqt::conv_int8`` (VNNI or AMX: gemm.conv_int8_available), else
+#: the im2col GEMM above
+CONV_DIRECT = conv_int8_available()
+CPU_CONV_OUTPUT = "fqt.conv_int8" if CONV_DIRECT else CPU_CONV_INT_MM
 
 
 def quantizer_entries(gm) -> list[tuple[str, int, str]]:

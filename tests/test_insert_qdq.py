@@ -36,10 +36,10 @@ def fqt_counts(gm: fx.GraphModule) -> Counter:
         c[op] += 1
         if op == "sr_quantize":
             c[f"sr_quantize:{gran}"] += 1
-    # simulated + lowered (a lowered convolution GEMM is an fqt.mm_int8 on im2col columns)
-    # lowered 2-D/batched CPU GEMMs: aten._int_mm, fqt.mm_int8 and fqt.bmm_int8, or
-    # fqt.int_mm_amx (AMX CPUs)
-    c["int_gemm"] = c["aten_int_mm"] + c["mm_int8"] + c["bmm_int8"] + c["int_mm_amx"]
+    # simulated + lowered (a lowered convolution GEMM is an fqt.mm_int8 on im2col columns, or
+    # an fqt.conv_int8 on VNNI/AMX CPUs); lowered 2-D/batched CPU GEMMs: aten._int_mm,
+    # fqt.mm_int8 and fqt.bmm_int8, or fqt.int_mm_amx (AMX CPUs)
+    c["int_gemm"] = c["aten_int_mm"] + c["mm_int8"] + c["bmm_int8"] + c["int_mm_amx"] + c["conv_int8"]
     c["gemm"] = c["qmm"] + c["int_mm"] + c["int_gemm"] + c["qconv"] + c["qconv_grad_input"] + c["qconv_grad_weight"]
     return c
 
@@ -65,7 +65,9 @@ CASES = {
 def test_forward_and_backward_graphs_hold_the_expected_quantizers(name):
     make, make_x, products, no_input_grad, convs = CASES[name]
     torch.manual_seed(0)
-    rec = compile_and_step(make(), make_x(), FQTConfig.recipe("psq8", compiler="eager"))
+    # lowering off: the graphs as this pass leaves them (test_lower_int_gemm.py counts what
+    # the lowering makes of them)
+    rec = compile_and_step(make(), make_x(), FQTConfig.recipe("psq8", compiler="eager", lower_int_gemm=False))
     assert len(rec.insert.quantized) == (products if name != "block" else products - 1)  # sdpa = 2 products
     fw, bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
     # forward: Q_f on the input and Q_w on the weight (or Q_f on both activations) per product;

@@ -23,7 +23,7 @@ from fqt_compile.models import MLP, SmallCNN, TransformerBlock
 from fqt_compile.passes.lower_int_gemm import LowerResult, lower_int_gemm
 
 from test_insert_qdq import fqt_counts
-from conftest import CPU_CONV_INT_MM, CPU_INT_MM, needs_inductor_torch
+from conftest import CONV_DIRECT, CPU_CONV_INT_MM, CPU_CONV_OUTPUT, CPU_INT_MM, needs_inductor_torch
 
 
 def _lowering(rec, kind) -> LowerResult:
@@ -120,7 +120,9 @@ def test_lowered_gemm_counts_in_training_graphs():
     torch.manual_seed(0)
     cases = [
         (MLP(64, 32, 10, depth=2), torch.randn(8, 64), (3, 5), (0, 0)),
-        (SmallCNN(width=8), torch.randn(4, 1, 8, 8), (1, 2), (4, 7)),  # convs reported simulated
+        # the convs: oneDNN's direct int8 convolution takes the output GEMMs and the stride-1
+        # grad_input; elsewhere the im2col rule keeps these small ones simulated
+        (SmallCNN(width=8), torch.randn(4, 1, 8, 8), (5, 4) if CONV_DIRECT else (1, 2), (0, 5) if CONV_DIRECT else (4, 7)),
         (TransformerBlock(32, 4), torch.randn(2, 8, 32), (6, 12), (0, 0)),
     ]
     for model, x, (fw_low, bw_low), (fw_sim, bw_sim) in cases:
@@ -146,29 +148,36 @@ CONVS = {
 }
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["im2col", "direct"])
 @pytest.mark.parametrize("fwd", sorted(FORWARD))
 @pytest.mark.parametrize("gi_kind, gw_kind", [("ptq", "ptq"), ("psq", "column"), ("bhq", "ptq"), ("column", "psq")])
-def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd, monkeypatch):
-    """The im2col lowering of all three conv GEMMs against the float convolution on the same
-    codes. The speed rule is switched off so that these small shapes lower (it is tested
-    below); tolerance as for the products above."""
+def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd, direct, monkeypatch):
+    """The lowering of all three conv GEMMs against the float convolution on the same codes:
+    im2col + integer GEMM, and oneDNN's direct int8 convolution for the output GEMM and a
+    stride-1 grad_input, each with the same epilogue. The im2col speed rule is switched off so
+    that these small shapes lower (it is tested below); tolerance as for the products above."""
     import fqt_compile.passes.lower_int_gemm as lig
 
+    if direct and not CONV_DIRECT:
+        pytest.skip("oneDNN's int8 convolution is not exact on this CPU (gemm.conv_int8_available)")
     monkeypatch.setattr(lig, "CONV_RULE", False)
     bits = FORWARD[fwd].bits
     cfg = FQTConfig(
         input=FORWARD[fwd], weight=FORWARD[fwd], grad_input=GradSpec(gi_kind, bits),
-        grad_weight=GradSpec(gw_kind, bits), compiler="eager",
+        grad_weight=GradSpec(gw_kind, bits), compiler="eager", direct_conv=direct,
     )  # fmt: skip
     for name, (make, shape) in CONVS.items():
         torch.manual_seed(0)
         base, x = make(), torch.randn(*shape, requires_grad=True)
         rec_l, _ = _lowered_vs_simulated(base, x, cfg, name)
         got = {d.gemm: d for k in ("forward", "backward") for d in _lowering(rec_l, k).decisions}
-        assert got["output"].kernel == CPU_CONV_INT_MM, name
+        assert got["output"].kernel == ("fqt.conv_int8" if direct else CPU_CONV_INT_MM), name
         # grad_input: per-sample / per-tensor Q_b1 (BHQ: its inverse mixes samples, which the
         # per-sample transposed convolution commutes with); per-column scales the out-channels
         assert got["grad_input"].lowered == (gi_kind != "column"), name
+        if got["grad_input"].lowered:  # the direct one needs stride 1 (no zero-dilated gradient)
+            one = direct and name in ("1d_dilated", "1x1")
+            assert got["grad_input"].kernel == ("fqt.conv_int8" if one else CPU_CONV_INT_MM), name
         # grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers
         assert got["grad_weight"].lowered == (gw_kind == "ptq"), name
         for d in got.values():
@@ -192,9 +201,13 @@ def test_conv_rule_follows_the_measurements():
     assert lowers("grad_weight", (32, 100352, 288))
 
 
-def test_conv_training_graph_lowers_where_the_rule_says():
+@pytest.mark.parametrize("direct", [False, True], ids=["im2col", "direct"])
+def test_conv_training_graph_lowers_where_the_rule_says(direct):
     """A 64-channel conv (rule: all three GEMMs lower with per-tensor Q_b2) next to a
-    1-channel stem (rule: float), default compiler path counts and reasons."""
+    1-channel stem (im2col rule: float; oneDNN's direct int8 convolution, where it runs, takes
+    it), default compiler path counts and reasons."""
+    if direct and not CONV_DIRECT:
+        pytest.skip("oneDNN's int8 convolution is not exact on this CPU (gemm.conv_int8_available)")
 
     class Net(nn.Module):
         def __init__(self):
@@ -206,16 +219,24 @@ def test_conv_training_graph_lowers_where_the_rule_says():
             return self.body(torch.relu(self.stem(x)))
 
     torch.manual_seed(0)
-    _, _, rec = _run(Net(), torch.randn(2, 1, 8, 8), FQTConfig.recipe("ptq8", compiler="eager"))
+    _, _, rec = _run(Net(), torch.randn(2, 1, 8, 8), FQTConfig.recipe("ptq8", compiler="eager", direct_conv=direct))
     got = {(d.module, d.gemm): d for k in ("forward", "backward") for d in _lowering(rec, k).decisions}
-    assert {k for k, d in got.items() if d.lowered} == {("body", "output"), ("body", "grad_input"), ("body", "grad_weight")}
+    body = {("body", "output"), ("body", "grad_input"), ("body", "grad_weight")}
+    assert {k for k, d in got.items() if d.lowered} == body | ({("stem", "output")} if direct else set())
     assert got[("body", "output")].mkn == (128, 576, 64) and got[("body", "grad_input")].mkn == (128, 576, 64)
     assert got[("body", "grad_weight")].mkn == (64, 128, 576)
-    assert "K=9 < 64" in got[("stem", "output")].reason
+    conv = "fqt.conv_int8" if direct else CPU_CONV_INT_MM
+    assert [got[("body", g)].kernel for g in ("output", "grad_input")] == [conv, conv]
+    assert got[("body", "grad_weight")].kernel == CPU_CONV_INT_MM  # contracts over samples: im2col
+    if direct:
+        assert got[("stem", "output")].reason == "lowered (direct int8 convolution, oneDNN)"
+    else:
+        assert "K=9 < 64" in got[("stem", "output")].reason
     assert ("stem", "grad_input") not in got  # the input needs no gradient
     c_fw, c_bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
-    assert (c_fw["int_gemm"], c_fw["qconv"]) == (1, 1)
+    assert (c_fw["int_gemm"], c_fw["qconv"], c_fw["conv_int8"]) == ((2, 0, 2) if direct else (1, 1, 0))
     assert (c_bw["int_gemm"], c_bw["qconv_grad_weight"], c_bw["qconv_grad_input"]) == (2, 1, 0)
+    assert c_bw["conv_int8"] == (1 if direct else 0)
 
 
 def test_per_channel_weights_keep_grad_input_simulated_with_reason():
@@ -363,7 +384,7 @@ def test_inductor_partitioner_saves_int8_codes_for_backward():
     # the conv GEMMs lowered under inductor (im2col of the int8 codes) compute what the
     # simulated float convolution computes (the forward is deterministic)
     fw, bw = _lowering(rec, "forward"), _lowering(rec, "backward")
-    assert {d.module: d.kernel for d in fw.decisions} == {"conv": CPU_CONV_INT_MM, "fc": CPU_INT_MM}
+    assert {d.module: d.kernel for d in fw.decisions} == {"conv": CPU_CONV_OUTPUT, "fc": CPU_INT_MM}
     assert sorted(d.module for d in bw.lowered if d.gemm == "grad_input") == ["conv", "fc"]
     fqt_compile.compile(ref, FQTConfig.recipe("psq8", compiler="eager", lower_int_gemm=False))
     _close(out.detach(), ref(x).detach(), "inductor lowered vs eager simulated output")
@@ -467,7 +488,7 @@ def test_inductor_hands_the_conv_gemm_row_major_columns(monkeypatch):
     monkeypatch.setattr(gemm, "_int_mm_2d", lambda a, b: (seen.append((a.is_contiguous(), b.is_contiguous())), real(a, b))[1])
     torch.manual_seed(0)
     m = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 64, 3, stride=2, padding=1))  # output GEMM 50 x 72 x 64
-    fqt_compile.compile(m, FQTConfig())
+    fqt_compile.compile(m, FQTConfig(direct_conv=False))  # the im2col path (CPUs without VNNI)
     m(torch.randn(2, 8, 10, 10)).square().mean().backward()
     rec = fqt_compile.records(m)[0]
     fw = _lowering(rec, "forward")
