@@ -31,7 +31,7 @@ from typing import Sequence  # not list[int]: torch 2.5's custom_op schema infer
 import torch
 from torch import Tensor
 
-__all__ = ["qmm", "int_mm", "mm_int8", "bmm_int8", "conv_int8", "conv_int8_available", "int32_safe_k", "qconv",
+__all__ = ["qmm", "int_mm", "mm_int8", "bmm_int8", "conv_int8", "conv_int8_available", "shift_codes", "int32_safe_k", "qconv",
            "qconv_grad_input", "qconv_grad_weight"]
 
 
@@ -248,51 +248,57 @@ CONV_INT8_MAX_K = (2**31 - 1) // (255 * 128)
 
 def _check_conv_int8(x: Tensor, w: Tensor, stride: Sequence[int], padding: Sequence[int],
                      dilation: Sequence[int]) -> tuple[int, int]:
-    torch._check(x.dim() == 4 and w.dim() == 4 and x.shape[1] == w.shape[1],
-                 lambda: f"fqt::conv_int8: (B, C, H, W) and (O, C, kh, kw) operands, got {tuple(x.shape)} and {tuple(w.shape)}")
+    torch._check(x.dim() == 4 and w.dim() == 4 and x.shape[3] == w.shape[1],
+                 lambda: f"fqt::conv_int8: (B, H, W, C) and (O, C, kh, kw) operands, got {tuple(x.shape)} and {tuple(w.shape)}")
     torch._check(len(stride) == len(padding) == len(dilation) == 2, lambda: "fqt::conv_int8: 2-D geometry")
     torch._check(min(padding) >= 0 and min(stride) >= 1 and min(dilation) >= 1,
                  lambda: f"fqt::conv_int8: stride {stride}, padding {padding}, dilation {dilation}")
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (w.shape[3] - 1) - 1) // stride[1] + 1
+    ho = (x.shape[1] + 2 * padding[0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
+    wo = (x.shape[2] + 2 * padding[1] - dilation[1] * (w.shape[3] - 1) - 1) // stride[1] + 1
     return ho, wo
 
 
-@torch.library.custom_op("fqt::conv_int8", mutates_args=())
-def conv_int8(x_codes: Tensor, w_codes: Tensor, stride: Sequence[int], padding: Sequence[int],
+@torch.library.custom_op("fqt::conv_int8", mutates_args=(), **_contiguous_input_tags())
+def conv_int8(x_shifted: Tensor, w_codes: Tensor, stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int]) -> Tensor:
-    """Direct integer convolution of int8 codes: ``out[b, o, i, j] = sum_{c, p, q}
-    x[b, c, i*sh + p*dh - ph, j*sw + q*dw - pw] * w[o, c, p, q]`` with code 0 in the zero
-    padding, each exact int32 sum returned as float32 (the conversion the other integer GEMMs'
-    epilogues make), (B, O, Ho, Wo) in channels-last memory: the same numbers, in the same
-    memory order, as the im2col GEMM ``cols(x) (B*Ho*Wo, K) @ w^T (K, O)``. ``groups`` is 1.
+    """Direct integer convolution of int8 codes, channels last: ``x_shifted`` (B, H, W, C)
+    uint8 holds the input codes plus 128, ``w_codes`` (O, C, kh, kw) int8; returns (B, Ho, Wo, O)
+    float32 with ``out[b, i, j, o] = sum_{c, p, q} x[b, i*sh + p*dh - ph, j*sw + q*dw - pw, c] *
+    w[o, c, p, q]`` over the codes x (code 0 in the zero padding), each exact int32 sum as
+    float32 (the conversion the other integer GEMMs' epilogues make): the same numbers, in the
+    same memory order, as the im2col GEMM ``cols(x) (B*Ho*Wo, K) @ w^T (K, O)``. ``groups`` is 1.
 
     oneDNN's int8 convolution (``onednn::qconv_pointwise``) takes uint8 activations with a zero
-    point: the codes go in as ``x + 128`` (their bits with the top one flipped) with zero point
-    128, so that a padded entry, which oneDNN fills with the zero point, is code 0; weights as
-    int8, every scale 1.0. The caller guarantees K = C*kh*kw <= :data:`CONV_INT8_MAX_K` and a
-    CPU where :func:`conv_int8_available` (else oneDNN's sums are not exact). Measured 4-10x
-    faster than the float convolution and than im2col + ``torch._int_mm`` on the convolutions
-    of ``benchmarks/bench_conv.py`` (docs/performance.md, Convolutions)."""
-    _check_conv_int8(x_codes, w_codes, stride, padding, dilation)
-    torch._check(x_codes.dtype == torch.int8 and w_codes.dtype == torch.int8,
-                 lambda: f"fqt::conv_int8: int8 codes, got {x_codes.dtype} and {w_codes.dtype}")
-    u = torch.empty(x_codes.shape, dtype=torch.uint8, device=x_codes.device, memory_format=torch.channels_last)
-    torch.bitwise_xor(x_codes.view(torch.uint8), 0x80, out=u)
+    point: the codes come in shifted by 128 (the lowering pass fuses the shift and the
+    channels-last copy into the kernel that makes the codes) with zero point 128, so that a
+    padded entry, which oneDNN fills with the zero point, is code 0; weights as int8, every
+    scale 1.0. The caller guarantees K = C*kh*kw <= :data:`CONV_INT8_MAX_K` and a CPU where
+    :func:`conv_int8_available` (else oneDNN's sums are not exact). Measured against the
+    float convolution and im2col + integer GEMM in ``benchmarks/bench_conv.py``
+    (docs/performance.md, Convolutions)."""
+    _check_conv_int8(x_shifted, w_codes, stride, padding, dilation)
+    torch._check(x_shifted.dtype == torch.uint8 and w_codes.dtype == torch.int8,
+                 lambda: f"fqt::conv_int8: uint8 shifted codes and int8 weight codes, got {x_shifted.dtype} and {w_codes.dtype}")
+    u = x_shifted.contiguous().permute(0, 3, 1, 2)  # (B, C, H, W) in channels-last memory
     o = w_codes.shape[0]
     ones = torch.ones(o, dtype=torch.float32)
     zeros = torch.zeros(o, dtype=torch.int64)
     st, pad, dil = list(stride), list(padding), list(dilation)
     packed = torch.ops.onednn.qconv_prepack(w_codes.contiguous(), ones, 1.0, 128, st, pad, dil, 1, list(u.shape))
-    return _onednn_qconv()(u, 1.0, 128, packed, ones, zeros, None, st, pad, dil, 1, 1.0, 0,
-                           torch.float32, "none", [], "")
+    out = _onednn_qconv()(u, 1.0, 128, packed, ones, zeros, None, st, pad, dil, 1, 1.0, 0,
+                          torch.float32, "none", [], "")
+    return out.permute(0, 2, 3, 1).contiguous()  # a view: oneDNN writes channels last
 
 
 @conv_int8.register_fake
-def _(x_codes, w_codes, stride, padding, dilation):
-    ho, wo = _check_conv_int8(x_codes, w_codes, stride, padding, dilation)
-    return torch.empty((x_codes.shape[0], w_codes.shape[0], ho, wo), dtype=torch.float32,
-                       device=x_codes.device, memory_format=torch.channels_last)
+def _(x_shifted, w_codes, stride, padding, dilation):
+    ho, wo = _check_conv_int8(x_shifted, w_codes, stride, padding, dilation)
+    return x_shifted.new_empty((x_shifted.shape[0], ho, wo, w_codes.shape[0]), dtype=torch.float32)
+
+
+def shift_codes(x_codes: Tensor) -> Tensor:
+    """What :func:`conv_int8` takes: (B, C, H, W) int8 codes as (B, H, W, C) uint8 codes + 128."""
+    return (x_codes.to(torch.int16) + 128).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

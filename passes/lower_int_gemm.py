@@ -526,10 +526,14 @@ class _ConvEmitter:
 
     def direct(self, x4d: fx.Node, w4d: fx.Node, stride: list[int], padding: list[int], n: int) -> fx.Node:
         """``fqt::conv_int8`` of 4-D codes, as the (B*L, n) float32 product the im2col GEMM
-        would give: its channels-last (B, n, Ho, Wo) result viewed as rows (b, ho, wo)."""
+        would give: its (B, Ho, Wo, n) result viewed as rows (b, ho, wo). The input goes in
+        as ``gemm.shift_codes`` does it (codes + 128, uint8, channels last), a copy inductor
+        fuses into the kernel that makes the codes."""
         e = self.e
-        out = e(torch.ops.fqt.conv_int8.default, x4d, w4d, stride, padding, [self.dh, self.dw])
-        return e(aten.reshape.default, e(aten.permute.default, out, [0, 2, 3, 1]), [self.B * self.L, n])
+        u = e(_convert, e(aten.add.Tensor, e(_convert, x4d, torch.int16), 128), torch.uint8)
+        u = e(aten.clone.default, e(aten.permute.default, u, [0, 2, 3, 1]), memory_format=torch.contiguous_format)
+        out = e(torch.ops.fqt.conv_int8.default, u, w4d, stride, padding, [self.dh, self.dw])
+        return e(aten.reshape.default, out, [self.B * self.L, n])
 
     def to_nchw(self, out2d: fx.Node, n: int) -> fx.Node:
         """(B*L, n) rows -> (B, n, Ho, Wo) (or (B, n, Wo) in 1-D)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-from fqt_compile.gemm import CONV_INT8_MAX_K, conv_int8, conv_int8_available
+from fqt_compile.gemm import CONV_INT8_MAX_K, conv_int8_available, shift_codes
 
 pytestmark = pytest.mark.skipif(not conv_int8_available(), reason="oneDNN's int8 convolution is not exact on this CPU")
 
@@ -35,18 +35,24 @@ def _codes(shape: tuple[int, ...], g: torch.Generator, low: int = -128, high: in
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-    return F.conv2d(x.double(), w.double(), None, stride, padding, dilation).float()
+    """(B, Ho, Wo, O), as the op returns it."""
+    return F.conv2d(x.double(), w.double(), None, stride, padding, dilation).float().permute(0, 2, 3, 1)
+
+
+def conv_int8(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """The op on (B, C, H, W) int8 codes, as the lowering pass calls it."""
+    return torch.ops.fqt.conv_int8(shift_codes(x), w, stride, padding, dilation)
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_conv_int8_equals_the_convolution_of_the_codes(name):
-    """Random codes over the whole int8 range, with code 0 in the zero padding (the op shifts
-    the codes to uint8 with zero point 128: a padded entry must still count as 0)."""
+    """Random codes over the whole int8 range, with code 0 in the zero padding (the codes go
+    in shifted to uint8 with zero point 128: a padded entry must still count as 0)."""
     xs, ws, stride, padding, dilation = GEOMETRIES[name]
     g = torch.Generator().manual_seed(0)
     x, w = _codes(xs, g), _codes(ws, g)
     got = conv_int8(x, w, stride, padding, dilation)
-    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert got.dtype == torch.float32 and got.is_contiguous()
     assert torch.equal(got, _reference(x, w, stride, padding, dilation)), name
 
 
@@ -68,8 +74,8 @@ def test_conv_int8_is_exact_at_the_extreme_codes():
 
 def test_conv_int8_rejects_bad_operands():
     x, w = torch.zeros(1, 4, 5, 5, dtype=torch.int8), torch.zeros(3, 4, 3, 3, dtype=torch.int8)
-    with pytest.raises(RuntimeError, match="int8 codes"):
-        conv_int8(x.float(), w, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="uint8 shifted codes"):
+        torch.ops.fqt.conv_int8(x.permute(0, 2, 3, 1), w, [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="operands"):
         conv_int8(x, w[:, :3], [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="2-D geometry"):
@@ -77,7 +83,7 @@ def test_conv_int8_rejects_bad_operands():
 
 
 def test_conv_int8_passes_opcheck():
-    """Schema, fake implementation (channels-last float32 of the output size) and dispatch."""
+    """Schema, fake implementation ((B, Ho, Wo, O) float32) and dispatch."""
     g = torch.Generator().manual_seed(1)
     for xs, ws, stride, padding, dilation in GEOMETRIES.values():
-        opcheck(torch.ops.fqt.conv_int8.default, (_codes(xs, g), _codes(ws, g), stride, padding, dilation))
+        opcheck(torch.ops.fqt.conv_int8.default, (shift_codes(_codes(xs, g)), _codes(ws, g), stride, padding, dilation))
