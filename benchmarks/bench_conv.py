@@ -13,13 +13,16 @@ inductor as the ``fqt`` backend does, in up to three variants:
   (``fqt::conv_int8``) and the same epilogue.
 
 All start from the same codes and give the same result (checked); the timings include
-everything each variant does. The im2col rule in ``passes/lower_int_gemm.py``
-(``_conv_rule``) is read off the ``im2col`` column; the direct convolution needs no rule
-(it won on every shape measured). Quantizers: 8-bit per-tensor affine (zero aligned)
+everything each variant does. The rules in ``passes/lower_int_gemm.py`` are read off this
+table: ``_conv_rule`` off the ``im2col`` columns, ``_direct_rule`` off the ``direct`` ones
+(the default lowering takes the direct convolution where it applies and its rule says so). Quantizers: 8-bit per-tensor affine (zero aligned)
 input and weight, Q_b1 = PSQ (per-sample scales), Q_b2 = PTQ (per-tensor; the per-column Q_b2
 of the default config puts a scale on grad_weight's contracted axis, which stays simulated).
 
-    python benchmarks/bench_conv.py [--reps 5] [--out PATH]
+The variants' calls are interleaved (medians of ``--reps`` rounds), with
+``fqt_compile.keep_freed_memory()`` applied as in the training benchmarks.
+
+    python benchmarks/bench_conv.py [--reps 9] [--out PATH]
 """
 
 from __future__ import annotations
@@ -52,14 +55,18 @@ SHAPES = [  # (batch, in_ch, out_ch, side, kernel, stride, padding)
 ]
 
 
-def bench(fn, reps: int) -> float:
-    fn()
-    ts = []
+def bench(fns: dict, reps: int) -> dict:
+    """Median seconds per call of each function, the calls interleaved (one of each in turn,
+    ``reps`` rounds after one warm-up call each): drift on a shared machine hits all alike."""
+    ts: dict = {k: [] for k in fns}
+    for f in fns.values():
+        f()
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def _compiled(fn, args, lower: bool, direct: bool = False):
@@ -71,15 +78,16 @@ def _compiled(fn, args, lower: bool, direct: bool = False):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conv.json"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
+    fqt_compile.keep_freed_memory()  # as the training benchmarks: no page faults on each fresh output
     lower_mod.CONV_RULE = False  # time the lowering on every shape; the rule is what this measures
     fqt = torch.ops.fqt
     rows = []
     print(f"{'B x C -> O, side, k, s':26s} {'gemm':12s} {'M x K x N':>20s} {'float ms':>9s} {'im2col ms':>10s} "
-          f"{'ratio':>6s}  {'rule':5s} {'direct ms':>10s} {'ratio':>6s}")
+          f"{'ratio':>6s}  {'rule':5s} {'direct ms':>10s} {'ratio':>6s}  rule")
     for b, c, o, side, k, s, p in SHAPES:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(b, c, side, side, generator=g)
@@ -113,8 +121,11 @@ def main(argv=None) -> int:
             for name, f in (("im2col", f_low), ("direct", f_dir)):
                 if f is not None:
                     err[name] = float((f(*inputs) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-            t_f, t_l = bench(lambda: f_float(*inputs), args.reps), bench(lambda: f_low(*inputs), args.reps)
-            t_d = bench(lambda: f_dir(*inputs), args.reps) if f_dir is not None else None
+            fns = {"float": lambda: f_float(*inputs), "im2col": lambda: f_low(*inputs)}
+            if f_dir is not None:
+                fns["direct"] = lambda: f_dir(*inputs)
+            t = bench(fns, args.reps)
+            t_f, t_l, t_d = t["float"], t["im2col"], t.get("direct")
             row = dict(batch=b, in_ch=c, out_ch=o, side=side, kernel=k, stride=s, padding=p, gemm=gemm,
                        mkn=list(d.mkn), float_s=t_f, lowered_s=t_l, ratio=t_l / t_f, max_rel_err=err["im2col"],
                        kernel_used=d.kernel, lowering_reason=d.reason, direct_s=t_d,
@@ -125,7 +136,10 @@ def main(argv=None) -> int:
             mkn = " x ".join(map(str, d.mkn))
             rule = lower_mod._conv_rule(gemm, tuple(d.mkn), [s, s]) if len(d.mkn) == 3 else None
             row["rule_lowers"] = rule is None
-            direct = "" if t_d is None else f"{t_d * 1e3:10.2f} {t_d / t_f:6.2f}"
+            direct = ""
+            if t_d is not None:
+                row["direct_rule_lowers"] = lower_mod._direct_rule(tuple(d.mkn)) is None
+                direct = f"{t_d * 1e3:10.2f} {t_d / t_f:6.2f}  {'lower' if row['direct_rule_lowers'] else 'float'}"
             print(f"{label:26s} {gemm:12s} {mkn:>20s} {t_f * 1e3:9.2f} {t_l * 1e3:10.2f} {t_l / t_f:6.2f}  "
                   f"{'lower' if rule is None else 'float':5s} {direct}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

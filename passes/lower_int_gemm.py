@@ -31,8 +31,8 @@ into a channels-last im2col of the codes and an ``fqt::qmm`` node, which is then
 any other (see the section on convolutions below); otherwise it stays, with its reason. On a
 CPU where oneDNN's int8 convolution sums exactly (``gemm.conv_int8_available``), the
 ``output`` GEMM and a stride-1 ``grad_input`` run as that direct convolution
-(``fqt::conv_int8``) instead of im2col + GEMM, with the same epilogue; it beat the float
-convolution on every measured shape, so no rule applies to it.
+(``fqt::conv_int8``) instead of im2col + GEMM, with the same epilogue, under a rule of its
+own (``_direct_rule``: from 32 channels; ``FQTConfig.direct_conv``).
 """
 
 from __future__ import annotations
@@ -253,6 +253,11 @@ _QCONV_GEMM = {
 # a first layer (K = 9) loses 6-10x. grad_input with stride > 1 would correlate a gradient
 # with stride-1 zeros inserted (s^2 times the work): 3.9x slower. grad_weight (M = out
 # channels) wins from M >= 32 with N = k*k*C >= 64.
+#
+# oneDNN's direct int8 convolution (output, stride-1 grad_input; ``_direct_conv``) builds no
+# columns and beat the float convolution from K >= 64 and N >= 32 (0.46-0.80x its time; 64+
+# channels 0.46-0.59x); below, it loses or ties: a 1-channel stem's output (K = 9) 2.2x, 8 and
+# 16 channels 0.7-1.2x (docs/performance.md, Convolutions).
 CONV_RULE = True  # benchmarks/bench_conv.py turns it off to time the lowering everywhere
 _COLS_CACHE_BYTES = 32 * 2**20
 
@@ -272,6 +277,17 @@ def _direct_conv(gemm: str, c: "_ConvArgs", weight: torch.Tensor, k: int) -> boo
     elif gemm != "output":
         return False
     return conv_int8_available()
+
+
+def _direct_rule(mkn: tuple[int, ...]) -> str | None:
+    """None if the direct int8 convolution is expected faster than the float one (see
+    above), else why not (the im2col rule, stricter, rejects these shapes too)."""
+    _, k, n = mkn
+    small = [f"{name}={v} < {lim}" for name, v, lim in (("K", k, 64), ("N", n, 32)) if v < lim]
+    if small:
+        return (f"convolution: {' and '.join(small)}, where oneDNN's direct int8 convolution and im2col + int8 "
+                "GEMM measured slower than the float convolution (benchmarks/bench_conv.py)")
+    return None
 
 
 def _conv_rule(gemm: str, mkn: tuple[int, ...], stride: list[int]) -> str | None:
@@ -393,7 +409,8 @@ def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None,
                     why += "; a conv's grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers"
                 return why, mkn, False
     if cfg.direct_conv and _direct_conv(gemm, c, vb, mkn[1]):
-        return None, mkn, True
+        why = _direct_rule(mkn) if CONV_RULE else None
+        return why, mkn, why is None
     return (_conv_rule(gemm, mkn, c.stride) if CONV_RULE else None), mkn, False
 
 
