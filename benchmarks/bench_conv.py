@@ -144,7 +144,8 @@ def main(argv=None) -> int:
                   f"{'lower' if rule is None else 'float':5s} {direct}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps, "rows": rows},
+        json.dump({"torch": torch.__version__, "cpu": fqt_compile.cpu.describe(), "threads": torch.get_num_threads(),
+                   "reps": args.reps, "rows": rows},
                   f, indent=2)  # fmt: skip
     return 0
 

@@ -197,7 +197,7 @@ def test_conv_rule_follows_the_measurements():
     assert lowers("grad_input", (6272, 2304, 256))
     assert not lowers("grad_weight", (8, 100352, 72)) and not lowers("grad_weight", (32, 100352, 9))
     assert lowers("grad_weight", (32, 100352, 288))
-    # oneDNN's direct int8 convolution (benchmarks/results/conv_zen5_s16_direct.json)
+    # oneDNN's direct int8 convolution (benchmarks/results/conv_zen5_s17_direct.json)
     direct = lambda mkn: _direct_rule(mkn) is None  # noqa: E731
     assert not direct((100352, 9, 32))  # the stem: 2.2x
     assert not direct((100352, 144, 16)) and not direct((100352, 72, 8))  # 0.7-1.2x
