@@ -17,7 +17,9 @@ never be lowered, and the lowering pass says why.
 ``fqt::qconv``, ``fqt::qconv_grad_input`` and ``fqt::qconv_grad_weight`` are the three GEMMs
 of a convolution in the same form (codes, scales, offsets, bits, conv geometry, tag); their
 implementations are the float convolution on dequantized operands, and the lowering pass
-turns them into im2col + ``fqt::qmm`` where that is exact and faster.
+turns them into im2col + ``fqt::qmm`` where that is exact and faster, or, for the ``output``
+GEMM and a stride-1 ``grad_input`` on CPUs with VNNI or AMX, into ``fqt::conv_int8``
+(oneDNN's direct int8 convolution of the codes).
 
 ``fqt::int_mm`` is the integer kernel the lowering pass uses where ``aten._int_mm`` alone does
 not fit: batched operands, or a contraction long enough to overflow int32 accumulation

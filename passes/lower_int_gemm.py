@@ -255,9 +255,10 @@ _QCONV_GEMM = {
 # channels) wins from M >= 32 with N = k*k*C >= 64.
 #
 # oneDNN's direct int8 convolution (output, stride-1 grad_input; ``_direct_conv``) builds no
-# columns and beat the float convolution from K >= 64 and N >= 32 (0.46-0.80x its time; 64+
-# channels 0.46-0.59x); below, it loses or ties: a 1-channel stem's output (K = 9) 2.2x, 8 and
-# 16 channels 0.7-1.2x (docs/performance.md, Convolutions).
+# columns and beat the float convolution from K >= 64 and N >= 32 (0.46-0.90x its time in
+# three runs; 64+ channels 0.46-0.62x); below, it loses or ties: a 1-channel stem's output
+# (K = 9) 1.9-2.3x, 8 and 16 channels 0.59-1.25x (benchmarks/results/conv_zen5_s17_direct.json,
+# docs/performance.md, Direct int8 convolution).
 CONV_RULE = True  # benchmarks/bench_conv.py turns it off to time the lowering everywhere
 _COLS_CACHE_BYTES = 32 * 2**20
 
