@@ -28,10 +28,14 @@ not fit: batched operands, or a contraction long enough to overflow int32 accumu
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Sequence  # not list[int]: torch 2.5's custom_op schema inference knows only typing.Sequence/List
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 __all__ = ["qmm", "int_mm", "mm_int8", "bmm_int8", "conv_int8", "conv_int8_available", "shift_codes", "int32_safe_k", "qconv",
            "qconv_grad_input", "qconv_grad_weight"]
@@ -227,19 +231,56 @@ def _onednn_qconv() -> object | None:
 
 
 def conv_int8_available() -> bool:
-    """Whether :func:`conv_int8` runs here: oneDNN's quantized convolution in this torch build,
-    and a CPU whose int8 dot products accumulate exactly (VNNI or AMX: without them oneDNN
-    multiplies uint8 x int8 pairs into saturating 16-bit sums, or scales the weights down, and
-    the result is no longer the exact integer one)."""
+    """Whether :func:`conv_int8` runs here and gives the exact integer sums: oneDNN's quantized
+    convolution in this torch build, a CPU whose int8 dot products accumulate exactly (VNNI or
+    AMX: without them oneDNN's AVX2 path adds pairs of uint8 x int8 products in saturating
+    16-bit lanes), and a self-test that passes: one small convolution of extreme and random
+    codes, padding included, against the exact sums (run once per process; where any of this
+    fails, the reason is logged and the lowering keeps im2col)."""
+    return _conv_int8_status()[0]
+
+
+@functools.cache
+def _conv_int8_status() -> tuple[bool, str]:
     from .cbuild import cpu_flags
 
+    why = ""
     if _onednn_qconv() is None or not torch.backends.mkldnn.is_available():
-        return False
+        why = "no oneDNN quantized convolution (onednn::qconv_pointwise) in this torch build"
+    else:
+        try:
+            torch.ops.onednn.qconv_prepack.default  # noqa: B018
+        except (AttributeError, RuntimeError):
+            why = "no onednn::qconv_prepack in this torch build"
+    if not why and not cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        why = "the CPU has no VNNI or AMX-INT8 (oneDNN's int8 sums would saturate)"
+    if not why:
+        why = _conv_int8_self_test()
+    if why:
+        log.info("fqt::conv_int8 not used (convolutions lower through im2col): %s", why)
+    return not why, why
+
+
+def _conv_int8_self_test() -> str:
+    """"" if :func:`conv_int8` equals a float64 convolution of the same codes (sums up to
+    64*9*128*128, code 0 in the padding), else what went wrong. Runs with no fake or proxy
+    mode active (the lowering pass asks while compiling)."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import _disable_current_modes
+
     try:
-        torch.ops.onednn.qconv_prepack.default  # noqa: B018
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        with _disable_current_modes(), torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randint(-128, 128, (2, 64, 5, 5), generator=g, dtype=torch.int8)
+            w = torch.randint(-128, 128, (16, 64, 3, 3), generator=g, dtype=torch.int8)
+            x[0], w[0], w[1] = -128, -128, 127
+            got = conv_int8(shift_codes(x), w, [1, 1], [1, 1], [1, 1])
+            ref = F.conv2d(x.double(), w.double(), None, 1, 1).float().permute(0, 2, 3, 1)
+            if not torch.equal(got, ref):
+                return f"self-test: oneDNN's sums differ from the exact ones (max |diff| {(got - ref).abs().max():g})"
+    except Exception as e:  # an op signature this torch does not have, a oneDNN refusal
+        return f"self-test failed: {type(e).__name__}: {e}"
+    return ""
 
 
 #: |x code| is at most 2^(bits-1), but oneDNN adds the unsigned codes (x + 128, up to 255)

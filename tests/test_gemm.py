@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
+from fqt_compile import gemm
 from fqt_compile.gemm import CONV_INT8_MAX_K, conv_int8_available, shift_codes
 
 pytestmark = pytest.mark.skipif(not conv_int8_available(), reason="oneDNN's int8 convolution is not exact on this CPU")
@@ -87,3 +88,23 @@ def test_conv_int8_passes_opcheck():
     g = torch.Generator().manual_seed(1)
     for xs, ws, stride, padding, dilation in GEOMETRIES.values():
         opcheck(torch.ops.fqt.conv_int8.default, (shift_codes(_codes(xs, g)), _codes(ws, g), stride, padding, dilation))
+
+
+def test_the_self_test_runs_under_fake_tensor_mode_and_catches_wrong_sums(monkeypatch):
+    """conv_int8_available() runs one real convolution the first time the lowering pass asks,
+    which is while AOTAutograd traces with fake tensors: the self-test leaves that mode. It
+    rejects an op whose sums are off by one, or that raises (an op signature this torch does
+    not have)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert gemm._conv_int8_self_test() == ""
+    real = gemm.conv_int8
+    monkeypatch.setattr(gemm, "conv_int8", lambda *a: real(*a) + 1)
+    assert "differ from the exact ones" in gemm._conv_int8_self_test()
+
+    def boom(*a):
+        raise RuntimeError("no such overload")
+
+    monkeypatch.setattr(gemm, "conv_int8", boom)
+    assert "self-test failed: RuntimeError: no such overload" in gemm._conv_int8_self_test()
