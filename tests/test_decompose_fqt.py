@@ -75,15 +75,15 @@ def test_column_ranges_reduce_in_row_blocks_with_the_same_result():
 
 def _without_lowering(gm) -> set[str]:
     """The call targets of ``gm`` inductor has no lowering for, other than getitem,
-    ``fqt::column_index`` and ``fqt::mm_int8`` (a lowered convolution's GEMM), which run as
-    extern calls (custom ops without a decomposition; the fallback of each enters
+    ``fqt::column_index``, ``fqt::mm_int8`` and ``fqt::conv_int8`` (a lowered convolution's
+    GEMM: im2col's, or the direct one on VNNI/AMX CPUs), which run as extern calls (custom ops without a decomposition; the fallback of each enters
     ``lowerings`` once inductor has compiled a graph holding it)."""
     from torch._inductor.lowering import lowerings
 
     return {
         str(n.target) for n in gm.graph.nodes
         if n.op == "call_function" and n.target not in lowerings and "getitem" not in str(n.target)
-        and n.target not in (fqt.column_index.default, fqt.mm_int8.default)
+        and n.target not in (fqt.column_index.default, fqt.mm_int8.default, fqt.conv_int8.default)
     }  # fmt: skip
 
 
