@@ -296,6 +296,25 @@ def test_int32_overflow_is_split_and_exact():
     assert not torch.allclose(wrapped, a.double() @ b.double())
 
 
+def test_a_conv_beyond_onednns_exact_range_lowers_through_im2col(monkeypatch):
+    """K = C*kh*kw above gemm.CONV_INT8_MAX_K: oneDNN's sums of shifted (uint8) codes could
+    leave int32, so the direct int8 convolution is not used; im2col + an integer GEMM (whose
+    own int32-safe K is larger) lowers it (speed rules off, as above), and the result equals
+    the simulated one."""
+    import fqt_compile.passes.lower_int_gemm as lig
+    from fqt_compile.gemm import CONV_INT8_MAX_K
+
+    monkeypatch.setattr(lig, "CONV_RULE", False)
+    c = CONV_INT8_MAX_K // 9 + 1
+    torch.manual_seed(0)
+    base, x = nn.Conv2d(c, 2, 3, padding=1, bias=False), torch.randn(1, c, 2, 2, requires_grad=True)
+    assert c * 9 > CONV_INT8_MAX_K and c * 9 <= int32_safe_k(8, 8)
+    cfg = FQTConfig(grad_weight=GradSpec("ptq", 8), compiler="eager")
+    rec_l, _ = _lowered_vs_simulated(base, x, cfg, "K beyond oneDNN's range")
+    (d,) = _lowering(rec_l, "forward").decisions
+    assert d.lowered and d.kernel == CPU_CONV_INT_MM and d.mkn == (4, c * 9, 2), d
+
+
 def test_int_mm_chunks_are_exact():
     torch.manual_seed(0)
     a = torch.randint(-128, 128, (5, 37), dtype=torch.int8)
