@@ -241,6 +241,17 @@ def test_conv_training_graph_lowers_where_the_rule_says(direct):
     assert c_bw["conv_int8"] == (1 if direct else 0)
 
 
+def test_a_1x1_convolutions_grad_input_takes_im2col_and_its_output_the_direct_convolution():
+    """For a 1x1 kernel the grad_input columns are the gradient itself; im2col + integer GEMM
+    measured faster there than oneDNN's direct convolution, which keeps the output GEMM."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 4, 4, requires_grad=True)
+    _, _, rec = _run(nn.Conv2d(64, 64, 1), x, FQTConfig.recipe("ptq8", compiler="eager"))
+    got = {d.gemm: d for k in ("forward", "backward") for d in _lowering(rec, k).decisions}
+    assert got["output"].kernel == CPU_CONV_OUTPUT
+    assert got["grad_input"].kernel == CPU_CONV_INT_MM and got["grad_input"].mkn == (32, 64, 64)
+
+
 def test_per_channel_weights_keep_grad_input_simulated_with_reason():
     torch.manual_seed(0)
     cfg = FQTConfig(weight=ForwardSpec(8, "channel"), compiler="eager")
