@@ -14,8 +14,9 @@ inductor as the ``fqt`` backend does, in up to three variants:
 
 All start from the same codes and give the same result (checked); the timings include
 everything each variant does. The rules in ``passes/lower_int_gemm.py`` are read off this
-table: ``_conv_rule`` off the ``im2col`` columns, ``_direct_rule`` off the ``direct`` ones
-(the default lowering takes the direct convolution where it applies and its rule says so). Quantizers: 8-bit per-tensor affine (zero aligned)
+table: ``_conv_rule`` off the ``im2col`` columns, ``_direct_rule`` off the ``direct`` ones.
+The last column is what the default lowering picks (rules on): ``direct``, ``im2col`` or
+``float``. Quantizers: 8-bit per-tensor affine (zero aligned)
 input and weight, Q_b1 = PSQ (per-sample scales), Q_b2 = PTQ (per-tensor; the per-column Q_b2
 of the default config puts a scale on grad_weight's contracted axis, which stays simulated).
 
@@ -76,6 +77,16 @@ def _compiled(fn, args, lower: bool, direct: bool = False):
     return torch.compile(gm2, backend="inductor", dynamic=False), res
 
 
+def _default_kernel(fn, args) -> str:
+    """The kernel the default lowering (rules on, direct convolution allowed) picks."""
+    lower_mod.CONV_RULE = True
+    try:
+        gm = make_fx(fn, tracing_mode="fake")(*args)
+        return lower_int_gemm(gm, FQTConfig(), "bench").decisions[0].kernel
+    finally:
+        lower_mod.CONV_RULE = False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=9)
@@ -87,7 +98,7 @@ def main(argv=None) -> int:
     fqt = torch.ops.fqt
     rows = []
     print(f"{'B x C -> O, side, k, s':26s} {'gemm':12s} {'M x K x N':>20s} {'float ms':>9s} {'im2col ms':>10s} "
-          f"{'ratio':>6s}  {'rule':5s} {'direct ms':>10s} {'ratio':>6s}  rule")
+          f"{'ratio':>6s}  {'rule':5s} {'direct ms':>10s} {'ratio':>6s}  default")
     for b, c, o, side, k, s, p in SHAPES:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(b, c, side, side, generator=g)
@@ -136,12 +147,14 @@ def main(argv=None) -> int:
             mkn = " x ".join(map(str, d.mkn))
             rule = lower_mod._conv_rule(gemm, tuple(d.mkn), [s, s]) if len(d.mkn) == 3 else None
             row["rule_lowers"] = rule is None
-            direct = ""
             if t_d is not None:
                 row["direct_rule_lowers"] = lower_mod._direct_rule(tuple(d.mkn)) is None
-                direct = f"{t_d * 1e3:10.2f} {t_d / t_f:6.2f}  {'lower' if row['direct_rule_lowers'] else 'float'}"
+            kernel = _default_kernel(fn, inputs)
+            row["default_kernel"] = kernel
+            default = {"fqt.conv_int8": "direct", "simulated": "float"}.get(kernel, "im2col")
+            direct = f"{t_d * 1e3:10.2f} {t_d / t_f:6.2f}" if t_d is not None else f"{'':10s} {'':6s}"
             print(f"{label:26s} {gemm:12s} {mkn:>20s} {t_f * 1e3:9.2f} {t_l * 1e3:10.2f} {t_l / t_f:6.2f}  "
-                  f"{'lower' if rule is None else 'float':5s} {direct}", flush=True)
+                  f"{'lower' if rule is None else 'float':5s} {direct}  {default}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "cpu": fqt_compile.cpu.describe(), "threads": torch.get_num_threads(),

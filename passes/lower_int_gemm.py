@@ -256,8 +256,8 @@ _QCONV_GEMM = {
 #
 # oneDNN's direct int8 convolution (output, stride-1 grad_input; ``_direct_conv``) builds no
 # columns and beat the float convolution from K >= 64 and N >= 32 (0.46-0.90x its time in
-# three runs; 64+ channels 0.46-0.62x); below, it loses or ties: a 1-channel stem's output
-# (K = 9) 1.9-2.3x, 8 and 16 channels 0.59-1.25x (benchmarks/results/conv_zen5_s17_direct.json,
+# four runs; 64+ channels 0.46-0.62x); below, it loses or ties: a 1-channel stem's output
+# (K = 9) 1.9-2.7x, 8 and 16 channels 0.59-1.25x (benchmarks/results/conv_zen5_s17_direct.json,
 # docs/performance.md, Direct int8 convolution).
 CONV_RULE = True  # benchmarks/bench_conv.py turns it off to time the lowering everywhere
 _COLS_CACHE_BYTES = 32 * 2**20
@@ -412,8 +412,8 @@ def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None,
     if cfg.direct_conv and _direct_conv(gemm, c, vb, mkn[1]):
         why = _direct_rule(mkn) if CONV_RULE else None
         # a 1x1 kernel's grad_input columns are the gradient itself (no copy to pay for):
-        # im2col + integer GEMM measured faster there (0.41-0.42x the float convolution
-        # against 0.52-0.54x direct, three runs), where its rule lowers it
+        # im2col + integer GEMM measured faster there (0.41-0.43x the float convolution
+        # against 0.52-0.56x direct, four runs), where its rule lowers it
         one_by_one = gemm == "grad_input" and all(_static(k) == 1 for k in vb.shape[2:])
         if why is None and CONV_RULE and one_by_one and _conv_rule(gemm, mkn, c.stride) is None:
             return None, mkn, False
