@@ -1,4 +1,5 @@
-"""Real clients: Hugging Face transformers models (GPT-2, BERT, Llama, T5) built from small
+"""Real clients: Hugging Face transformers models (GPT-2, BERT, Llama, T5; ResNet for the
+convolutions) built from small
 configs with random weights (no download) train under the ``fqt`` backend with every product
 covered. Llama brings grouped-query attention (SDPA with ``enable_gqa``: 2 key/value heads for 4
 query heads), rotary position embeddings, RMSNorm and the gated SiLU MLP; T5 an encoder-decoder
@@ -335,6 +336,48 @@ def test_gpt2_with_its_default_dropouts_trains_with_counter_based_masks():
     for name in _product_modules(model):
         g = model.get_submodule(name).weight.grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+
+
+def test_resnet_convolutions_are_quantized_lowered_where_the_rules_say_and_train():
+    """A convolutional client: HF ResNet (bottleneck blocks: 1x1, 3x3 and strided 3x3
+    convolutions, a strided 1x1 shortcut, batch norm) from a small config. Every ``nn.Conv2d``
+    is one quantized ``conv2d`` product; on a CPU where oneDNN's int8 convolution is exact the
+    convolutions from 32 output channels and K = C*kh*kw >= 64 run their ``output`` GEMM as it
+    (kernel ``fqt.conv_int8``), and no strided convolution's ``grad_input`` does; the model trains (loss falls by half in 8 SGD steps on a fixed batch,
+    measured 2.22 -> 0.62) with finite gradients everywhere."""
+    from conftest import CONV_DIRECT
+
+    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
+                                    layer_type="bottleneck", num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(cfg)
+    fqt_compile.compile(model, FQTConfig(compiler="eager"))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(8):
+        loss = nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    (rec,) = fqt_compile.records(model)
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {d.module for d in rec.insert.quantized if d.op == "conv2d"} == convs
+    got = [d for k in ("forward", "backward") for n, res in rec.aten_passes[k] if n == "lower_int_gemm"
+           for d in res.decisions]
+    direct = {(d.module, d.gemm) for d in got if d.kernel == "fqt.conv_int8"}
+    strided = {n for n in convs if model.get_submodule(n).stride != (1, 1)}
+    assert strided and not any(g == "grad_input" and m in strided for m, g in direct), direct
+    if CONV_DIRECT:
+        wide_outputs = {n for n in convs if model.get_submodule(n).out_channels >= 32
+                        and model.get_submodule(n).in_channels * math.prod(model.get_submodule(n).kernel_size) >= 64}
+        assert {m for m, g in direct if g == "output"} == wide_outputs
+    else:
+        assert not direct
 
 
 def test_torch_compile_string_backend():
