@@ -220,6 +220,7 @@ def _(a_codes, b_codes):
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache  # looked up once, not on every conv_int8 call
 def _onednn_qconv() -> object | None:
     ops = getattr(torch.ops, "onednn", None)
     for name in ("qconv_pointwise", "qconv2d_pointwise"):  # torch 2.5 has only the 2-D name
