@@ -103,10 +103,12 @@ def _infer_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: 
 
 
 def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                enable_gqa=False, *, spec: QSpec) -> Tensor:
-    # fqt_sdpa's decomposition in eval (no dropout), on fake-quantized operands
+                enable_gqa=False, *, spec: QSpec, mask_as_bias: bool = True) -> Tensor:
+    # fqt_sdpa's decomposition in eval (no dropout), on fake-quantized operands; mask_as_bias
+    # is how the training graph applies a boolean or causal mask (sdpa="recompute" chooses it
+    # per call): the same probabilities either way
     return sdpa_with(lambda a, b, which: _infer_matmul(a, b, spec=spec), query, key, value, attn_mask, 0.0,
-                     is_causal, scale, enable_gqa)
+                     is_causal, scale, enable_gqa, mask_as_bias)
 
 
 _INFERENCE_FORMS = {

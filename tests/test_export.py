@@ -100,6 +100,19 @@ def test_torch_export_round_trip(name, tmp_path):
         assert torch.equal(loaded.module()(x), out)
 
 
+@pytest.mark.parametrize("sdpa", ["decompose", "recompute"])
+def test_torch_export_takes_either_quantized_attention_policy(sdpa):
+    """``sdpa="recompute"`` tags each attention call with the mask form it trains with
+    (``mask_as_bias``); the inference form accepts it and computes the same forward (export
+    raised a TypeError on it until the eighteenth session)."""
+    model, simulated = _case("block")
+    ep = export(model, torch.randn(TRACE_BATCH, 8, 32), dataclasses.replace(CFG, sdpa=sdpa))
+    assert _fqt_nodes(ep) == [torch.ops.fqt.fake_quant.default] * CASES["block"][3]
+    x = torch.randn(5, 8, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), simulated(x))
+
+
 def test_torch_export_matches_the_default_compiled_model():
     """Against the compiled model with integer GEMMs (see the tolerance note above)."""
     model, _ = _case("block")
