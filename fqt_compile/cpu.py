@@ -35,21 +35,28 @@ _ISA_FLAGS = ("amx_int8", "amx_bf16", "avx512f", "avx512_vnni", "avx512_bf16", "
 def describe() -> dict[str, object]:
     """The CPU, for benchmark results: its model name and logical CPUs (``/proc/cpuinfo``;
     ``platform.processor()`` is empty on Linux) and which of the instruction sets the kernels
-    depend on it has. Timings from two machines of one cloud kind can differ in all three
-    (docs/performance.md has runs on an Intel CPU with AMX and an AMD one without)."""
+    depend on it has, and the x86 family and model numbers, which tell CPU generations apart
+    where a VM's model name does not ("AMD EPYC" is Zen 4 at family 25, Zen 5 at family 26).
+    Timings from two machines of one cloud kind can differ in all of these (docs/performance.md
+    has runs on an Intel CPU with AMX and on AMD ones without)."""
     from .cbuild import cpu_flags
 
     model, cpus = platform.processor() or platform.machine(), 0
+    ids: dict[str, int] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    model = value
                     cpus += 1
+                elif key in ("cpu family", "model") and value.isdigit():
+                    ids.setdefault("family" if key == "cpu family" else "model_number", int(value))
     except OSError:
         pass
     flags = cpu_flags()
-    return {"model": model, "logical_cpus": cpus or None, "isa": [f for f in _ISA_FLAGS if f in flags]}
+    return {"model": model, "logical_cpus": cpus or None, **ids, "isa": [f for f in _ISA_FLAGS if f in flags]}
 
 
 # glibc's mallopt parameters (malloc.h)
