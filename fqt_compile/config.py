@@ -99,7 +99,8 @@ class SdpaPolicy(_StrEnum):
     but recomputed there from the saved int8 codes of q, k, v (which the backward's GEMMs read
     anyway; the forward quantizers round to nearest, so the recomputed values are the
     forward's; an attention dropout's mask is recomputed from its saved seed): less activation
-    memory, one more score GEMM and softmax per step; or keep attention in ``full_precision``."""
+    memory, one more score GEMM and softmax per step (the default since the eighteenth
+    session: docs/performance.md has what it costs); or keep attention in ``full_precision``."""
 
     DECOMPOSE = "decompose"
     RECOMPUTE = "recompute"
@@ -228,6 +229,13 @@ class FQTConfig:
     every one of these quantizers keeps its scales on non-contracted axes, so all three GEMMs
     of a linear layer can run as int8 integer GEMMs. Use ``FQTConfig.recipe("bhq5")`` and
     friends for lower gradient bit-widths.
+
+    Memory: by default the backward recomputes quantized attention (``sdpa="recompute"``) and
+    a quantized linear layer followed by GELU (``recompute_mlp=True``) from saved int8 codes
+    instead of keeping their float outputs (identical gradients), so a transformer step keeps
+    about a third of fp32's activation bytes instead of more than fp32.
+    ``sdpa="decompose", recompute_mlp=False`` keeps them: faster (the recomputation cost
+    +10-12% step time in one-block A/B runs on AMD CPUs) with 3.6x the activation bytes.
     """
 
     mode: Mode = Mode.FQT
@@ -237,7 +245,7 @@ class FQTConfig:
     grad_weight: GradSpec = field(default_factory=lambda: GradSpec(GradKind.COLUMN, 8))
     ops: frozenset[OpKind] = frozenset({OpKind.LINEAR, OpKind.CONV, OpKind.MATMUL})
     overrides: tuple[Override, ...] = ()
-    sdpa: SdpaPolicy = SdpaPolicy.DECOMPOSE
+    sdpa: SdpaPolicy = SdpaPolicy.RECOMPUTE
     compiler: InnerCompiler = InnerCompiler.INDUCTOR
     lower_int_gemm: bool = True
     #: where the GEMMs are lowered, on a CPU whose oneDNN int8 convolution sums exactly (VNNI
@@ -249,8 +257,9 @@ class FQTConfig:
     #: recompute a quantized linear layer's output and the GELU after it in the backward
     #: (from the int8 codes of the layer's input and weight) instead of saving GELU's float
     #: input: less activation memory, one more forward GEMM per such pair; identical gradients
-    #: (round-to-nearest forward).
-    recompute_mlp: bool = False
+    #: (round-to-nearest forward). On by default (see the class docstring); False saves
+    #: GELU's input.
+    recompute_mlp: bool = True
     #: where the GEMMs are lowered and the CPU has AVX-512: compute an attention softmax and the
     #: quantizer of its output in one fused kernel (``fqt::softmax_quantize``), and softmax's
     #: backward with the stochastic quantizers of its result in another

@@ -473,7 +473,8 @@ def _attention_step(policy):
     # fuse_softmax off: with it the decompose policy's backward runs softmax's backward in the
     # fused kernel (another float summation order) while the recompute policy's graph, which
     # masks with masked_fill, keeps aten's; gradients would then agree to float rounding only
-    return _block_step((2, 64, 32), sdpa=policy, fuse_softmax=False)
+    # recompute_mlp off (the default is on): the attention's effect alone
+    return _block_step((2, 64, 32), sdpa=policy, fuse_softmax=False, recompute_mlp=False)
 
 
 def test_sdpa_recompute_keeps_the_gradients_and_saves_the_attention_probabilities():
@@ -513,7 +514,7 @@ def test_sdpa_recompute_with_dropout_recomputes_the_same_mask():
     def step(policy):
         torch.manual_seed(0)
         m = TransformerBlock(32, 4, dropout=0.25)
-        fqt_compile.compile(m, FQTConfig(compiler="eager", sdpa=policy, fuse_softmax=False))
+        fqt_compile.compile(m, FQTConfig(compiler="eager", sdpa=policy, fuse_softmax=False, recompute_mlp=False))
         torch.manual_seed(3)
         y = m(torch.randn(2, 64, 32))
         y.square().mean().backward()
@@ -543,7 +544,7 @@ def _dropouts(gm) -> int:
 def test_attention_dropout_saves_a_seed_and_recomputes_the_mask(compiler):
     """Quantized SDPA with dropout_p > 0 drops with fqt::dropout (a counter-based mask of a
     seed): the backward keeps the 0-d seed, no bool mask, and recomputes the mask with the
-    same op; the forward is reproducible under torch.manual_seed, and the inductor-compiled
+    same op (for the recomputed attention and for softmax's backward); the forward is reproducible under torch.manual_seed, and the inductor-compiled
     forward is the eager inner compiler's (the same mask: with another one every output row
     differs; with it, at most the row or two where float rounding flips a code)."""
     outs = []
@@ -556,8 +557,10 @@ def test_attention_dropout_saves_a_seed_and_recomputes_the_mask(compiler):
         y.square().mean().backward()
         outs.append(y.detach())
         rec = fqt_compile.records(m)[0]
-        for gm in (rec.forward, rec.backward):  # fqt::dropout, or the fused softmax kernel's (fuse_softmax)
-            assert _dropouts(gm) == 1
+        # fqt::dropout, or the fused softmax kernel's (fuse_softmax); the backward draws the
+        # mask twice: in the attention it recomputes (the default sdpa="recompute") and in
+        # softmax's backward
+        assert (_dropouts(rec.forward), _dropouts(rec.backward)) == (1, 2)
         saved = [n.meta["val"] for n in rec.backward.graph.nodes if n.op == "placeholder"]
         assert not any(v.dtype == torch.bool for v in saved)
         assert all(torch.isfinite(p.grad).all() for p in m.parameters())
@@ -577,7 +580,8 @@ def test_attention_dropout_saves_a_seed_and_recomputes_the_mask(compiler):
 
 
 def _mlp_step(recompute):
-    return _block_step((4, 64, 32), recompute_mlp=recompute)
+    # attention saved (the default recomputes it): the MLP's effect alone
+    return _block_step((4, 64, 32), sdpa="decompose", recompute_mlp=recompute)
 
 
 def test_recompute_mlp_keeps_the_gradients_and_drops_the_gelu_input():

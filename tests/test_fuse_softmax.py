@@ -67,8 +67,9 @@ def _block_grads(compiler, seed=0, dropout=0.0, **cfg):
     m = TransformerBlock(32, 4, dropout=dropout)
     x = torch.randn(2, 64, 32)
     # fuse_quantizers off: the fuse_softmax=False graphs compared against keep their stochastic
-    # quantizers as fqt::sr_quantize nodes (tests/test_fuse_quantizers.py)
-    fqt_compile.compile(m, FQTConfig(compiler=compiler, **{"fuse_quantizers": False, **cfg}))
+    # quantizers as fqt::sr_quantize nodes (tests/test_fuse_quantizers.py); attention saved
+    # unless a test asks for sdpa="recompute" (the default), which the tests compare against it
+    fqt_compile.compile(m, FQTConfig(compiler=compiler, **{"fuse_quantizers": False, "sdpa": "decompose", **cfg}))
     torch.manual_seed(1)
     y = m(x)
     y.square().mean().backward()
@@ -121,18 +122,22 @@ def test_a_different_seed_is_outside_the_tolerance():
 
 
 @needs_kernel
-def test_inspection_report_counts_the_fused_kernels_and_their_quantizers():
+@pytest.mark.parametrize("sdpa", ["decompose", "recompute"])
+def test_inspection_report_counts_the_fused_kernels_and_their_quantizers(sdpa):
+    # the recompute policy (the default) runs the forward softmax kernel again in the backward
+    forward = 1 + (sdpa == "recompute")
+    cfg = FQTConfig(compiler="eager", sdpa=sdpa)
     torch.manual_seed(0)
-    report = inspect(TransformerBlock(32, 4), torch.randn(2, 16, 32), FQTConfig(compiler="eager"))
+    report = inspect(TransformerBlock(32, 4), torch.randn(2, 16, 32), cfg)
     t = report.totals
-    assert t["fused_softmax"] == 1 and t["fused_softmax_backward"] == 1
+    assert t["fused_softmax"] == forward and t["fused_softmax_backward"] == 1
     assert t["stochastic_quantizers"] == t["seeds"] > 2  # the fused op's two quantizers counted
-    assert "Fused kernels: 1 softmax + quantizer of its output" in report.format()
+    assert f"Fused kernels: {forward} softmax + quantizer of its output" in report.format()
     assert t["fused_softmax_dropout"] == 0 and "dropout" not in report.format()
     torch.manual_seed(0)
-    report = inspect(TransformerBlock(32, 4, dropout=0.1), torch.randn(2, 16, 32), FQTConfig(compiler="eager"))
-    assert report.totals["fused_softmax_dropout"] == 2  # forward and backward kernel
-    assert "2 of the softmax kernels draw the attention dropout's mask inside" in report.format()
+    report = inspect(TransformerBlock(32, 4, dropout=0.1), torch.randn(2, 16, 32), cfg)
+    assert report.totals["fused_softmax_dropout"] == forward + 1  # forward kernel(s) and backward kernel
+    assert f"{forward + 1} of the softmax kernels draw the attention dropout's mask inside" in report.format()
 
 
 @needs_kernel

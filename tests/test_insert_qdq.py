@@ -66,8 +66,10 @@ def test_forward_and_backward_graphs_hold_the_expected_quantizers(name):
     make, make_x, products, no_input_grad, convs = CASES[name]
     torch.manual_seed(0)
     # lowering off: the graphs as this pass leaves them (test_lower_int_gemm.py counts what
-    # the lowering makes of them)
-    rec = compile_and_step(make(), make_x(), FQTConfig.recipe("psq8", compiler="eager", lower_int_gemm=False))
+    # the lowering makes of them); nothing recomputed in the backward (the default recomputes
+    # the attention and fc1 + GELU: tests/test_keep_codes.py counts what that adds)
+    cfg = FQTConfig.recipe("psq8", compiler="eager", lower_int_gemm=False, sdpa="decompose", recompute_mlp=False)
+    rec = compile_and_step(make(), make_x(), cfg)
     assert len(rec.insert.quantized) == (products if name != "block" else products - 1)  # sdpa = 2 products
     fw, bw = fqt_counts(rec.forward), fqt_counts(rec.backward)
     # forward: Q_f on the input and Q_w on the weight (or Q_f on both activations) per product;

@@ -118,13 +118,16 @@ def test_lowered_equals_simulated_with_the_same_draws(model, gi_kind, gw_kind, f
 
 def test_lowered_gemm_counts_in_training_graphs():
     torch.manual_seed(0)
+    saved = {"sdpa": "decompose", "recompute_mlp": False}
     cases = [
-        (MLP(64, 32, 10, depth=2), torch.randn(8, 64), (3, 5), (0, 0)),
-        (SmallCNN(width=8), torch.randn(4, 1, 8, 8), (1, 2), (4, 7)),  # convs reported simulated (8 channels)
-        (TransformerBlock(32, 4), torch.randn(2, 8, 32), (6, 12), (0, 0)),
+        (MLP(64, 32, 10, depth=2), torch.randn(8, 64), {}, (3, 5), (0, 0)),
+        (SmallCNN(width=8), torch.randn(4, 1, 8, 8), {}, (1, 2), (4, 7)),  # convs reported simulated (8 channels)
+        (TransformerBlock(32, 4), torch.randn(2, 8, 32), saved, (6, 12), (0, 0)),
+        # the default recomputes the score GEMM and fc1's in the backward: two more, lowered too
+        (TransformerBlock(32, 4), torch.randn(2, 8, 32), {}, (6, 14), (0, 0)),
     ]
-    for model, x, (fw_low, bw_low), (fw_sim, bw_sim) in cases:
-        _, _, rec = _run(model, x, FQTConfig.recipe("psq8", compiler="eager"))
+    for model, x, changes, (fw_low, bw_low), (fw_sim, bw_sim) in cases:
+        _, _, rec = _run(model, x, FQTConfig.recipe("psq8", compiler="eager", **changes))
         fw, bw = _lowering(rec, "forward"), _lowering(rec, "backward")
         assert (len(fw.lowered), len(bw.lowered)) == (fw_low, bw_low), type(model).__name__
         assert (len(fw.simulated), len(bw.simulated)) == (fw_sim, bw_sim), type(model).__name__
