@@ -231,7 +231,7 @@ class FQTConfig:
     friends for lower gradient bit-widths.
 
     Memory: by default the backward recomputes quantized attention (``sdpa="recompute"``) and
-    a quantized linear layer followed by GELU (``recompute_mlp=True``) from saved int8 codes
+    a quantized linear layer followed by an activation (``recompute_mlp=True``) from saved int8 codes
     instead of keeping their float outputs (identical gradients), so a transformer step keeps
     about a third of fp32's activation bytes instead of more than fp32.
     ``sdpa="decompose", recompute_mlp=False`` keeps them: faster (the recomputation cost
@@ -254,11 +254,14 @@ class FQTConfig:
     #: instead of im2col + an integer GEMM; the same integer sums and epilogue. False: im2col
     #: under the measured rule (docs/performance.md, Convolutions)
     direct_conv: bool = True
-    #: recompute a quantized linear layer's output and the GELU after it in the backward
-    #: (from the int8 codes of the layer's input and weight) instead of saving GELU's float
-    #: input: less activation memory, one more forward GEMM per such pair; identical gradients
-    #: (round-to-nearest forward). On by default (see the class docstring); False saves
-    #: GELU's input.
+    #: recompute a quantized linear layer's output and the activation after it in the backward
+    #: (from the int8 codes of the layer's input and weight) instead of saving the activation's
+    #: float input: GELU, SiLU, an activation written out as elementwise ops (HF GPT-2's
+    #: tanh-GELU), or a gated product of two such layers' outputs (SwiGLU: both projections);
+    #: not where the activation also reads another value (a residual) or keeps no float (ReLU).
+    #: Less activation memory, the layers' forward GEMMs once more; identical gradients
+    #: (round-to-nearest forward). On by default (see the class docstring); False saves the
+    #: activation's input.
     recompute_mlp: bool = True
     #: where the GEMMs are lowered and the CPU has AVX-512: compute an attention softmax and the
     #: quantizer of its output in one fused kernel (``fqt::softmax_quantize``), and softmax's

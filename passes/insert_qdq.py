@@ -425,7 +425,7 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
         node.meta["fqt"] = d
         result.decisions.append(d)
     if cfg.recompute_mlp:
-        _mark_linear_gelu_recompute(graph)
+        _mark_mlp_recompute(graph)
     if cfg.counter_dropout:
         result.counter_dropouts = _counter_dropouts(graph, cfg)
     graph.lint()
@@ -513,24 +513,100 @@ def _counter_dropouts(graph: fx.Graph, cfg: FQTConfig) -> int:
     return n
 
 
-_GELUS = (F.gelu, torch._C._nn.gelu)
+#: activations whose backward reads their float input or output: a region must hold one (or a
+#: product of two tensors, the gate of a gated MLP) for its recomputation to save anything
+_ACTIVATIONS = {F.gelu, torch._C._nn.gelu, F.silu, torch.sigmoid, torch.tanh, torch.erf, torch.pow, F.sigmoid,
+                F.tanh, operator.pow}
+_ACTIVATION_METHODS = {"sigmoid", "tanh", "erf", "pow"}
+#: other elementwise ops a region may hold (the arithmetic of activations written out, as HF
+#: GPT-2's tanh-GELU), and views that keep the elements where they are
+_ELEMENTWISE = {torch.mul, torch.add, torch.sub, torch.div, operator.mul, operator.add, operator.sub,
+                operator.truediv, operator.neg, torch.neg, F.relu, torch.relu}
+_ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "relu", "view", "reshape", "contiguous"}
+#: products whose linear layer may start a region (a parameter weight: the layer's GEMM is what
+#: the backward runs again)
+_LINEARS = (fqt_linear, fqt_addmm)
 
 
-def _mark_linear_gelu_recompute(graph: fx.Graph) -> None:
-    """config.recompute_mlp: tag each GELU whose input is a quantized linear layer used only
-    by it, and that layer, for recomputation in the backward (see :func:`_mark_recompute`):
-    the partitioner then keeps the int8 codes of the layer's input (``passes.keep_codes``)
-    instead of GELU's float input, and recomputes the layer's GEMM and the GELU."""
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _GELUS:
+def _elementwise(node: fx.Node) -> tuple[bool, bool]:
+    """(may be in a region, needs its float operands for its backward)."""
+    if node.op == "call_function":
+        if node.target in _ACTIVATIONS:
+            return True, True
+        if node.target in _ELEMENTWISE:
+            tensors = sum(isinstance(a, fx.Node) for a in node.args)
+            return True, node.target in (torch.mul, torch.div, operator.mul, operator.truediv) and tensors == 2
+    elif node.op == "call_method":
+        if node.target in _ACTIVATION_METHODS:
+            return True, True
+        if node.target in _ELEMENTWISE_METHODS:
+            tensors = sum(isinstance(a, fx.Node) for a in node.args)
+            return True, node.target in ("mul", "div") and tensors == 2
+    return False, False
+
+
+def _mlp_region(start: fx.Node, taken: set[fx.Node]) -> list[fx.Node] | None:
+    """The nodes to recompute for the quantized linear layer ``start``: the elementwise ops its
+    output flows through (up to the next quantized product, or any other op), and any other
+    quantized linear layer whose output joins them (a gated MLP's up projection:
+    ``silu(gate(x)) * up(x)``). None where an op of the region reads a value from outside it
+    other than a constant (a residual addition: that value would have to be kept for the
+    recomputation), or where the region would save nothing (no activation whose backward reads
+    floats)."""
+    region, frontier, saves = {start}, [start], False
+    inputs: set[fx.Node] = set()  # values the region's elementwise ops read
+    while frontier:
+        node = frontier.pop()
+        if node.target not in _LINEARS:
+            for arg in node.all_input_nodes:
+                if arg in region:
+                    continue
+                if arg.op == "call_function" and arg.target in _LINEARS and arg not in taken:
+                    region.add(arg)  # a gated MLP's other projection
+                    frontier.append(arg)
+                else:
+                    inputs.add(arg)
+        for user in node.users:
+            if user in region:
+                continue
+            allowed, needs_float = _elementwise(user)
+            if not allowed:
+                # the region ends here: usually at the next quantized product, which saves the
+                # codes of what it reads; any other op saves what its own backward needs
+                continue
+            saves |= needs_float
+            region.add(user)
+            frontier.append(user)
+    # every value read from outside is a constant (one computed inside, as the tanh-GELU's
+    # x + 0.044715 x^3 reads x^3, was reached by now)
+    if any(arg not in region and arg.op != "get_attr" for arg in inputs) or not saves:
+        return None
+    return [n for n in start.graph.nodes if n in region]
+
+
+def _mark_mlp_recompute(graph: fx.Graph) -> None:
+    """config.recompute_mlp: tag each quantized linear layer whose output goes through an
+    activation (GELU, SiLU, a tanh-GELU written out, the gated product of two layers' outputs),
+    usually into the next quantized product, and that activation, for recomputation in the backward (see
+    :func:`_mark_recompute`): the partitioner then keeps the int8 codes of the layers' input
+    (``passes.keep_codes``), which their grad_weight GEMMs read anyway, instead of the
+    activation's float input and intermediate values, and recomputes the layers' GEMMs and the
+    activation."""
+    taken: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _LINEARS or node in taken:
             continue
-        src = node.args[0] if node.args else None
-        if not (isinstance(src, fx.Node) and src.target is fqt_linear and len(src.users) == 1):
+        region = _mlp_region(node, taken)
+        if region is None:
             continue
-        _tag_for_recompute([src, node])
-        d = src.meta.get("fqt")
-        if d is not None:
-            d.reason += "; output and the GELU after it recomputed in the backward (config.recompute_mlp)"
+        taken.update(region)
+        _tag_for_recompute(region)
+        ops = [_op_name(n) for n in region if n.target not in _LINEARS and _elementwise(n)[1]]
+        for linear in (n for n in region if n.target in _LINEARS):
+            d = linear.meta.get("fqt")
+            if d is not None:
+                d.reason += (f"; output and the activation after it ({', '.join(dict.fromkeys(ops))}) recomputed in "
+                             "the backward (config.recompute_mlp)")
 
 
 def _op_name(node: fx.Node) -> str:

@@ -11,7 +11,7 @@ a quarter of the float bytes, and re-quantizing costs a pass over the float tens
 reduction for per-tensor scales, then the rounding). So this pass, run on the joint graph
 before the partition, marks each such quantizer ``MUST_SAVE``: its codes, scale and offset
 are saved, the rest of the region (the score GEMM, the softmax and the quantizer of its output;
-fc1's GEMM and the GELU) is still recomputed from them. The quantizers round to nearest, so
+fc1's GEMM and its activation) is still recomputed from them. The quantizers round to nearest, so
 the values are the same either way; what changes is what the step keeps and recomputes.
 
 A quantizer is taken when it lies in one of insert_qdq's recompute regions (``ac_graph_id`` at

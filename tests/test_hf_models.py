@@ -26,7 +26,9 @@ the config and the changed attribute recompiles the graph (harmless, but a secon
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -301,6 +303,54 @@ def test_gqa_and_a_learned_attention_bias_reach_quantized_sdpa(run: Run):
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     finally:
         run.model.zero_grad(set_to_none=True)
+
+
+#: the linear layers whose output and activation the default recompute_mlp recomputes, per
+#: model: GPT-2's tanh-GELU written out, BERT's GELU (and its pooler's tanh), Llama's gated
+#: SwiGLU (both projections); T5's ReLU MLP keeps only a mask, so nothing is recomputed there
+RECOMPUTED_MLP = {
+    "gpt2": r"transformer\.h\.\d+\.mlp\.c_fc",
+    "bert": r"bert\.(encoder\.layer\.\d+\.intermediate\.dense|pooler\.dense)",
+    "llama": r"model\.layers\.\d+\.mlp\.(gate|up)_proj",
+    "t5": r"(?!)",
+}
+
+
+def test_the_mlp_activation_is_recomputed(run: Run):
+    tagged = {d.module for r in run.records for d in r.insert.decisions if "config.recompute_mlp" in d.reason}
+    expected = {m for m in run.linear_modules if re.fullmatch(RECOMPUTED_MLP[run.kind], m)}
+    assert tagged == expected
+    assert len(expected) >= (0 if run.kind == "t5" else LAYERS)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_recomputed_mlp_gives_the_same_gradients_and_keeps_fewer_floats(build):
+    """GPT-2's written-out tanh-GELU and Llama's SwiGLU (whose two projections are recomputed
+    together): the gradients equal those of the config that saves the activation, bit for bit
+    (round-to-nearest forward quantizers), and the step keeps fewer float bytes."""
+
+    def step(recompute):
+        torch.manual_seed(0)
+        model = build("sdpa")
+        fqt_compile.compile(model, dataclasses.replace(CFG, recompute_mlp=recompute))
+        floats = []
+
+        def pack(t):
+            if t.dtype == torch.float32 and not isinstance(t, nn.Parameter):
+                floats.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**_batch("llama")).loss
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(floats)
+
+    grads, floats = step(True)
+    grads_saved, floats_saved = step(False)
+    for n in grads:
+        assert torch.equal(grads[n], grads_saved[n]), n
+    # at least the activation's float input per layer (BATCH x SEQ x the MLP's width)
+    assert floats_saved - floats >= LAYERS * BATCH * SEQ * 128
 
 
 def test_gpt2_with_its_default_dropouts_trains_with_counter_based_masks():

@@ -257,3 +257,107 @@ def test_training_dropouts_use_the_counter_based_mask(counter):
     with torch.no_grad():
         m(torch.randn(4, 16))
     assert fqt_compile.records(m)[-1].insert.counter_dropouts == 0
+
+
+# config.recompute_mlp (on by default): which activations between quantized linear layers the
+# pass tags for recomputation in the backward (passes/insert_qdq._mlp_region)
+
+
+class _TanhGelu(nn.Module):
+    """HF GPT-2's MLP: the tanh approximation of GELU written out as elementwise ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608028654 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return self.fc2(h)
+
+
+class _Gated(nn.Module):
+    """Llama's SwiGLU MLP: two projections of the same input joined by a product."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(16, 64, bias=False), nn.Linear(16, 64, bias=False)
+        self.down = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class _GeluNorm(nn.Module):
+    """GELU into a layer norm (BERT's masked-LM head): the region ends at the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(16, 64), nn.LayerNorm(64)
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.fc(x)))
+
+
+class _Residual(nn.Module):
+    """An activation that also reads the block's input: recomputing it would need that float."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc2(x + F.gelu(self.fc1(x)))
+
+
+class _Relu(nn.Module):
+    """ReLU's backward needs a mask only (kept as int8): recomputing would save nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+#: model -> (the linear layers recomputed, the activation ops named in their reason)
+RECOMPUTE_CASES = {
+    "tanh_gelu": (_TanhGelu, ["fc1"], "pow, tanh, mul"),
+    "gated": (_Gated, ["gate", "up"], "silu, mul"),
+    "gelu_norm": (_GeluNorm, ["fc"], "gelu"),
+    "residual": (_Residual, [], None),
+    "relu": (_Relu, [], None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECOMPUTE_CASES))
+def test_recompute_mlp_tags_the_activation_regions_between_quantized_layers(name):
+    make, recomputed, ops = RECOMPUTE_CASES[name]
+
+    def step(recompute):
+        torch.manual_seed(0)
+        # a layer norm first, so that the layers' input is an activation, not the batch (whose
+        # codes passes/keep_codes.py does not keep: quantizing it again costs no memory)
+        model = nn.Sequential(nn.LayerNorm(16), make())
+        rec = compile_and_step(model, torch.randn(4, 8, 16), FQTConfig(compiler="eager", recompute_mlp=recompute))
+        return rec, {n: p.grad for n, p in model.named_parameters()}
+
+    rec, grads = step(True)
+    recomputed = [f"1.{m}" for m in recomputed]
+    tagged = [d.module for d in rec.insert.decisions if "config.recompute_mlp" in d.reason]
+    assert tagged == recomputed
+    for d in rec.insert.decisions:
+        if d.module in recomputed:
+            assert f"output and the activation after it ({ops}) recomputed in the backward" in d.reason
+    nodes = [n for n in rec.torch_graph.graph.nodes if "recompute" in n.meta]
+    assert len({n.meta["ac_graph_id"] for n in nodes}) == (1 if recomputed else 0)  # one region per MLP
+    assert not any(n.target is F.layer_norm for n in nodes)  # the norms before and after: not in it
+    if recomputed:
+        # the same gradients as with the activation saved (the forward quantizers round to
+        # nearest, so the recomputed values are the forward's), and the linear layers' input
+        # keeps its codes (passes/keep_codes.py: one per recomputed layer)
+        _, grads_saved = step(False)
+        for n in grads:
+            assert torch.equal(grads[n], grads_saved[n]), n
+        assert rec.aten_passes["joint"][0][1]["kept"] == len(recomputed)
