@@ -4,6 +4,7 @@
     python benchmarks/ab_config.py --a 'FQTConfig(fuse_quantizers=False)' --b 'FQTConfig()'
     python benchmarks/ab_config.py --a 'FQTConfig(fuse_gelu=False)' --layers 2 --steps 8
     python benchmarks/ab_config.py --model cnn --a None --b 'FQTConfig()' --steps 20
+    python benchmarks/ab_config.py --model llama --a 'FQTConfig(sdpa="decompose", recompute_mlp=False)'
     python benchmarks/ab_config.py --dropout-b 0.1      # the cost of attention dropout
     python benchmarks/ab_config.py --resid-dropout 0.1 --a 'FQTConfig(counter_dropout=False)'
 
@@ -12,7 +13,9 @@ compiles one with each config (inductor inner compiler unless the config says ot
 runs 2 warm-up steps of each (compilation), then ``--steps`` timed steps of A and B
 alternately on the same batch (8 x 512 tokens), and prints the median step times and their
 ratio B / A. ``None`` as a config is the model uncompiled (fp32 eager). ``--model cnn``:
-``SmallCNN`` width 32, 2 residual blocks, batch 128 of 1 x 28 x 28 (``--layers`` unused). On this shared 2-core machine whole runs drift by 10% and more from one run to the
+``SmallCNN`` width 32, 2 residual blocks, batch 128 of 1 x 28 x 28 (``--layers`` unused).
+``--model llama``: Hugging Face Llama blocks (d 1024, 16 heads, 8 key/value heads, SwiGLU
+MLP 2816; ``transformers``, random weights) on the same batch. On this shared 2-core machine whole runs drift by 10% and more from one run to the
 next; steps interleaved in one process see the same drift, so the ratio is what to compare.
 ``fqt_compile.keep_freed_memory()`` is applied first (as in the other benchmarks).
 """
@@ -35,12 +38,25 @@ from fqt_compile import FQTConfig, GradSpec  # noqa: E402,F401  (for the config 
 from fqt_compile.models import GPT, SmallCNN  # noqa: E402
 
 
+def _llama(layers: int) -> torch.nn.Module:
+    """Hugging Face Llama from a config with random weights: d 1024, 16 heads (8 key/value
+    heads), SwiGLU MLP 2816, SDPA attention, vocabulary 256."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        num_hidden_layers=layers, hidden_size=1024, num_attention_heads=16, num_key_value_heads=8,
+        intermediate_size=2816, vocab_size=256, max_position_embeddings=512,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", default="FQTConfig()", help="FQTConfig expression of variant A")
     ap.add_argument("--b", default="FQTConfig()", help="FQTConfig expression of variant B")
-    ap.add_argument("--model", choices=("gpt", "cnn"), default="gpt")
-    ap.add_argument("--layers", type=int, default=1, help="GPT blocks")
+    ap.add_argument("--model", choices=("gpt", "cnn", "llama"), default="gpt")
+    ap.add_argument("--layers", type=int, default=1, help="GPT or Llama blocks")
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each variant")
     ap.add_argument("--dropout-a", type=float, default=0.0, help="GPT attention dropout of variant A")
     ap.add_argument("--dropout-b", type=float, default=0.0, help="GPT attention dropout of variant B")
@@ -51,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     fqt_compile.keep_freed_memory()
     configs = {"a": eval(args.a), "b": eval(args.b)}  # noqa: S307 - command-line config expressions
     g = torch.Generator().manual_seed(0)
-    if args.model == "gpt":
+    if args.model in ("gpt", "llama"):
         x, y = torch.randint(0, 256, (8, 512), generator=g), torch.randint(0, 256, (8, 512), generator=g)
     else:
         x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
@@ -63,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             for block in model.blocks:
                 block.dropout = getattr(args, f"dropout_{name}")
                 block.resid_dropout = args.resid_dropout
+        elif args.model == "llama":
+            model = _llama(args.layers)
         else:
             model = SmallCNN(in_ch=1, width=32, n_classes=10, blocks=2)
         if cfg is not None:
@@ -73,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         model, opt = runs[name]
         t0 = time.perf_counter()
         out = model(x)
+        out = out.logits if hasattr(out, "logits") else out
         F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
