@@ -381,7 +381,11 @@ def test_gpt2_with_its_default_dropouts_trains_with_counter_based_masks():
         else:
             assert len(drops) == r.insert.counter_dropouts + n_attn
         saved = [n.meta["val"] for n in r.backward.graph.nodes if n.op == "placeholder"]
-        assert not any(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in saved)
+        masks = [tuple(v.shape) for v in saved if isinstance(v, torch.Tensor) and v.dtype == torch.bool]
+        # no dropout mask (of the probabilities or of activations); the attention's own
+        # (batch, 1, L, L) boolean mask may be kept for the attention the backward recomputes
+        # (the default sdpa="recompute"; transformers passes one on torch 2.11, not on 2.13)
+        assert all(m == (BATCH, 1, SEQ, SEQ) for m in masks), masks
     model(**_batch("gpt2")).loss.backward()
     for name in _product_modules(model):
         g = model.get_submodule(name).weight.grad
