@@ -587,11 +587,11 @@ def _mlp_region(start: fx.Node, taken: set[fx.Node]) -> list[fx.Node] | None:
 def _mark_mlp_recompute(graph: fx.Graph) -> None:
     """config.recompute_mlp: tag each quantized linear layer whose output goes through an
     activation (GELU, SiLU, a tanh-GELU written out, the gated product of two layers' outputs),
-    usually into the next quantized product, and that activation, for recomputation in the backward (see
-    :func:`_mark_recompute`): the partitioner then keeps the int8 codes of the layers' input
-    (``passes.keep_codes``), which their grad_weight GEMMs read anyway, instead of the
-    activation's float input and intermediate values, and recomputes the layers' GEMMs and the
-    activation."""
+    usually into the next quantized product, and that activation, for recomputation in the
+    backward (see :func:`_mark_recompute`): the partitioner then keeps the int8 codes of the
+    layers' input (``passes.keep_codes``), which their grad_weight GEMMs read anyway, instead of
+    the activation's float input and intermediate values, and recomputes the layers' GEMMs and
+    the activation."""
     taken: set[fx.Node] = set()
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _LINEARS or node in taken:
