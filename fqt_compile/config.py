@@ -231,11 +231,12 @@ class FQTConfig:
     friends for lower gradient bit-widths.
 
     Memory: by default the backward recomputes quantized attention (``sdpa="recompute"``) and
-    a quantized linear layer followed by an activation (``recompute_mlp=True``) from saved int8 codes
-    instead of keeping their float outputs (identical gradients), so a transformer step keeps
-    about a third of fp32's activation bytes instead of more than fp32.
-    ``sdpa="decompose", recompute_mlp=False`` keeps them: faster (the recomputation cost
-    +10-12% step time in one-block A/B runs on AMD CPUs) with 3.6x the activation bytes.
+    a quantized linear layer followed by an activation (``recompute_mlp=True``) from saved
+    int8 codes instead of keeping their float outputs (identical gradients), so a transformer
+    step keeps a fifth to a third of fp32's activation bytes instead of about as many as fp32
+    or more. ``sdpa="decompose", recompute_mlp=False`` keeps them: faster (the recomputation
+    cost +10-12% step time in one-block A/B runs of the GPT block on AMD CPUs, +16% for a
+    Llama block, whose two MLP projections run again), with 3-4x the activation bytes.
     """
 
     mode: Mode = Mode.FQT
