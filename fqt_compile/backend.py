@@ -24,6 +24,7 @@ import functools
 import inspect
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -226,6 +227,9 @@ class FQTBackend:
         self.records: list[GraphRecord] = []
         self.max_records = max_records
         self._lock = threading.Lock()
+        #: the module paths of the model ``fqt_compile.compile`` compiled with this backend
+        #: (``named_modules``), to check the paths the graphs' decisions carry; None otherwise
+        self.module_paths: frozenset[str] | None = None
 
     def __repr__(self) -> str:
         return f"FQTBackend({self.config.describe()}, compiler={self.config.compiler.value})"
@@ -234,6 +238,7 @@ class FQTBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
         cfg = _inductor_fallback(_config_from_options(kwargs.get("options"), self.config))
         insert = insert_qdq(gm, cfg) if cfg.mode is not Mode.OFF else InsertResult()
+        self._check_paths(cfg, insert)
         record = GraphRecord(cfg, gm, insert)
         with self._lock:
             self.records.append(record)
@@ -250,6 +255,26 @@ class FQTBackend:
                 if any(r is record for r in self.records):
                     self.records.remove(record)
             raise
+
+    def _check_paths(self, cfg: FQTConfig, insert: InsertResult) -> None:
+        """Warn where overrides were matched against module paths that are not the compiled
+        model's: after a graph break inside a submodule's ``forward``, dynamo compiles the rest
+        of it as a frame of that submodule, whose paths are relative to it (``b`` for
+        ``enc.b``), and one such graph may serve every instance of the submodule's class, so
+        the overrides cannot tell the instances apart (docs/usage.md, Overrides)."""
+        if not cfg.overrides or self.module_paths is None:
+            return
+        foreign = sorted({d.module for d in insert.decisions if d.module and d.module not in self.module_paths})
+        if foreign:
+            msg = (
+                f"fqt_compile: a compiled graph names modules {foreign[:4]} that are not module paths of the "
+                "compiled model (a graph break inside a submodule's forward compiles the rest as that "
+                "submodule's own frame, with paths relative to it); the config's overrides were matched "
+                "against these paths and may not apply as intended: check fqt_compile.records(model), or "
+                "compile with fullgraph=True to find the graph break"
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            log.warning(msg)
 
     def _run_aten_passes(self, gm: fx.GraphModule, record: GraphRecord, kind: str) -> None:
         setattr(record, kind, gm)
