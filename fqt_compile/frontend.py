@@ -89,7 +89,7 @@ def compile(
         model._compiled_call_impl = torch.compile(
             _entry_frame(model._call_impl, type(model).__name__), backend=backend, dynamic=dynamic, fullgraph=fullgraph
         )
-        backend.module_paths = frozenset(name for name, _ in model.named_modules())
+        backend.module_paths = frozenset(name for name, _ in model.named_modules(remove_duplicate=False))
         _BACKENDS[model] = backend
         return model
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
