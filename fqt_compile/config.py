@@ -233,7 +233,7 @@ class FQTConfig:
     Memory: by default the backward recomputes quantized attention (``sdpa="recompute"``) and
     a quantized linear layer followed by an activation (``recompute_mlp=True``) from saved
     int8 codes instead of keeping their float outputs (identical gradients), so a transformer
-    step keeps a fifth to a third of fp32's activation bytes instead of about as many as fp32
+    step keeps 0.2-0.4x of fp32's activation bytes instead of about as many as fp32
     or more. ``sdpa="decompose", recompute_mlp=False`` keeps them: faster (the recomputation
     cost +10-12% step time in one-block A/B runs of the GPT block on AMD CPUs, +16% for a
     Llama block, whose two MLP projections run again), with 3-4x the activation bytes.
