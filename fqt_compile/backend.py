@@ -19,19 +19,23 @@ for :meth:`FQTConfig.from_dict`.
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 import dataclasses
 import functools
 import inspect
 import logging
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from .config import FQTConfig, InnerCompiler, Mode
+from .frames import InstanceDispatch, frame_of, instance_groups
 from .passes.insert_qdq import InsertResult, insert_qdq
 from .passes.keep_codes import KeepCodesJointPass, partition_keeping_codes
 from .passes.decompose_fqt import decompose_fqt
@@ -84,6 +88,12 @@ class GraphRecord:
     backward: fx.GraphModule | None = None  # aten backward graph
     inference: fx.GraphModule | None = None  # aten graph under no_grad / eval
     aten_passes: dict[str, list[Any]] = field(default_factory=dict)  # graph kind -> pass results
+    #: the path of the submodule whose frame dynamo compiled this graph for (after a graph break
+    #: inside its forward), None for the model's own frames (:mod:`fqt_compile.frames`)
+    frame: str | None = None
+    #: where ``frame`` is set: the instances of its class whose overrides this graph's decisions
+    #: hold for (one variant of the graph is compiled per group of instances)
+    instances: tuple[str, ...] = ()
 
 
 def resolve_config(config: Any) -> FQTConfig:
@@ -228,18 +238,49 @@ class FQTBackend:
         self.max_records = max_records
         self._lock = threading.Lock()
         #: the module paths of the model ``fqt_compile.compile`` compiled with this backend
-        #: (``named_modules``), to check the paths the graphs' decisions carry; None otherwise
+        #: (``named_modules``, set by :meth:`bind`), to check the paths the graphs' decisions
+        #: carry; None otherwise
         self.module_paths: frozenset[str] | None = None
+        self._model: weakref.ref[nn.Module] | None = None
 
     def __repr__(self) -> str:
         return f"FQTBackend({self.config.describe()}, compiler={self.config.compiler.value})"
 
+    def bind(self, model: nn.Module) -> None:
+        """Tell the backend which model it compiles (``fqt_compile.compile`` does): to name the
+        module paths of a graph that dynamo compiled for a submodule's frame in full, and to
+        compile a variant per group of that submodule's instances where the overrides treat
+        them differently (:mod:`fqt_compile.frames`)."""
+        self.module_paths = frozenset(name for name, _ in model.named_modules(remove_duplicate=False))
+        self._model = weakref.ref(model)
+
     # torch.compile calls backend(gm, example_inputs, **kwargs) with mode=/options= if given
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
         cfg = _inductor_fallback(_config_from_options(kwargs.get("options"), self.config))
-        insert = insert_qdq(gm, cfg) if cfg.mode is not Mode.OFF else InsertResult()
+        model = self._model() if self._model is not None else None
+        frame = frame_of(gm, example_inputs, model) if model is not None and cfg.mode is not Mode.OFF else None
+        if frame is None or not frame.prefix:
+            return self._compile_one(gm, example_inputs, cfg)
+        groups = instance_groups(gm, cfg, model, frame)
+        if len(groups) == 1:
+            return self._compile_one(gm, example_inputs, cfg, frame.prefix, groups[0])
+        # the overrides treat this submodule's instances differently, and dynamo may run this
+        # graph for any of them: a variant per group, each from an unchanged copy of the graph
+        copies = [_copy_graph_module(gm) for _ in groups[1:]]
+        variants = [(groups[0], self._compile_one(gm, example_inputs, cfg, groups[0][0], groups[0]))]
+        for group, copy in zip(groups[1:], copies):
+            variants.append((group, self._compile_one(copy, example_inputs, cfg, group[0], group)))
+        log.info("fqt backend: graph of the frame of %r compiled in %d variants for its instances %s",
+                 frame.prefix, len(variants), [list(g) for g in groups])
+        return InstanceDispatch(frame, model, variants)
+
+    def _compile_one(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FQTConfig, prefix: str = "",
+        instances: tuple[str, ...] = (),
+    ) -> Callable[..., Any]:
+        insert = insert_qdq(gm, cfg, path_prefix=prefix) if cfg.mode is not Mode.OFF else InsertResult()
         self._check_paths(cfg, insert)
-        record = GraphRecord(cfg, gm, insert)
+        record = GraphRecord(cfg, gm, insert, frame=prefix or None, instances=instances)
         with self._lock:
             self.records.append(record)
             del self.records[: -self.max_records]
@@ -341,6 +382,14 @@ class FQTBackend:
             inference_compiler=compiler("inference"),
             partition_fn=partition_keeping_codes(self._joint_result(record), example_inputs),
         )(gm, example_inputs)
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a dynamo graph that passes can change apart from ``gm`` (the nodes' meta dicts
+    are copied, their values, such as fake tensors, shared)."""
+    copy = fx.GraphModule(gm, copy_module.deepcopy(gm.graph), class_name=type(gm).__name__)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy
 
 
 def _autograd_cache_off() -> contextlib.AbstractContextManager:

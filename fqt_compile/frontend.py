@@ -37,7 +37,7 @@ class FQTTraceError(TypeError):
 
 def check_overrides(model: nn.Module, cfg: FQTConfig) -> list[str]:
     """Warn about override patterns that match no module path of ``model``; returns them."""
-    paths = [name for name, _ in model.named_modules()]
+    paths = [name for name, _ in model.named_modules(remove_duplicate=False)]  # a module under two names: both
     unmatched = [o.pattern for o in cfg.overrides if not any(o.matches(p) for p in paths)]
     for pattern in unmatched:
         msg = (
@@ -89,7 +89,7 @@ def compile(
         model._compiled_call_impl = torch.compile(
             _entry_frame(model._call_impl, type(model).__name__), backend=backend, dynamic=dynamic, fullgraph=fullgraph
         )
-        backend.module_paths = frozenset(name for name, _ in model.named_modules(remove_duplicate=False))
+        backend.bind(model)
         _BACKENDS[model] = backend
         return model
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)

@@ -228,6 +228,10 @@ class Report:
     #: ``F.dropout`` calls that drop with ``fqt::dropout`` (config.counter_dropout; quantized
     #: attention's own dropout is inside its row)
     counter_dropouts: int = 0
+    #: graphs that dynamo compiled for a submodule's frame (after a graph break inside its
+    #: forward): ``{"frame": path, "instances": [paths]}``, the instances whose overrides the
+    #: graph's decisions hold for (one variant per group; :mod:`fqt_compile.frames`)
+    frames: list[dict[str, Any]] = field(default_factory=list)
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -288,6 +292,7 @@ class Report:
             "lowering_pass_run": self.lowering_pass_run,
             "rows": [r.to_dict() for r in self.rows],
             "full_precision": [dict(d) for d in self.full_precision],
+            "frames": [dict(f) for f in self.frames],
             "totals": self.totals,
         }
 
@@ -403,6 +408,13 @@ class Report:
             lines.append(
                 f"Dropout: {self.counter_dropouts} F.dropout calls use fqt::dropout's counter-based mask "
                 "(config.counter_dropout): the backward keeps a seed, not a mask"
+            )
+        if self.frames:
+            seen = list(dict.fromkeys(f"{f['frame']} (for {', '.join(f['instances'])})" for f in self.frames))
+            lines.append(
+                f"Submodule frames: {len(self.frames)} graph(s) compiled for a submodule's own frame (a graph break "
+                "inside its forward; paths named in full, one variant per group of instances the overrides treat "
+                "alike): " + "; ".join(seen)
             )
         return "\n".join(lines)
 
@@ -523,6 +535,7 @@ def report_from_records(
         fused_gelu_backward=fused["gelu_backward"], fused_quantizers=fused["multi"], c_kernel_quantizers=fused["c_kernel"],
         recompute_kept_codes=joint["kept"], recompute_requantized=joint["recomputed"],
         counter_dropouts=sum(r.insert.counter_dropouts for r in records if r.insert is not None),
+        frames=[{"frame": r.frame, "instances": list(r.instances)} for r in records if r.frame is not None],
         _graph_modules={
             "forward": [r.forward for r in records if r.forward is not None],
             "backward": [r.backward for r in records if r.backward is not None],

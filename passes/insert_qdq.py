@@ -141,8 +141,17 @@ def _normalize_path(path: str) -> str:
     return path.strip(".")
 
 
-def module_path_of(node: fx.Node) -> str:
-    """Module path of the module whose forward created ``node``."""
+def module_path_of(node: fx.Node, prefix: str = "") -> str:
+    """Module path of the module whose forward created ``node``; ``prefix``: the path of the
+    module whose frame dynamo compiled, where that is not the compiled model's (after a graph
+    break inside a submodule's ``forward``, the graph's paths are relative to that submodule)."""
+    path = _relative_module_path(node)
+    if prefix:
+        return f"{prefix}.{path}" if path else prefix
+    return path
+
+
+def _relative_module_path(node: fx.Node) -> str:
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack")
@@ -372,8 +381,10 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
-    """Quantize every covered matmul-like node of ``gm`` in place (see module docstring)."""
+def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig, *, path_prefix: str = "") -> InsertResult:
+    """Quantize every covered matmul-like node of ``gm`` in place (see module docstring).
+    ``path_prefix``: the module path that the graph's module paths are relative to (see
+    :func:`module_path_of`); the decisions, the overrides and the report use the full paths."""
     result = InsertResult()
     graph = gm.graph
     for node in list(graph.nodes):
@@ -385,7 +396,7 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
             raise RuntimeError(f"fqt insert_qdq failed on node {node.format_node()}: {e}") from e
         if m is None:
             continue
-        path = module_path_of(node)
+        path = module_path_of(node, path_prefix)
         if isinstance(m, str):
             d = NodeDecision(node.name, path, _op_name(node), None, False, f"full precision: {m}",
                              shapes=[s for s in (_shape(a) for a in node.args) if s is not None],
@@ -427,7 +438,7 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig) -> InsertResult:
     if cfg.recompute_mlp:
         _mark_mlp_recompute(graph)
     if cfg.counter_dropout:
-        result.counter_dropouts = _counter_dropouts(graph, cfg)
+        result.counter_dropouts = _counter_dropouts(graph, cfg, path_prefix)
     graph.lint()
     gm.recompile()
     log.info("insert_qdq: %d quantized, %d kept in full precision", len(result.quantized), len(result.skipped))
@@ -491,7 +502,7 @@ def dropout_arguments(node: fx.Node) -> dict[str, Any]:
     return bound
 
 
-def _counter_dropouts(graph: fx.Graph, cfg: FQTConfig) -> int:
+def _counter_dropouts(graph: fx.Graph, cfg: FQTConfig, path_prefix: str = "") -> int:
     """config.counter_dropout: ``F.dropout(x, p, training=True)`` with constant ``p`` and
     ``training`` (as dynamo writes ``nn.Dropout`` and ``F.dropout`` calls) becomes
     ``fqt_dropout``, outside modules whose mode is "off"; in-place dropout is left to torch."""
@@ -503,7 +514,7 @@ def _counter_dropouts(graph: fx.Graph, cfg: FQTConfig) -> int:
         p, training, inplace = bound["p"], bound["training"], bound["inplace"]
         if not (isinstance(p, (int, float)) and 0 < p <= 1 and training is True and inplace is False):
             continue
-        if cfg.for_module(module_path_of(node)).mode is Mode.OFF:
+        if cfg.for_module(module_path_of(node, path_prefix)).mode is Mode.OFF:
             continue
         node.target = fqt_dropout
         node.args, node.kwargs = (bound["input"], float(p)), {}

@@ -3,7 +3,6 @@ made of it (forward quantizers in the forward graph, gradient quantizers in the 
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 
 import pytest
@@ -143,45 +142,6 @@ def test_overrides_keep_layers_in_full_precision_and_change_quantizers():
 def test_unmatched_override_warns():
     with pytest.warns(UserWarning, match="'nonexistent' matches no module"):
         fqt_compile.compile(MLP(8, 8, 2), FQTConfig(overrides=(Override("nonexistent", mode="off"),)))
-
-
-class _BreakingChild(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
-
-    def forward(self, x):
-        x = self.a(x)
-        torch._dynamo.graph_break()
-        return self.b(x)
-
-
-class _EncDec(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.enc, self.dec = _BreakingChild(), _BreakingChild()
-
-    def forward(self, x):
-        return self.dec(self.enc(x))
-
-
-def test_overrides_after_a_graph_break_inside_a_submodule_warn():
-    """After a graph break inside a submodule's forward, dynamo compiles the rest as that
-    submodule's frame: its module paths are relative to it ('b', not 'enc.b'), so overrides
-    cannot be matched as written (docs/usage.md, Overrides). Not silent: a warning names the
-    paths. Without overrides there is nothing to warn about."""
-    torch._dynamo.reset()
-    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
-    model = fqt_compile.compile(_EncDec(), cfg)
-    with pytest.warns(UserWarning, match=r"names modules \['b'\] that are not module paths of the compiled model"):
-        model(torch.randn(2, 8)).sum().backward()
-    assert any(d.module == "b" for r in fqt_compile.records(model) for d in r.insert.decisions)
-    torch._dynamo.reset()
-    model = fqt_compile.compile(_EncDec(), FQTConfig(compiler="eager"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model(torch.randn(2, 8)).sum().backward()
-    assert not [w for w in caught if "not module paths of the compiled model" in str(w.message)]
 
 
 def test_op_kinds_outside_config_ops_are_skipped_with_reason():

@@ -202,7 +202,7 @@ def test_lowered_gemms_of_an_mlp_with_the_real_pass():
 
 
 _REPORT_KEYS = {"schema", "model", "config", "config_summary", "graphs", "training", "lowering_pass_run",
-                "rows", "full_precision", "totals"}  # fmt: skip
+                "rows", "full_precision", "frames", "totals"}  # fmt: skip
 _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason", "shapes", "out_shape",
              "flops", "quantizers", "gemms", "overrides"}  # fmt: skip
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
@@ -233,6 +233,7 @@ def test_json_schema_is_stable(tmp_path):
             assert g["status"] in {"lowered", "simulated", "partial", "absent", "full_precision"}
     for d in data["full_precision"]:
         assert set(d) == {"module", "node", "op", "reason"}
+    assert data["frames"] == []  # no graph break inside a submodule (tests/test_frames.py has them)
     assert FQTConfig.from_dict(data["config"]) == report.config
 
 

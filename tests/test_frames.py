@@ -1,0 +1,166 @@
+"""fqt_compile.frames: graphs that dynamo compiles for a submodule's frame (after a graph break
+inside its forward) get full module paths, and overrides reach each instance of the submodule
+even where one dynamo graph runs for all of them."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fqt_compile
+from fqt_compile import FQTConfig, Override
+from fqt_compile.frames import InstanceDispatch, _relative_param_path, _split
+from fqt_compile.inspect import report_from_records
+
+
+class BreakingChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+class EncDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = BreakingChild(), BreakingChild()
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+class SharedChild(nn.Module):
+    """One BreakingChild registered under two names: its frame has two paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = BreakingChild()
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if "fqt_compile" in str(w.message)]
+
+
+def test_relative_paths_of_dynamo_sources():
+    assert _relative_param_path("L['self']._modules['a']._parameters['weight']") == "a.weight"
+    assert _relative_param_path("L['self']._parameters['weight']") == "weight"
+    assert _relative_param_path("L['self']._modules['layers']._modules['0']._parameters['bias']") == "layers.0.bias"
+    assert _split("enc.a.weight", "a.weight") == "enc"
+    assert _split("a.weight", "a.weight") == ""
+    assert _split("enc.xa.weight", "a.weight") is None  # whole components only
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach()
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_overrides_reach_each_instance_after_a_graph_break(compiler):
+    """`dec.*` off: dec's layers run in float, enc's quantized, though dynamo compiles the
+    graph after the break once for both instances (its paths are relative: `b`). Checked
+    against the same model prepared by symbolic tracing (no graph break there): the forward
+    (deterministic rounding) and dec's weight gradients (exact: dec is off, and its input is
+    enc's forward output) agree; with the overrides missed they would not."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = FQTConfig(compiler=compiler, overrides=(Override("dec.*", mode="off"),))
+    ref = EncDec()
+    model = EncDec()
+    model.load_state_dict(ref.state_dict())
+    prepared = fqt_compile.prepare(ref, cfg)
+    model = fqt_compile.compile(model, cfg)
+    x = torch.randn(4, 8)
+    for _ in range(2):  # the second step runs the compiled graphs again
+        y, msgs = _caught(lambda: _step(model, x))
+        assert not msgs
+        y_ref = _step(prepared, x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        for name in ("dec.a.weight", "dec.b.weight", "dec.a.bias", "dec.b.bias"):
+            torch.testing.assert_close(model.get_parameter(name).grad, prepared.get_parameter(name).grad,
+                                       rtol=1e-5, atol=1e-6)
+    recs = fqt_compile.records(model)
+    decisions = {(d.module, d.quantized) for r in recs for d in r.insert.decisions}
+    assert decisions == {("enc.a", True), ("enc.b", True), ("dec.a", False), ("dec.b", False)}
+    assert {r.frame for r in recs} == {"enc", "dec"}
+    # the graph after the break ran for both instances: compiled once by dynamo, in two variants
+    after_break = [r for r in recs if any(d.module.endswith(".b") for d in r.insert.decisions)]
+    assert sorted(r.instances for r in after_break) == [("dec",), ("enc",)]
+    report = report_from_records(recs, model="EncDec")
+    assert "enc.b" in report.format() and "dec.b" in report.format()
+    assert report.row("dec.b").reason == "mode 'off' (override 'dec.*')"
+    assert {"frame": "dec", "instances": ["dec"]} in report.to_dict()["frames"]
+    assert "Submodule frames: " in report.format() and "enc (for enc)" in report.format()
+
+
+def test_instances_alike_share_one_variant_with_full_paths():
+    """Without overrides that tell the instances apart there is one variant, named with the
+    first instance's full paths and listing the instances it holds for."""
+    torch._dynamo.reset()
+    model = fqt_compile.compile(EncDec(), FQTConfig(compiler="eager", overrides=(Override("*.a", mode="off"),)))
+    _, msgs = _caught(lambda: _step(model, torch.randn(4, 8)))
+    assert not msgs
+    recs = fqt_compile.records(model)
+    assert all(r.instances == ("enc", "dec") for r in recs)
+    decisions = [(d.module, d.quantized) for r in recs for d in r.insert.decisions]
+    # dynamo compiles the frame before the break again for dec (named dec.a), the one after it
+    # once, run for both (named enc.b)
+    assert sorted(decisions) == [("dec.a", False), ("enc.a", False), ("enc.b", True)]
+
+
+def test_dispatch_follows_replaced_parameters():
+    """A parameter replaced after the compile (a new nn.Parameter object) is looked up again:
+    dec still runs dec's variant (float, so its output equals the float layer's)."""
+    torch._dynamo.reset()
+    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
+    model = fqt_compile.compile(EncDec(), cfg)
+    x = torch.randn(4, 8)
+    _step(model, x)
+    with torch.no_grad():
+        model.dec.b.weight = nn.Parameter(model.dec.b.weight.clone() * 2)
+    seen = []
+    original = InstanceDispatch.__call__
+
+    def spy(self, *args):
+        param = args[self.frame.arg_index]
+        before = self._lookup(param)
+        out = original(self, *args)
+        seen.append((before, self._lookup(param), dict(self._variants)))
+        return out
+
+    InstanceDispatch.__call__ = spy
+    try:
+        _, msgs = _caught(lambda: _step(model, x))
+    finally:
+        InstanceDispatch.__call__ = original
+    assert not msgs
+    # the dispatcher of the graph after the break met the new parameter unindexed, and ran
+    # dec's variant for it
+    assert any(before is None and after is variants[("dec",)] for before, after, variants in seen)
+
+
+def test_a_module_under_two_names_still_warns():
+    """A submodule registered under two names has two paths: the frame cannot be named, the
+    graph keeps its relative paths, and with overrides a warning says so (docs/usage.md)."""
+    torch._dynamo.reset()
+    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
+    model = fqt_compile.compile(SharedChild(), cfg)
+    _, msgs = _caught(lambda: _step(model, torch.randn(4, 8)))
+    assert any("names modules ['a']" in m or "names modules ['b']" in m for m in msgs)
+    assert {r.frame for r in fqt_compile.records(model)} == {None}
