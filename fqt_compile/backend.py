@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .config import FQTConfig, InnerCompiler, Mode
-from .frames import InstanceDispatch, frame_of, instance_groups
+from .frames import InstanceDispatch, distinguishing_param, frame_of, instance_groups
 from .passes.insert_qdq import InsertResult, insert_qdq
 from .passes.keep_codes import KeepCodesJointPass, partition_keeping_codes
 from .passes.decompose_fqt import decompose_fqt
@@ -262,7 +262,14 @@ class FQTBackend:
         if frame is None or not frame.prefix:
             return self._compile_one(gm, example_inputs, cfg)
         groups = instance_groups(gm, cfg, model, frame)
-        if len(groups) == 1:
+        param = distinguishing_param(model, frame, groups) if len(groups) > 1 else None
+        if param is None:
+            if len(groups) > 1:
+                msg = (f"fqt_compile: the overrides treat the instances {[list(g) for g in groups]} differently, "
+                       "but the graph dynamo compiled for their class's frame reads only parameters tied between "
+                       f"them, so a call cannot tell them apart: it runs as compiled for {list(groups[0])}")
+                warnings.warn(msg, UserWarning, stacklevel=2)
+                log.warning(msg)
             return self._compile_one(gm, example_inputs, cfg, frame.prefix, groups[0])
         # the overrides treat this submodule's instances differently, and dynamo may run this
         # graph for any of them: a variant per group, each from an unchanged copy of the graph
@@ -272,7 +279,7 @@ class FQTBackend:
             variants.append((group, self._compile_one(copy, example_inputs, cfg, group[0], group)))
         log.info("fqt backend: graph of the frame of %r compiled in %d variants for its instances %s",
                  frame.prefix, len(variants), [list(g) for g in groups])
-        return InstanceDispatch(frame, model, variants)
+        return InstanceDispatch(frame, param, model, variants)
 
     def _compile_one(
         self, gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: FQTConfig, prefix: str = "",

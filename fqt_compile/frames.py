@@ -31,19 +31,20 @@ from .passes.insert_qdq import _normalize_path, module_path_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Frame", "frame_of", "instance_groups", "InstanceDispatch"]
+__all__ = ["Frame", "frame_of", "instance_groups", "distinguishing_param", "InstanceDispatch"]
 
 
 @dataclass(frozen=True)
 class Frame:
     """The module a graph's frame belongs to: ``prefix`` its path in the compiled model ("" for
-    the model itself); ``arg_index`` a parameter's position among the graph's inputs and
-    ``param`` its path relative to the frame's module, by which a call tells the instances
-    apart."""
+    the model itself); ``params`` the graph's parameter inputs, as (position among the graph's
+    inputs, path relative to the frame's module); ``aliases`` other paths the parameters fit
+    equally (parameters tied between instances, such as T5's shared embedding, cannot tell
+    them apart)."""
 
     prefix: str
-    arg_index: int
-    param: str
+    params: tuple[tuple[int, str], ...]
+    aliases: tuple[str, ...] = ()
 
 
 def _source_name(node: fx.Node) -> str | None:
@@ -73,15 +74,16 @@ def _split(full: str, relative: str) -> str | None:
 
 def frame_of(gm: fx.GraphModule, example_inputs: Sequence[Any], model: nn.Module) -> Frame | None:
     """The :class:`Frame` of a dynamo graph of ``model``, or None where its parameters do not
-    tell (no parameter inputs, sources that do not name a path, or paths that disagree)."""
+    tell (no parameter inputs, sources that do not name a path, or no path that fits them
+    all)."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         return None
-    prefixes: set[str] = set()
-    first: tuple[int, str] | None = None
+    fits: set[str] | None = None
+    params: list[tuple[int, str]] = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(value, nn.Parameter) or id(value) not in names:
             continue
@@ -92,53 +94,77 @@ def frame_of(gm: fx.GraphModule, example_inputs: Sequence[Any], model: nn.Module
         found = {p for p in (_split(full, relative) for full in names[id(value)]) if p is not None}
         if not found:
             continue
-        prefixes |= found
-        if first is None:
-            first = (i, relative)
-    if len(prefixes) != 1 or first is None:
-        if len(prefixes) > 1:
-            log.debug("frame_of: parameters name several frames %s", sorted(prefixes))
+        fits = found if fits is None else fits & found
+        params.append((i, relative))
+    if not fits:
+        if fits is not None:
+            log.debug("frame_of: no module path fits all the graph's parameters")
         return None
-    return Frame(prefixes.pop(), *first)
+    # the model's own frame wins a tie (its paths are as written); else the first path
+    ordered = sorted(fits, key=lambda p: (p != "", p))
+    return Frame(ordered[0], tuple(params), tuple(ordered[1:]))
 
 
 def _module_paths(gm: fx.GraphModule) -> list[str]:
-    return sorted({module_path_of(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")})
+    nodes = (n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+    return sorted({module_path_of(n) for n in nodes})
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def instance_groups(gm: fx.GraphModule, cfg: FQTConfig, model: nn.Module, frame: Frame) -> list[tuple[str, ...]]:
-    """The instances of the frame's module class in ``model`` (with the frame's parameter),
-    grouped by the overrides that match their modules' paths in this graph; the frame's own
-    group first. One group: one compiled graph serves them all."""
+    """The instances of the frame's module class in ``model`` that this graph can run for
+    (every module and parameter it names exists in them), grouped by the overrides that match
+    their modules' paths in this graph; the frame's own group first. One group: one compiled
+    graph serves them all."""
     try:
         own = model.get_submodule(frame.prefix)
     except AttributeError:
         return [(frame.prefix,)]
     relative = _module_paths(gm)
-
-    def join(prefix: str, path: str) -> str:
-        return f"{prefix}.{path}" if prefix and path else prefix or path
-
+    paths = {name for name, _ in model.named_modules(remove_duplicate=False)}
     groups: dict[tuple[tuple[str, ...], ...], list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, type(own)):
+        if not isinstance(module, type(own)) or not all(_join(path, r) in paths for r in relative):
             continue
         try:
-            module.get_parameter(frame.param)
+            for _, param in frame.params:
+                module.get_parameter(param)
         except AttributeError:
             continue
-        signature = tuple(tuple(cfg.matching_overrides(join(path, r))) for r in relative)
+        signature = tuple(tuple(cfg.matching_overrides(_join(path, r))) for r in relative)
         groups.setdefault(signature, []).append(path)
     ordered = sorted(groups.values(), key=lambda g: frame.prefix not in g)
     return [tuple(g) for g in ordered] or [(frame.prefix,)]
 
 
+def distinguishing_param(model: nn.Module, frame: Frame, groups: list[tuple[str, ...]]) -> tuple[int, str] | None:
+    """A parameter input of the graph that is a different object in each instance of
+    ``groups`` (so a call tells which instance it runs for), or None (all tied)."""
+    instances = [path for group in groups for path in group]
+    for index, param in frame.params:
+        try:
+            ids = {id(model.get_parameter(_join(path, param))) for path in instances}
+        except AttributeError:
+            continue
+        if len(ids) == len(instances):
+            return index, param
+    return None
+
+
 class InstanceDispatch:
     """The compiled function of a graph that serves several groups of instances: each call
-    runs the variant compiled for the instance whose parameter is at ``frame.arg_index``."""
+    runs the variant compiled for the instance whose parameter ``param`` (its position among
+    the graph's inputs, its path relative to the frame's module) the call passes."""
 
-    def __init__(self, frame: Frame, model: nn.Module, variants: list[tuple[tuple[str, ...], Callable[..., Any]]]) -> None:
+    def __init__(
+        self, frame: Frame, param: tuple[int, str], model: nn.Module,
+        variants: list[tuple[tuple[str, ...], Callable[..., Any]]],
+    ) -> None:
         self.frame = frame
+        self.arg_index, self.param = param
         self._model = weakref.ref(model)
         self._variants = variants
         self._by_param: dict[int, tuple[weakref.ref, Callable[..., Any]]] = {}
@@ -153,7 +179,7 @@ class InstanceDispatch:
         for instances, fn in self._variants:
             for path in instances:
                 try:
-                    p = model.get_parameter(f"{path}.{self.frame.param}" if path else self.frame.param)
+                    p = model.get_parameter(_join(path, self.param))
                 except AttributeError:
                     continue
                 self._by_param[id(p)] = (weakref.ref(p), fn)
@@ -165,7 +191,7 @@ class InstanceDispatch:
         return None
 
     def __call__(self, *args: Any) -> Any:
-        param = args[self.frame.arg_index]
+        param = args[self.arg_index]
         fn = self._lookup(param)
         if fn is None:
             self._index()  # parameters replaced since the compile

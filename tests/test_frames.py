@@ -138,7 +138,7 @@ def test_dispatch_follows_replaced_parameters():
     original = InstanceDispatch.__call__
 
     def spy(self, *args):
-        param = args[self.frame.arg_index]
+        param = args[self.arg_index]
         before = self._lookup(param)
         out = original(self, *args)
         seen.append((before, self._lookup(param), dict(self._variants)))
@@ -155,12 +155,57 @@ def test_dispatch_follows_replaced_parameters():
     assert any(before is None and after is variants[("dec",)] for before, after, variants in seen)
 
 
-def test_a_module_under_two_names_still_warns():
-    """A submodule registered under two names has two paths: the frame cannot be named, the
-    graph keeps its relative paths, and with overrides a warning says so (docs/usage.md)."""
+def test_a_module_under_two_names_warns_when_the_overrides_differ():
+    """A submodule registered under two names (`enc`, `dec`: one object) is one instance: a call
+    cannot tell which name it runs under. Where the overrides treat the names differently a
+    warning says so, and the graph runs as compiled for the first group; where they agree
+    there is nothing to warn about."""
     torch._dynamo.reset()
     cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
     model = fqt_compile.compile(SharedChild(), cfg)
     _, msgs = _caught(lambda: _step(model, torch.randn(4, 8)))
-    assert any("names modules ['a']" in m or "names modules ['b']" in m for m in msgs)
-    assert {r.frame for r in fqt_compile.records(model)} == {None}
+    assert any("cannot tell them apart" in m for m in msgs), msgs
+    assert {r.frame for r in fqt_compile.records(model)} == {"dec"}
+    torch._dynamo.reset()
+    cfg = FQTConfig(compiler="eager", overrides=(Override("*.a", mode="off"),))
+    model = fqt_compile.compile(SharedChild(), cfg)
+    _, msgs = _caught(lambda: _step(model, torch.randn(4, 8)))
+    assert not msgs
+    assert {r.instances for r in fqt_compile.records(model)} == {("enc", "dec")}
+
+
+def test_a_graph_runs_only_for_instances_that_have_its_modules():
+    """A frame's graph that names a module only some instances of the class have (T5's
+    decoder stack has cross-attention, the encoder's does not) gets no variant for the
+    others."""
+    torch._dynamo.reset()
+
+    class Child(BreakingChild):
+        def __init__(self, cross: bool):
+            super().__init__()
+            if cross:
+                self.c = nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.c(self.b(x)) if hasattr(self, "c") else self.b(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = Child(False), Child(True)
+
+        def forward(self, x):
+            return self.dec(self.enc(x))
+
+    cfg = FQTConfig(compiler="eager", overrides=(Override("enc.*", mode="off"),))
+    model = fqt_compile.compile(Model(), cfg)
+    _, msgs = _caught(lambda: _step(model, torch.randn(4, 8)))
+    assert not msgs
+    paths = {n for n, _ in model.named_modules()}
+    recs = fqt_compile.records(model)
+    assert all(d.module in paths for r in recs for d in r.insert.decisions)
+    with_c = [r for r in recs if any(d.module.endswith(".c") for d in r.insert.decisions)]
+    assert [r.instances for r in with_c] == [("dec",)]
+    assert all(d.quantized == d.module.startswith("dec") for r in recs for d in r.insert.decisions)

@@ -27,6 +27,7 @@ the config and the changed attribute recompiles the graph (harmless, but a secon
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import math
 import re
 from collections import Counter
@@ -37,7 +38,7 @@ import torch
 import torch.nn as nn
 
 import fqt_compile
-from fqt_compile import FQTConfig, FQTTraceError
+from fqt_compile import FQTConfig, FQTTraceError, Override
 from fqt_compile.backend import default_records
 from conftest import import_transformers_or_skip, quantizer_entries
 
@@ -374,6 +375,31 @@ def test_recomputed_mlp_gives_the_same_gradients_and_keeps_fewer_floats(build):
         assert torch.equal(grads[n], grads_saved[n]), n
     # at least the activation's float input per layer (BATCH x SEQ x the MLP's width)
     assert floats_saved - floats >= LAYERS * BATCH * SEQ * 128
+
+
+def test_an_override_reaches_one_t5_decoder_block():
+    """`Override("decoder.block.1.*", mode="off")` on T5: that block's products stay in float,
+    every other product is quantized, and every decision names its full path. On torch 2.11
+    dynamo breaks T5's graph inside its stack's forward, so the decoder's layers are compiled
+    as a frame of the stack (paths relative to it, one graph for the encoder's and the
+    decoder's stack; fqt_compile.frames), on 2.13 they are not: the outcome is the same."""
+    torch.manual_seed(0)
+    model = _t5("sdpa")
+    cfg = dataclasses.replace(CFG, overrides=(Override("decoder.block.1.*", mode="off"),))
+    fqt_compile.compile(model, cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**_batch("t5")).loss.backward()
+    assert not [w for w in caught if "not module paths of the compiled model" in str(w.message)]
+    paths = {n for n, _ in model.named_modules()}
+    decisions = [d for r in fqt_compile.records(model) for d in r.insert.decisions if d.kind is not None]
+    assert decisions and all(d.module in paths for d in decisions), {d.module for d in decisions} - paths
+    off = {d.module for d in decisions if not d.quantized}
+    on = {d.module for d in decisions if d.quantized}
+    linears = set(_product_modules(model))
+    assert off == {m for m in linears if m.startswith("decoder.block.1.")} | {
+        d.module for d in decisions if d.op == "sdpa" and d.module.startswith("decoder.block.1.")}
+    assert {m for m in linears if not m.startswith("decoder.block.1.")} <= on
 
 
 def test_gpt2_with_its_default_dropouts_trains_with_counter_based_masks():
