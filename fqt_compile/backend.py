@@ -306,10 +306,10 @@ class FQTBackend:
 
     def _check_paths(self, cfg: FQTConfig, insert: InsertResult) -> None:
         """Warn where overrides were matched against module paths that are not the compiled
-        model's: after a graph break inside a submodule's ``forward``, dynamo compiles the rest
-        of it as a frame of that submodule, whose paths are relative to it (``b`` for
-        ``enc.b``), and one such graph may serve every instance of the submodule's class, so
-        the overrides cannot tell the instances apart (docs/usage.md, Overrides)."""
+        model's: a graph that dynamo compiled for a submodule's frame (after a graph break
+        inside its ``forward``) has paths relative to that submodule (``b`` for ``enc.b``);
+        :mod:`fqt_compile.frames` names them in full where the graph's parameters tell the
+        frame, and this catches the graphs where they do not (docs/usage.md, Overrides)."""
         if not cfg.overrides or self.module_paths is None:
             return
         foreign = sorted({d.module for d in insert.decisions if d.module and d.module not in self.module_paths})
