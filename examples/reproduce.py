@@ -306,12 +306,18 @@ def section(name: str, var: dict, runs: dict, metric: str, settings: dict, figs:
              f"and QAT): {noise:.3g}.")
     worst4 = max(KINDS, key=lambda k: badness[k][0])
     best4 = min(KINDS, key=lambda k: badness[k][0])
-    L.append(f"- At 4 bits the largest degradation is {worst4.upper()} ({gaps[worst4 + '4']:+.3g}), the "
-             f"smallest {best4.upper()} ({gaps[best4 + '4']:+.3g}).")
+    if badness[worst4][0] > 0:
+        L.append(f"- At 4 bits the largest degradation is {worst4.upper()} ({gaps[worst4 + '4']:+.3g}), the "
+                 f"smallest {best4.upper()} ({gaps[best4 + '4']:+.3g}).")
+    else:  # no 4-bit configuration is below QAT's median: there is no degradation to order
+        named = ", ".join(f"{k.upper()} {gaps[f'{k}4']:+.3g}" for k in KINDS)
+        L.append(f"- At 4 bits no quantizer falls behind QAT's median ({named}); the least ahead is {worst4.upper()}.")
     b5 = gaps["bhq5"]
     if key == "accuracy":
         within = abs(b5) <= 0.5 or not worse(b5)
-        L.append(f"- BHQ 5-bit vs QAT: {b5:+.2f} points ({'within' if within else 'outside'} the paper's 0.5%"
+        verdict = ("within the paper's 0.5%" if abs(b5) <= 0.5 else "ahead of QAT: no degradation, within the paper's "
+                   "0.5%" if within else "outside the paper's 0.5%")
+        L.append(f"- BHQ 5-bit vs QAT: {b5:+.2f} points ({verdict}"
                  + (", but the noise level is larger than that margin)." if noise > 0.5 else ")."))
         if not within and noise <= 0.5:
             disagreements.append(f"{name}: BHQ 5-bit is {b5:+.2f} points from QAT, outside the paper's 0.5%.")
