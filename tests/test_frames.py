@@ -209,3 +209,25 @@ def test_a_graph_runs_only_for_instances_that_have_its_modules():
     with_c = [r for r in recs if any(d.module.endswith(".c") for d in r.insert.decisions)]
     assert [r.instances for r in with_c] == [("dec",)]
     assert all(d.quantized == d.module.startswith("dec") for r in recs for d in r.insert.decisions)
+
+
+def test_a_backend_bound_by_hand_under_torch_compile():
+    """`torch.compile(model, backend=FQTBackend(cfg))` with `backend.bind(model)`: the same
+    frames as fqt_compile.compile (without bind the backend does not know the model, and the
+    graph after the break keeps its relative paths)."""
+    from fqt_compile.backend import FQTBackend
+
+    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
+    for bind in (True, False):
+        torch._dynamo.reset()
+        model = EncDec()
+        backend = FQTBackend(cfg)
+        if bind:
+            backend.bind(model)
+        compiled = torch.compile(model, backend=backend)
+        _, msgs = _caught(lambda: _step(compiled, torch.randn(4, 8)))
+        modules = {(d.module, d.quantized) for r in backend.records for d in r.insert.decisions}
+        if bind:
+            assert not msgs and modules == {("enc.a", True), ("enc.b", True), ("dec.a", False), ("dec.b", False)}
+        else:
+            assert modules == {("a", True), ("b", True)}
