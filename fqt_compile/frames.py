@@ -141,16 +141,18 @@ def instance_groups(gm: fx.GraphModule, cfg: FQTConfig, model: nn.Module, frame:
 
 
 def distinguishing_param(model: nn.Module, frame: Frame, groups: list[tuple[str, ...]]) -> tuple[int, str] | None:
-    """A parameter input of the graph that is a different object in each instance of
-    ``groups`` (so a call tells which instance it runs for), or None (all tied)."""
-    instances = [path for group in groups for path in group]
+    """A parameter input of the graph that no two groups of ``groups`` share (so a call tells
+    which group's variant to run), or None (tied between groups)."""
     for index, param in frame.params:
+        owner: dict[int, int] = {}
         try:
-            ids = {id(model.get_parameter(_join(path, param))) for path in instances}
-        except AttributeError:
+            for g, group in enumerate(groups):
+                for path in group:
+                    if owner.setdefault(id(model.get_parameter(_join(path, param))), g) != g:
+                        raise LookupError
+        except (AttributeError, LookupError):
             continue
-        if len(ids) == len(instances):
-            return index, param
+        return index, param
     return None
 
 

@@ -231,3 +231,26 @@ def test_a_backend_bound_by_hand_under_torch_compile():
             assert not msgs and modules == {("enc.a", True), ("enc.b", True), ("dec.a", False), ("dec.b", False)}
         else:
             assert modules == {("a", True), ("b", True)}
+
+
+def test_aliases_in_one_group_still_dispatch():
+    """`enc` registered twice (`enc`, `enc2`: one object, treated alike) and `dec` overridden:
+    the parameters tell `dec` from the `enc` group, so each runs its own variant."""
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = BreakingChild(), BreakingChild()
+            self.enc2 = self.enc
+
+        def forward(self, x):
+            return self.dec(self.enc(x))
+
+    torch._dynamo.reset()
+    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
+    model = fqt_compile.compile(Aliased(), cfg)
+    _, msgs = _caught(lambda: _step(model, torch.randn(4, 8)))
+    assert not msgs
+    recs = fqt_compile.records(model)
+    assert ("enc", "enc2") in {r.instances for r in recs} and ("dec",) in {r.instances for r in recs}
+    assert all(d.quantized == d.module.startswith("enc") for r in recs for d in r.insert.decisions)
