@@ -9,6 +9,7 @@ for where an fqt step's time goes.
     python benchmarks/profile_step.py --config 'FQTConfig(sdpa="full_precision")' --rows 30
     python benchmarks/profile_step.py --batch 1            # 1 x 512 tokens instead of 8 x 512
     python benchmarks/profile_step.py --model cnn          # the CNN (--layers, --batch unused)
+    python benchmarks/profile_step.py --shapes --rows 40   # a row per op and input shapes
 
 Compiles, runs 2 warm-up steps and 3 timed steps (median printed), then profiles one step with
 ``torch.profiler`` and inductor's per-kernel profiling (``cpp.enable_kernel_profile``), so every
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8, help="sequences of 512 tokens per step")
     ap.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
+    ap.add_argument("--shapes", action="store_true",
+                    help="one row per op and input shapes (which GEMMs cost what: aten::_int_mm per shape)")
     add_malloc_argument(ap)
     args = ap.parse_args(argv)
     torch._inductor.config.cpp.enable_kernel_profile = True
@@ -74,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.perf_counter() - t0)
     print(f"{args.variant} {args.config if args.variant == 'fqt' else ''} malloc={args.malloc}: "
           f"step {statistics.median(times):.3f} s (median of {', '.join(f'{t:.3f}' for t in times)})")
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(record_shapes=args.shapes) as prof:
         step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=100))
+    if args.shapes:
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40, max_shapes_column_width=60))
+    else:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=100))
     return 0
 
 
