@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import re
 import threading
 import warnings
 import weakref
@@ -242,6 +243,7 @@ class FQTBackend:
         #: carry; None otherwise
         self.module_paths: frozenset[str] | None = None
         self._model: weakref.ref[nn.Module] | None = None
+        _watch_recompile_limit()
 
     def __repr__(self) -> str:
         return f"FQTBackend({self.config.describe()}, compiler={self.config.compiler.value})"
@@ -389,6 +391,36 @@ class FQTBackend:
             inference_compiler=compiler("inference"),
             partition_fn=partition_keeping_codes(self._joint_result(record), example_inputs),
         )(gm, example_inputs)
+
+
+_RECOMPILE_LIMIT = re.compile(r"hit config\.(recompile_limit|cache_size_limit)")
+
+
+class _RecompileLimitWarning(logging.Filter):
+    """Turns TorchDynamo's log line about a frame that hit its recompile limit into a
+    ``UserWarning`` that says what it means here: dynamo runs that frame eagerly from then on,
+    so the products in it are not quantized. It happens where a graph break leaves a frame
+    whose code many compiled models share (transformers' ``deprecate_kwarg`` wrapper around
+    the forward of T5's stacks on torch 2.11: the ninth model class through it ran in float)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record is dynamo's business
+            return True
+        if _RECOMPILE_LIMIT.search(text):
+            first = " ".join(line.strip() for line in text.splitlines()[:2])
+            msg = (f"fqt_compile: {first}. TorchDynamo now runs that frame eagerly, so where it belongs to a model "
+                   "compiled with the fqt backend its matrix products run in float, unquantized. Raise "
+                   "torch._dynamo.config.recompile_limit, or call torch._dynamo.reset() between models")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            log.warning(msg)
+        return True
+
+
+@functools.cache
+def _watch_recompile_limit() -> None:
+    logging.getLogger("torch._dynamo.convert_frame").addFilter(_RecompileLimitWarning())
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -643,3 +644,36 @@ def test_torch_older_than_2_11_compiles_with_the_eager_inner_compiler(monkeypatc
     assert "compiler=eager" in report.format().splitlines()[0]
     monkeypatch.setattr(backend_module, "torch_version", lambda: (2, 11))
     assert backend_module._inductor_fallback(FQTConfig()).compiler.value == "inductor"
+
+
+def test_a_frame_past_dynamo_recompile_limit_warns():
+    """A frame whose code several compiled models share (here a graph break inside a forward
+    two classes inherit) recompiles for each; past dynamo's recompile limit it runs eagerly,
+    its products unquantized. Dynamo only logs that; the backend makes it a warning that says
+    so (transformers' deprecate_kwarg wrapper did this to the ninth HF model class on 2.11)."""
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = self.lin(x)
+            torch._dynamo.graph_break()
+            return self.lin(x)
+
+    class A(Base):
+        pass
+
+    class B(Base):
+        pass
+
+    torch._dynamo.reset()
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 1}), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for cls in (A, B):
+            fqt_compile.compile(cls(), FQTConfig(compiler="eager"))(torch.randn(2, 8))
+    msgs = [str(w.message) for w in caught if "unquantized" in str(w.message)]
+    assert msgs and ("recompile_limit" in msgs[0] or "cache_size_limit" in msgs[0]), msgs
+    torch._dynamo.reset()

@@ -160,6 +160,18 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _many_models_in_one_process():
+    """This module compiles over a dozen Hugging Face models in one process. On torch 2.11
+    T5's stacks break their graph inside transformers' ``deprecate_kwarg`` wrapper, a frame
+    that the model classes through that wrapper share; past dynamo's recompile limit (8) it
+    would run eagerly, unquantized, for the later models (the backend warns when that happens:
+    ``tests/test_backend.py::test_a_frame_past_dynamo_recompile_limit_warns``)."""
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: 64}):
+        yield
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def run(request) -> Run:
     kind, attn, freeze = VARIANTS[request.param]
