@@ -254,3 +254,22 @@ def test_aliases_in_one_group_still_dispatch():
     recs = fqt_compile.records(model)
     assert ("enc", "enc2") in {r.instances for r in recs} and ("dec",) in {r.instances for r in recs}
     assert all(d.quantized == d.module.startswith("enc") for r in recs for d in r.insert.decisions)
+
+
+def test_variants_under_dynamic_shapes():
+    """dynamic=True: both variants are compiled on the symbolic graph and serve every batch
+    size (forward and dec's gradients equal the symbolically traced model's at 4, 6 and 9)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
+    ref, model = EncDec(), EncDec()
+    model.load_state_dict(ref.state_dict())
+    prepared = fqt_compile.prepare(ref, cfg)
+    model = fqt_compile.compile(model, cfg, dynamic=True)
+    for n in (4, 6, 9):
+        x = torch.randn(n, 8)
+        y, msgs = _caught(lambda: _step(model, x))
+        assert not msgs
+        torch.testing.assert_close(y, _step(prepared, x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.dec.b.weight.grad, prepared.dec.b.weight.grad, rtol=1e-5, atol=1e-6)
+    assert len({r.instances for r in fqt_compile.records(model)}) == 2
