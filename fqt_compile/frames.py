@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .config import FQTConfig
-from .passes.insert_qdq import _normalize_path, module_path_of
+from .passes.insert_qdq import _normalize_path, join_path, module_path_of
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,6 @@ def _module_paths(gm: fx.GraphModule) -> list[str]:
     return sorted({module_path_of(n) for n in nodes})
 
 
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else prefix or path
-
-
 def instance_groups(gm: fx.GraphModule, cfg: FQTConfig, model: nn.Module, frame: Frame) -> list[tuple[str, ...]]:
     """The instances of the frame's module class in ``model`` that this graph can run for
     (every module and parameter it names exists in them), grouped by the overrides that match
@@ -127,14 +123,14 @@ def instance_groups(gm: fx.GraphModule, cfg: FQTConfig, model: nn.Module, frame:
     paths = {name for name, _ in model.named_modules(remove_duplicate=False)}
     groups: dict[tuple[tuple[str, ...], ...], list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, type(own)) or not all(_join(path, r) in paths for r in relative):
+        if not isinstance(module, type(own)) or not all(join_path(path, r) in paths for r in relative):
             continue
         try:
             for _, param in frame.params:
                 module.get_parameter(param)
         except AttributeError:
             continue
-        signature = tuple(tuple(cfg.matching_overrides(_join(path, r))) for r in relative)
+        signature = tuple(tuple(cfg.matching_overrides(join_path(path, r))) for r in relative)
         groups.setdefault(signature, []).append(path)
     ordered = sorted(groups.values(), key=lambda g: frame.prefix not in g)
     return [tuple(g) for g in ordered] or [(frame.prefix,)]
@@ -148,7 +144,7 @@ def distinguishing_param(model: nn.Module, frame: Frame, groups: list[tuple[str,
         try:
             for g, group in enumerate(groups):
                 for path in group:
-                    if owner.setdefault(id(model.get_parameter(_join(path, param))), g) != g:
+                    if owner.setdefault(id(model.get_parameter(join_path(path, param))), g) != g:
                         raise LookupError
         except (AttributeError, LookupError):
             continue
@@ -181,7 +177,7 @@ class InstanceDispatch:
         for instances, fn in self._variants:
             for path in instances:
                 try:
-                    p = model.get_parameter(_join(path, self.param))
+                    p = model.get_parameter(join_path(path, self.param))
                 except AttributeError:
                     continue
                 self._by_param[id(p)] = (weakref.ref(p), fn)

@@ -40,7 +40,7 @@ from ..functional import (
 from . import fuse_softmax
 from .keep_codes import FQT_AC_ID_BASE
 
-__all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "module_path_of"]
+__all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "module_path_of", "join_path"]
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,12 @@ def module_path_of(node: fx.Node, prefix: str = "") -> str:
     """Module path of the module whose forward created ``node``; ``prefix``: the path of the
     module whose frame dynamo compiled, where that is not the compiled model's (after a graph
     break inside a submodule's ``forward``, the graph's paths are relative to that submodule)."""
-    path = _relative_module_path(node)
-    if prefix:
-        return f"{prefix}.{path}" if path else prefix
-    return path
+    return join_path(prefix, _relative_module_path(node))
+
+
+def join_path(prefix: str, path: str) -> str:
+    """``prefix.path``, or whichever of the two is not empty."""
+    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def _relative_module_path(node: fx.Node) -> str:
@@ -542,17 +544,16 @@ _LINEARS = (fqt_linear, fqt_addmm)
 def _elementwise(node: fx.Node) -> tuple[bool, bool]:
     """(may be in a region, needs its float operands for its backward)."""
     if node.op == "call_function":
-        if node.target in _ACTIVATIONS:
-            return True, True
-        if node.target in _ELEMENTWISE:
-            tensors = sum(isinstance(a, fx.Node) for a in node.args)
-            return True, node.target in (torch.mul, torch.div, operator.mul, operator.truediv) and tensors == 2
+        activations, elementwise = _ACTIVATIONS, _ELEMENTWISE
+        products: tuple[Any, ...] = (torch.mul, torch.div, operator.mul, operator.truediv)
     elif node.op == "call_method":
-        if node.target in _ACTIVATION_METHODS:
-            return True, True
-        if node.target in _ELEMENTWISE_METHODS:
-            tensors = sum(isinstance(a, fx.Node) for a in node.args)
-            return True, node.target in ("mul", "div") and tensors == 2
+        activations, elementwise, products = _ACTIVATION_METHODS, _ELEMENTWISE_METHODS, ("mul", "div")
+    else:
+        return False, False
+    if node.target in activations:
+        return True, True
+    if node.target in elementwise:
+        return True, node.target in products and sum(isinstance(a, fx.Node) for a in node.args) == 2
     return False, False
 
 
