@@ -224,6 +224,7 @@ def test_sdpa_boolean_masks_are_a_bias_and_the_backward_reads_no_mask():
     and a float mask that needs a gradient), and the traced backward takes
     no boolean tensor (masked_fill's backward needs the mask; inductor's C++ loads a bool
     vector element by element, the hottest part of the compiled softmax backward)."""
+    from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_function
 
     from fqt_compile.functional import sdpa_with
@@ -261,10 +262,10 @@ def test_sdpa_boolean_masks_are_a_bias_and_the_backward_reads_no_mask():
 
     def keep_backward(gm, _):
         backward_graphs.append(gm)
-        return gm
+        return make_boxed_func(gm)
 
     f = aot_function(lambda q, k, v: sdpa_with(exact, q, k, v, is_causal=True),
-                     fw_compiler=lambda gm, _: gm, bw_compiler=keep_backward)
+                     fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep_backward)
     f(q, k, v).sum().backward()
     inputs = [n.meta.get("val") for n in backward_graphs[0].graph.nodes if n.op == "placeholder"]
     assert inputs and not any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in inputs)
