@@ -428,6 +428,9 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     are copied, their values, such as fake tensors, shared)."""
     copy = fx.GraphModule(gm, copy_module.deepcopy(gm.graph), class_name=type(gm).__name__)
     copy.meta = dict(getattr(gm, "meta", {}))
+    for name, child in list(copy.named_children()):  # a checkpoint region's body: rewritten per variant
+        if isinstance(child, fx.GraphModule):
+            setattr(copy, name, _copy_graph_module(child))
     return copy
 
 

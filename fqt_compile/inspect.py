@@ -117,6 +117,9 @@ class Row:
     quantizers: dict[str, dict[str, Any] | None]  # input, weight (Q_f, Q_w); grad_input, grad_weight (Q_b1, Q_b2)
     gemms: dict[str, GemmStatus]
     overrides: list[str] = field(default_factory=list)
+    #: the higher-order op body the product is in ("" for none): a ``torch.utils.checkpoint``
+    #: region's body (quantized, recomputed by the region), or another op's (full precision)
+    region: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -409,6 +412,14 @@ class Report:
                 f"Dropout: {self.counter_dropouts} F.dropout calls use fqt::dropout's counter-based mask "
                 "(config.counter_dropout): the backward keeps a seed, not a mask"
             )
+        checkpointed = [r for r in self.rows if r.region and r.quantized]
+        if checkpointed:
+            regions = len({r.region for r in checkpointed})
+            lines.append(
+                f"Checkpoint regions (torch.utils.checkpoint): {len(checkpointed)} quantized products in {regions} "
+                "region(s), recomputed in the backward by their region: "
+                + ", ".join(dict.fromkeys(r.key for r in checkpointed))
+            )
         if self.frames:
             seen = list(dict.fromkeys(f"{f['frame']} (for {', '.join(f['instances'])})" for f in self.frames))
             lines.append(
@@ -494,6 +505,7 @@ def report_from_records(
                 quantized=d.quantized, mode=d.mode, reason=d.reason,
                 shapes=[list(s) for s in d.shapes], out_shape=list(d.out_shape) if d.out_shape else None,
                 flops=int(d.flops), quantizers=_quantizers(d.spec), gemms=gemms, overrides=list(d.overrides),
+                region=getattr(d, "region", ""),
             ))  # fmt: skip
 
     quantizers = seeds = 0

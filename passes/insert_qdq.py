@@ -95,6 +95,9 @@ class NodeDecision:
     out_shape: tuple[int, ...] | None = None
     flops: int = 0  # forward multiply-adds x 2
     overrides: list[str] = field(default_factory=list)
+    #: the higher-order op body the node is in ("" for the graph itself): a
+    #: ``torch.utils.checkpoint`` region's, or another op's (then the node stays in full precision)
+    region: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "spec"}
@@ -181,6 +184,8 @@ def _is_param(gm: fx.GraphModule, node: Any) -> bool:
             return False
         return isinstance(obj, nn.Parameter)
     if node.op == "placeholder":
+        if "fqt_parameter" in node.meta:  # a checkpoint body's: what the region was handed
+            return bool(node.meta["fqt_parameter"])
         return isinstance(_val(node), nn.Parameter)
     return False
 
@@ -386,11 +391,27 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
 def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig, *, path_prefix: str = "") -> InsertResult:
     """Quantize every covered matmul-like node of ``gm`` in place (see module docstring).
     ``path_prefix``: the module path that the graph's module paths are relative to (see
-    :func:`module_path_of`); the decisions, the overrides and the report use the full paths."""
+    :func:`module_path_of`); the decisions, the overrides and the report use the full paths.
+
+    The bodies of ``torch.utils.checkpoint`` regions (dynamo's ``tag_activation_checkpoint``
+    higher-order op) are rewritten too: their products are quantized like any other, and the
+    region recomputes them in the backward (:func:`_insert_checkpoint_body`). A product in the
+    body of any other higher-order op stays in full precision, recorded with the op's name."""
     result = InsertResult()
+    _insert_graph(gm, cfg, path_prefix, result, region="")
+    return result
+
+
+def _insert_graph(gm: fx.GraphModule, cfg: FQTConfig, path_prefix: str, result: InsertResult, region: str) -> None:
+    """The pass on one graph: ``gm`` itself (``region`` "") or the body of a checkpoint region
+    (``region``: the body's attribute name)."""
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        hop = _higher_order_name(node)
+        if hop is not None:
+            _insert_higher_order(gm, node, hop, cfg, path_prefix, result)
             continue
         try:
             m = _match(gm, node)
@@ -399,18 +420,19 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig, *, path_prefix: str = "") -> 
         if m is None:
             continue
         path = module_path_of(node, path_prefix)
+        name = f"{region}.{node.name}" if region else node.name
         if isinstance(m, str):
-            d = NodeDecision(node.name, path, _op_name(node), None, False, f"full precision: {m}",
+            d = NodeDecision(name, path, _op_name(node), None, False, f"full precision: {m}",
                              shapes=[s for s in (_shape(a) for a in node.args) if s is not None],
-                             out_shape=_shape(node))
+                             out_shape=_shape(node), region=region)
             node.meta["fqt"] = d
             result.decisions.append(d)
             continue
         local = cfg.for_module(path)
         d = NodeDecision(
-            node.name, path, m.op, m.kind.value, False, m.reason, mode=local.mode.value,
+            name, path, m.op, m.kind.value, False, m.reason, mode=local.mode.value,
             shapes=[s for s in (_shape(a) for a in m.operands) if s is not None],
-            out_shape=_shape(node), flops=m.flops, overrides=cfg.matching_overrides(path),
+            out_shape=_shape(node), flops=m.flops, overrides=cfg.matching_overrides(path), region=region,
         )
         if m.build is None:
             d.reason = m.reason  # not coverable (e.g. a vector product); the match says why
@@ -429,7 +451,9 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig, *, path_prefix: str = "") -> 
             new.meta["fqt"] = d
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-            if m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
+            if region:
+                d.reason = "quantized; recomputed in the backward by its torch.utils.checkpoint region"
+            elif m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
                 # (after the old node is gone: it reads the users)
                 d.reason = _mark_recompute(new, mask_as_bias=_softmax_fused(local, new))
             log.debug("insert_qdq: %s (%s at %r) -> %s", node.name, m.op, path, spec.describe())
@@ -437,14 +461,82 @@ def insert_qdq(gm: fx.GraphModule, cfg: FQTConfig, *, path_prefix: str = "") -> 
             continue
         node.meta["fqt"] = d
         result.decisions.append(d)
-    if cfg.recompute_mlp:
+    # in a checkpoint region everything is recomputed already, and torch's dropout keeps the
+    # region's own handling of its random state
+    if cfg.recompute_mlp and not region:
         _mark_mlp_recompute(graph)
-    if cfg.counter_dropout:
+    if cfg.counter_dropout and not region:
         result.counter_dropouts = _counter_dropouts(graph, cfg, path_prefix)
     graph.lint()
     gm.recompile()
-    log.info("insert_qdq: %d quantized, %d kept in full precision", len(result.quantized), len(result.skipped))
-    return result
+    if not region:
+        log.info("insert_qdq: %d quantized, %d kept in full precision", len(result.quantized), len(result.skipped))
+
+
+#: dynamo's form of ``torch.utils.checkpoint`` (its body is a GraphModule attribute of the graph)
+_CHECKPOINT_HOP = "tag_activation_checkpoint"
+
+
+def _higher_order_name(node: fx.Node) -> str | None:
+    """The name of the higher-order op ``node`` calls (``torch.ops.higher_order.<name>``), or None."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        return node.target.name()
+    return None
+
+
+def _bodies(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, fx.GraphModule]]:
+    """The graph modules a higher-order op node reads (``get_attr`` arguments), with their names."""
+    out = []
+    for a in node.all_input_nodes:
+        sub = getattr(gm, str(a.target), None) if a.op == "get_attr" else None
+        if isinstance(sub, fx.GraphModule):
+            out.append((str(a.target), sub))
+    return out
+
+
+def _insert_higher_order(gm: fx.GraphModule, node: fx.Node, hop: str, cfg: FQTConfig, path_prefix: str,
+                         result: InsertResult) -> None:
+    bodies = _bodies(gm, node)
+    if hop == _CHECKPOINT_HOP and len(bodies) == 1 and node.args and node.args[0].op == "get_attr":
+        _insert_checkpoint_body(gm, node, bodies[0], cfg, path_prefix, result)
+        return
+    # any other higher-order op (a custom autograd.Function, control flow, ...): its products
+    # are not rewritten; say so for each one, so that none is left out silently
+    for name, body in bodies:
+        for inner in body.graph.nodes:
+            if inner.op not in ("call_function", "call_method", "call_module") or _higher_order_name(inner):
+                continue
+            m = _match(body, inner)
+            if not isinstance(m, _Match):
+                continue
+            d = NodeDecision(f"{name}.{inner.name}", module_path_of(inner, path_prefix), m.op, m.kind.value, False,
+                             f"inside torch.ops.higher_order.{hop}, whose body fqt does not rewrite",
+                             shapes=[s for s in (_shape(a) for a in m.operands) if s is not None],
+                             out_shape=_shape(inner), flops=m.flops, region=name)
+            inner.meta["fqt"] = d
+            result.decisions.append(d)
+            log.warning("insert_qdq: %s (%s at %r) stays in full precision: it is inside higher-order op %s",
+                        inner.name, m.op, d.module, hop)
+
+
+def _insert_checkpoint_body(gm: fx.GraphModule, node: fx.Node, body: tuple[str, fx.GraphModule], cfg: FQTConfig,
+                            path_prefix: str, result: InsertResult) -> None:
+    """Quantize the products in the body of a ``torch.utils.checkpoint`` region.
+
+    The body's placeholders are the op's operands after the body (dynamo lifts the region's
+    parameters into them), so a placeholder is a parameter where its operand is one. The
+    recompute options (``sdpa="recompute"``, ``recompute_mlp``) and ``counter_dropout`` leave
+    the body alone: the region recomputes all of it in the backward already, and a seed that
+    quantized attention's dropout draws in it is saved by ``passes.keep_codes`` (drawn again,
+    it would give the recomputed attention another mask)."""
+    name, sub = body
+    if sub.meta.get("fqt_rewritten"):  # one body read by two regions: its products are quantized once
+        return
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    for ph, operand in zip(placeholders, node.args[1:]):
+        ph.meta["fqt_parameter"] = _is_param(gm, operand)
+    _insert_graph(sub, cfg, path_prefix, result, region=name)
+    sub.meta["fqt_rewritten"] = True
 
 
 _AC_IDS = itertools.count(FQT_AC_ID_BASE)  # keep_codes tells our regions from a user's by this

@@ -23,7 +23,8 @@ break: the backend passes the positions of the inputs with a ``grad_fn``, ``acti
 counts as a value from outside: saved as a float, it would be kept alive by this graph's
 backward alone. A seed drawn in such a region
 (``fqt::new_seed`` of the attention dropout) is saved too: drawn again, it would give the
-recomputed attention another dropout mask than the forward's.
+recomputed attention another dropout mask than the forward's; so is an ``fqt::new_seed`` in a
+user's ``torch.utils.checkpoint`` region (quantized attention inside one).
 
 Installed by the backend: on inductor as ``torch._inductor.config.joint_custom_pre_pass``
 (:class:`KeepCodesJointPass`, chained with a pass the user set there), with the eager inner
@@ -102,7 +103,15 @@ def keep_codes(graph: fx.Graph, activations: Collection[int] = (), n_inputs: int
     q_op = torch.ops.fqt.quantize.default
     outside = _activation_placeholders(graph, activations, n_inputs)
     kept = recomputed = seeds = 0
+    new_seed = torch.ops.fqt.new_seed.default
     for node in graph.nodes:
+        if node.op == "call_function" and node.target is new_seed and _recomputed(node) and not _in_fqt_region(node):
+            # a seed drawn in a user's torch.utils.checkpoint region (quantized attention's
+            # dropout there): saved too, for the same mask in the recomputation (AOTAutograd's
+            # replay of the random state does not take our op: its device is an argument)
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            seeds += 1
+            continue
         if node.op != "call_function" or not _in_fqt_region(node):
             continue
         if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import fqt_compile
 from fqt_compile import FQTConfig, GradSpec, Override
 from fqt_compile.functional import fqt_conv, fqt_linear, fqt_matmul, fqt_sdpa
+from fqt_compile.inspect import report_from_records
 from fqt_compile.models import MLP, SmallCNN, TransformerBlock
 from fqt_compile.passes.insert_qdq import NodeDecision, insert_qdq, module_path_of
 
@@ -361,3 +362,120 @@ def test_recompute_mlp_tags_the_activation_regions_between_quantized_layers(name
         for n in grads:
             assert torch.equal(grads[n], grads_saved[n]), n
         assert rec.aten_passes["joint"][0][1]["kept"] == len(recomputed)
+
+
+# -- higher-order ops: torch.utils.checkpoint regions, and the others ---------------------------
+
+
+class _AttnMlp(nn.Module):
+    """Attention with dropout (quantized attention draws its mask from a seed) and a GELU MLP."""
+
+    def __init__(self, d: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.fc1, self.fc2 = nn.Linear(d, 3 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1 if self.training else 0.0)
+        x = x + h.transpose(1, 2).reshape(b, t, d)
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.b1, self.b2, self.checkpointed = _AttnMlp(), _AttnMlp(), checkpointed
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(self.b1, x, use_reentrant=False) if self.checkpointed else self.b1(x)
+        return self.b2(x)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_products_in_a_checkpoint_region_are_quantized_and_give_the_same_gradients(compiler):
+    """torch.utils.checkpoint: dynamo puts the region's body in a higher-order op
+    (``tag_activation_checkpoint``), whose products insert_qdq used to leave in float without a
+    word. They are quantized like the others now, recorded with their region; the region
+    recomputes them in the backward, and the gradients equal the unchecheckpointed model's bit
+    for bit over two steps with the same seeds: the forward quantizers round to nearest, and
+    the attention dropout's seed drawn in the region is saved (passes/keep_codes.py), so the
+    recomputed attention has the forward's mask (with a seed drawn again the gradients would
+    differ; AOTAutograd's own replay of the random state fails on our seed op)."""
+    from fqt_compile.rng import rounding_generator
+
+    torch.manual_seed(0)
+    models = [_Checkpointed(False), _Checkpointed(True)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(2, 8, 32)
+    grads = []
+    for model in models:
+        fqt_compile.compile(model, FQTConfig(compiler=compiler))
+        for step in range(2):
+            torch.manual_seed(step)  # the dropout masks
+            with rounding_generator(torch.Generator().manual_seed(10 + step)):
+                model(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+    (rec,) = fqt_compile.records(models[1])
+    inside = [d for d in rec.insert.decisions if d.region]
+    assert [d.module for d in inside] == ["b1.qkv", "b1", "b1.fc1", "b1.fc2"]
+    assert all(d.quantized and d.node.startswith(f"{d.region}.") for d in inside)
+    assert all("recomputed in the backward by its torch.utils.checkpoint region" in d.reason for d in inside)
+    assert len(rec.insert.quantized) == 8
+    # the region's seed (its attention dropout's) is saved, not drawn again
+    assert rec.aten_passes["joint"][0][1]["seeds"] == 2  # the region's and b2's own attention's
+    body = rec.torch_graph.get_submodule(inside[0].region)
+    assert sum(n.target in (fqt_linear, fqt_sdpa) for n in body.graph.nodes) == 4
+    # every GEMM of the eight products is lowered, those recomputed by the region included
+    report = report_from_records([rec], model="_Checkpointed")
+    assert report.totals["lowered"] == 1.0 and report.totals["coverage"] == 1.0
+    assert [r.key for r in report.rows if r.region] == ["b1.qkv", "b1", "b1.fc1", "b1.fc2"]
+    assert "Checkpoint regions (torch.utils.checkpoint): 4 quantized products in 1 region(s)" in str(report)
+
+
+class _CustomFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+class _WithCustomFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return _CustomFunction.apply(self.fc(x), self.w)
+
+
+def test_products_inside_other_higher_order_ops_are_reported_in_full_precision(caplog):
+    """A custom autograd.Function reaches the graph as ``autograd_function_apply`` with its
+    forward and backward as bodies: fqt does not rewrite them, and says so per product (a
+    decision, the report's rows, a warning in the log) instead of leaving them out."""
+    model = _WithCustomFunction()
+    with caplog.at_level("WARNING", logger="fqt_compile.passes.insert_qdq"):
+        rec = compile_and_step(model, torch.randn(4, 16), FQTConfig(compiler="eager"))
+    inside = [d for d in rec.insert.decisions if d.region]
+    assert len(inside) == 3  # x @ w^T in the forward; g @ w and g^T @ x in the backward
+    assert not any(d.quantized for d in inside)
+    assert all(d.reason == "inside torch.ops.higher_order.autograd_function_apply, whose body fqt does not rewrite"
+               for d in inside)
+    assert [d.module for d in rec.insert.quantized] == ["fc"]
+    assert sum("inside higher-order op autograd_function_apply" in r.getMessage() for r in caplog.records) == 3
+    report = report_from_records([rec], model="m")
+    rows = [r for r in report.rows if r.region]
+    assert len(rows) == 3 and all(r.gemms["output"].status == "full_precision" for r in rows)
+    assert report.totals["coverage"] < 1.0

@@ -204,7 +204,7 @@ def test_lowered_gemms_of_an_mlp_with_the_real_pass():
 _REPORT_KEYS = {"schema", "model", "config", "config_summary", "graphs", "training", "lowering_pass_run",
                 "rows", "full_precision", "frames", "totals"}  # fmt: skip
 _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason", "shapes", "out_shape",
-             "flops", "quantizers", "gemms", "overrides"}  # fmt: skip
+             "flops", "quantizers", "gemms", "overrides", "region"}  # fmt: skip
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
                "gemm_flops", "gemm_flops_lowered", "lowered", "stochastic_quantizers", "seeds",
                "fused_softmax", "fused_softmax_backward", "fused_softmax_dropout", "fused_gelu", "fused_gelu_backward",
