@@ -106,8 +106,15 @@ def frame_of(gm: fx.GraphModule, example_inputs: Sequence[Any], model: nn.Module
 
 
 def _module_paths(gm: fx.GraphModule) -> list[str]:
-    nodes = (n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
-    return sorted({module_path_of(n) for n in nodes})
+    """The module paths the graph's calls name, those in the bodies of its higher-order ops
+    (a checkpoint region's) included."""
+    out: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            out.add(module_path_of(n))
+        elif n.op == "get_attr" and isinstance(body := getattr(gm, str(n.target), None), fx.GraphModule):
+            out.update(_module_paths(body))
+    return sorted(out)
 
 
 def instance_groups(gm: fx.GraphModule, cfg: FQTConfig, model: nn.Module, frame: Frame) -> list[tuple[str, ...]]:

@@ -273,3 +273,62 @@ def test_variants_under_dynamic_shapes():
         torch.testing.assert_close(y, _step(prepared, x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.dec.b.weight.grad, prepared.dec.b.weight.grad, rtol=1e-5, atol=1e-6)
     assert len({r.instances for r in fqt_compile.records(model)}) == 2
+
+
+class CheckpointedBreakingChild(nn.Module):
+    """A checkpoint region in the part of the frame before the graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(self.a, x, use_reentrant=False)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+class CheckpointedEncDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = CheckpointedBreakingChild(), CheckpointedBreakingChild()
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+def test_each_variant_rewrites_its_own_copy_of_a_checkpoint_region():
+    """The frame's graph holds a checkpoint region (a body module of the graph): `dec.a` in
+    the region runs in float and `enc.a` quantized: the groups of instances come from the module
+    paths in the body too (``frames._module_paths``), and each variant rewrites its own copy of
+    the body (``backend._copy_graph_module`` copies body modules; with the body shared, the
+    second variant would run the first one's rewritten region). Checked against the model prepared by symbolic
+    tracing (which traces through the checkpoint), as in the test above: the forward and dec's
+    gradients agree."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
+    ref = CheckpointedEncDec()
+    model = CheckpointedEncDec()
+    model.load_state_dict(ref.state_dict())
+    prepared = fqt_compile.prepare(ref, cfg)
+    model = fqt_compile.compile(model, cfg)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        y = _step(model, x)
+        torch.testing.assert_close(y, _step(prepared, x), rtol=1e-5, atol=1e-6)
+        for name in ("dec.a.weight", "dec.b.weight", "dec.a.bias", "dec.b.bias"):
+            torch.testing.assert_close(model.get_parameter(name).grad, prepared.get_parameter(name).grad,
+                                       rtol=1e-5, atol=1e-6)
+    recs = fqt_compile.records(model)
+    decisions = {(d.module, d.region != "", d.quantized) for r in recs for d in r.insert.decisions}
+    assert decisions == {("enc.a", True, True), ("dec.a", True, False), ("enc.b", False, True), ("dec.b", False, False)}
+    in_region = [r for r in recs if any(d.region for d in r.insert.decisions)]
+    # a variant per instance group, each with its own body (dynamo compiles the frame again for
+    # the other instance, which adds two more)
+    assert {r.instances for r in in_region} == {("enc",), ("dec",)}
+    with_body = [r for r in recs if isinstance(getattr(r.torch_graph, "wrap_body_0", None), torch.fx.GraphModule)]
+    assert in_region == with_body  # every variant rewrote a body: its own
+    assert len({id(r.torch_graph.get_submodule("wrap_body_0")) for r in in_region}) == len(in_region)

@@ -400,27 +400,39 @@ def test_products_in_a_checkpoint_region_are_quantized_and_give_the_same_gradien
     """torch.utils.checkpoint: dynamo puts the region's body in a higher-order op
     (``tag_activation_checkpoint``), whose products insert_qdq used to leave in float without a
     word. They are quantized like the others now, recorded with their region; the region
-    recomputes them in the backward, and the gradients equal the unchecheckpointed model's bit
-    for bit over two steps with the same seeds: the forward quantizers round to nearest, and
-    the attention dropout's seed drawn in the region is saved (passes/keep_codes.py), so the
-    recomputed attention has the forward's mask (with a seed drawn again the gradients would
-    differ; AOTAutograd's own replay of the random state fails on our seed op)."""
+    recomputes them in the backward, and the gradients equal the uncheckpointed model's over two
+    steps with the same seeds: the forward quantizers round to nearest, and the attention
+    dropout's seed drawn in the region is saved (passes/keep_codes.py), so the recomputed
+    attention has the forward's mask (with a seed drawn again the gradients would differ;
+    AOTAutograd's own replay of the random state fails on our seed op). With the eager inner
+    compiler bit for bit; inductor may order a float reduction differently in the two graphs
+    (torch 2.11 did, 2.13 not), which can move a stochastic rounding by one level, so there the
+    difference must stay within 1% of the one that other rounding seeds make."""
     from fqt_compile.rng import rounding_generator
 
     torch.manual_seed(0)
     models = [_Checkpointed(False), _Checkpointed(True)]
     models[1].load_state_dict(models[0].state_dict())
     x = torch.randn(2, 8, 32)
-    grads = []
-    for model in models:
-        fqt_compile.compile(model, FQTConfig(compiler=compiler))
+
+    def two_steps(model, seed):
+        model.zero_grad(set_to_none=True)
         for step in range(2):
             torch.manual_seed(step)  # the dropout masks
-            with rounding_generator(torch.Generator().manual_seed(10 + step)):
+            with rounding_generator(torch.Generator().manual_seed(seed + step)):
                 model(x).square().sum().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    for name in grads[0]:
-        assert torch.equal(grads[0][name], grads[1][name]), name
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    for model in models:
+        fqt_compile.compile(model, FQTConfig(compiler=compiler))
+    ref, checkpointed = two_steps(models[0], 10), two_steps(models[1], 10)
+    other_seeds = two_steps(models[0], 20)
+    for name in ref:
+        if compiler == "eager":
+            assert torch.equal(ref[name], checkpointed[name]), name
+        else:
+            gap = (checkpointed[name] - ref[name]).norm()
+            assert gap <= 0.01 * (other_seeds[name] - ref[name]).norm(), name
 
     (rec,) = fqt_compile.records(models[1])
     inside = [d for d in rec.insert.decisions if d.region]
