@@ -15,6 +15,7 @@ with ``--malloc keep``):
   that keeps each block of 6 score rows in a per-thread buffer and writes nothing (its sums
   are checked against ``torch.bmm`` on part of the heads first): what the GEMM of a fused
   attention kernel, which keeps a row block's scores in cache through the softmax, would cost;
+- ``qk_vnni_written``: that kernel writing the int32 scores out, as ``fqt::bmm_int8`` does;
 - ``softmax_quantize``: ``fqt::softmax_quantize`` on those int32 scores (scale, causal mask,
   the per-tensor quantizer of the probabilities: two passes);
 - ``softmax_backward_sr_quantize``: softmax's backward on an int32 dP with the probabilities,
@@ -195,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             print("the in-cache kernel's sums differ from torch.bmm: not measured")
             return 1
         fns["qk_in_cache"] = lambda: lib.qk_rows(q.data_ptr(), kt.data_ptr(), bh, lq, d, lq, None, threads)
+        written = torch.empty(bh, lq, lq, dtype=torch.int32)
+        fns["qk_vnni_written"] = lambda: lib.qk_rows(q.data_ptr(), kt.data_ptr(), bh, lq, d, lq, written.data_ptr(),
+                                                     threads)
     # the calls interleaved, one of each in turn (bench_conv.bench): drift hits all alike
     ms: dict[str, float | None] = {k: v * 1e3 for k, v in bench(fns, args.repeats).items()}
     ms.setdefault("qk_in_cache", None)
+    ms.setdefault("qk_vnni_written", None)
     for name, v in ms.items():
         print(f"{name:30s} {'-' if v is None else f'{v:8.2f}'} ms")
     if args.out:
