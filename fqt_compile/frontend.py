@@ -55,6 +55,31 @@ _ENTRY_COUNTER = itertools.count()
 _BACKENDS: weakref.WeakKeyDictionary[Any, FQTBackend] = weakref.WeakKeyDictionary()
 
 
+def untraced_modules(model: nn.Module) -> list[tuple[str, str, str]]:
+    """``(path, class name, reason)`` of the submodules that dynamo runs outside the compiled
+    graphs, so that their products stay float whatever the config: recurrent layers
+    (``nn.LSTM``/``GRU``/``RNN``), unless ``torch._dynamo.config.allow_rnn`` is set (then they
+    are one ``torch.lstm``/... call in the graph, which insert_qdq lists in full precision)."""
+    if getattr(torch._dynamo.config, "allow_rnn", False):
+        return []
+    return [(name, type(m).__name__, "recurrent layer: dynamo runs it outside the graphs, in float (a graph "
+             "break; torch._dynamo.config.allow_rnn is False)")
+            for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+
+
+def _warn_untraced(model: nn.Module) -> None:
+    found = untraced_modules(model)
+    if found:
+        msg = ("fqt_compile: " + ", ".join(f"{path or '<root>'} ({cls})" for path, cls, _ in found)
+               + " run in float, unquantized: dynamo does not trace recurrent layers (a graph break "
+               "around each call; torch._dynamo.config.allow_rnn is False), and where it cannot resume after "
+               "the break it runs the whole frame around them eagerly, its other products unquantized too. "
+               "Set torch._dynamo.config.allow_rnn = True to compile the rest: the recurrent layers are then "
+               "one call each in the graph, kept in full precision and listed in the records")
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning(msg)
+
+
 def _entry_frame(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """A wrapper of ``fn`` with a code object of its own (so its own dynamo cache)."""
 
@@ -81,6 +106,7 @@ def compile(
     backend = FQTBackend(cfg)
     if isinstance(model, nn.Module):
         check_overrides(model, cfg)
+        _warn_untraced(model)
         # Like nn.Module.compile (the module stays the same object, so state_dict keys are
         # unchanged), but through an entry frame of our own: torch 2.13 skips a bare
         # _call_impl frame, and a shared wrapper (dynamo's wrap_inline) would put every

@@ -613,6 +613,7 @@ def inspect(
     """
     from .frontend import compile as fqt_compile_model
     from .frontend import records as fqt_records
+    from .frontend import untraced_modules
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"inspect() takes an nn.Module, got {type(model).__name__}")
@@ -640,5 +641,9 @@ def inspect(
                 loss.backward()
         recs = list(recs)
     # the records' config: the backend may have changed the inner compiler (old torch)
-    return report_from_records(recs, model=type(model).__name__, config=recs[0].config if recs else cfg,
-                               training=model.training)
+    report = report_from_records(recs, model=type(model).__name__, config=recs[0].config if recs else cfg,
+                                 training=model.training)
+    # submodules dynamo ran outside every graph (recurrent layers): no record names them
+    report.full_precision += [{"module": path, "node": "", "op": cls, "reason": why}
+                              for path, cls, why in untraced_modules(model)]
+    return report

@@ -65,6 +65,26 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
     F.conv_transpose1d: "transposed convolution is not covered",
     F.conv_transpose2d: "transposed convolution is not covered",
     F.conv_transpose3d: "transposed convolution is not covered",
+    # products dynamo leaves as one call: listed, so that none runs in float unsaid
+    F.multi_head_attention_forward: (
+        "nn.MultiheadAttention (F.multi_head_attention_forward, one call in the graph) is not covered: "
+        "write the attention with linear layers and F.scaled_dot_product_attention"
+    ),
+    torch.bilinear: "bilinear (nn.Bilinear) is not covered",
+    torch.tensordot: "tensordot is not covered",
+    torch.linalg.multi_dot: "linalg.multi_dot is not covered",
+    torch.chain_matmul: "chain_matmul is not covered",
+    torch.addbmm: "addbmm (a sum over the batch of products) is not covered",
+    torch.kron: "kron is not covered",
+    **{getattr(torch, name): f"{name} (a vector product) is not covered"
+       for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
+    **{getattr(torch, name): "recurrent layer (LSTM/GRU/RNN) is not covered"
+       for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
+}
+_FULL_PRECISION_METHODS: dict[str, str] = {
+    "softmax": "softmax",
+    "addbmm": _FULL_PRECISION_FNS[torch.addbmm],
+    **{name: f"{name} (a vector product) is not covered" for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
 }
 _FULL_PRECISION_MODULES: dict[type, str] = {
     nn.Embedding: "embedding (a lookup, not a matmul)",
@@ -76,6 +96,8 @@ _FULL_PRECISION_MODULES: dict[type, str] = {
     nn.ConvTranspose1d: "transposed convolution is not covered",
     nn.ConvTranspose2d: "transposed convolution is not covered",
     nn.ConvTranspose3d: "transposed convolution is not covered",
+    nn.Bilinear: "bilinear (nn.Bilinear) is not covered",
+    nn.RNNBase: "recurrent layer (LSTM/GRU/RNN) is not covered",
 }
 
 
@@ -378,8 +400,8 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
 
     if node.op == "call_function" and target in _FULL_PRECISION_FNS:
         return _FULL_PRECISION_FNS[target]
-    if node.op == "call_method" and target == "softmax":
-        return "softmax"
+    if node.op == "call_method" and target in _FULL_PRECISION_METHODS:
+        return _FULL_PRECISION_METHODS[target]
     return None
 
 

@@ -491,3 +491,38 @@ def test_products_inside_other_higher_order_ops_are_reported_in_full_precision(c
     rows = [r for r in report.rows if r.region]
     assert len(rows) == 3 and all(r.gemms["output"].status == "full_precision" for r in rows)
     assert report.totals["coverage"] < 1.0
+
+
+class _UncoveredProducts(nn.Module):
+    """Products that dynamo keeps as one call each and that fqt does not rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.bil = nn.Bilinear(16, 16, 8)
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        x = self.fc(x)
+        a = self.mha(x, x, x, need_weights=False)[0]
+        b = torch.tensordot(x, self.w, dims=([2], [0]))
+        c = torch.linalg.multi_dot([x[0], self.w, self.w])
+        d = torch.addbmm(torch.zeros(4, 16), x.transpose(1, 2)[:, :4], x)
+        e = torch.inner(x, x).sum() + torch.outer(x[0, 0], x[0, 1]).sum() + torch.mv(self.w, x[0, 0]).sum()
+        return a.sum() + b.sum() + c.sum() + d.sum() + self.bil(x, x).sum() + e + x[0].mv(x[0, 0]).sum()
+
+
+def test_products_dynamo_keeps_whole_are_listed_in_full_precision():
+    """nn.MultiheadAttention (one F.multi_head_attention_forward call in dynamo's graph),
+    bilinear, tensordot, multi_dot, addbmm and the vector products were run in float with no
+    decision at all; each is now a full-precision decision naming the op."""
+    rec = compile_and_step(_UncoveredProducts(), torch.randn(2, 4, 16), FQTConfig(compiler="eager"))
+    assert [d.module for d in rec.insert.quantized] == ["fc"]
+    noted = Counter(d.op for d in rec.insert.skipped)
+    assert noted == Counter({"multi_head_attention_forward": 1, "tensordot": 1, "linalg_multi_dot": 1, "addbmm": 1,
+                             "bilinear": 1, "inner": 1, "outer": 1, "mv": 2})
+    reasons = {d.op: d.reason for d in rec.insert.skipped}
+    assert reasons["multi_head_attention_forward"].startswith("full precision: nn.MultiheadAttention")
+    assert reasons["mv"] == "full precision: mv (a vector product) is not covered"
+    assert all(d.kind is None and "is not covered" in d.reason for d in rec.insert.skipped)

@@ -345,3 +345,33 @@ def test_hugging_face_gpt2():
     assert {r.op for r in report.rows} == {"addmm", "sdpa", "linear"}
     assert sorted(d["op"] for d in report.full_precision) == ["embedding"] * 2 + ["layer_norm"] * 5
     assert isinstance(report, Report) and report.graphs >= 1
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.rnn = torch.nn.LSTM(16, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.fc(self.rnn(torch.relu(self.fc(x)))[0])
+
+
+def test_recurrent_layers_are_named_in_the_report_and_warned_about():
+    """Dynamo does not trace nn.LSTM/GRU/RNN by default: a graph break around each call (on
+    torch 2.11 and 2.13 it cannot resume inside the compiled entry frame and runs the whole
+    forward eagerly; 2.15 compiles the fc calls as frames of their own). No graph names the
+    layer, so the report lists it from the model, and fqt_compile.compile warns. With torch._dynamo.config.allow_rnn the rest compiles and quantizes, and the layer is
+    one torch.lstm call in the graph, listed in full precision by insert_qdq."""
+    x = torch.randn(2, 4, 16)
+    with pytest.warns(UserWarning, match=r"rnn \(LSTM\) run in float, unquantized.*allow_rnn = True"):
+        report = inspect(_Recurrent(), x, PSQ8)
+    assert not any(r.module == "rnn" for r in report.rows)
+    assert report.full_precision == [{"module": "rnn", "node": "", "op": "LSTM", "reason": (
+        "recurrent layer: dynamo runs it outside the graphs, in float (a graph break; "
+        "torch._dynamo.config.allow_rnn is False)")}]
+    with torch._dynamo.config.patch(allow_rnn=True):
+        report = inspect(_Recurrent(), x, PSQ8)
+    assert [r.key for r in report.rows if r.quantized] == ["fc", "fc#1"]
+    assert [(d["module"], d["op"], d["reason"]) for d in report.full_precision] == [
+        ("rnn", "lstm", "recurrent layer (LSTM/GRU/RNN) is not covered")]
