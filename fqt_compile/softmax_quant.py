@@ -284,7 +284,8 @@ def softmax_quantize(
     lq = x.shape[-2] if x.dim() >= 2 else 1
     epi = sr_fused.Epilogue(x, epi_rows, epi_cols)
     xc = x.contiguous() if x.dtype == torch.float32 else None
-    mc = mask.expand(lq, L).contiguous() if mask is not None else None
+    # (the mask's leading dimensions are 1: _check)
+    mc = mask.reshape(mask.shape[-2:] if mask.dim() >= 2 else mask.shape).expand(lq, L).contiguous() if mask is not None else None
     p = torch.empty(x.shape)
     rmin, rmax = torch.empty(rows), torch.empty(rows)
     threads = torch.get_num_threads()

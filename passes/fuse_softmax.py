@@ -245,6 +245,13 @@ def _absorb_scores(graph: fx.Graph, node: fx.Node, outs: list[fx.Node], x: fx.No
         return False
     ep, scale, mask = parts
     acc_shape = ep.acc.meta["val"].shape
+    if mask is not None and mask.meta["val"].dim() > len(acc_shape):
+        # a (1, 1, Lq, L) mask of 4-D scores: the product is (B H, Lq, L), and the op takes
+        # masks of at most its rank; the leading dimensions are all 1 (_scores_parts)
+        mv = mask.meta["val"]
+        with graph.inserting_before(node):
+            mask = graph.call_function(aten.view.default, (mask, list(mv.shape[-2:])))
+        mask.meta["val"] = mv.view(mv.shape[-2:])
     new_vals = [outs[0].meta["val"].new_empty(acc_shape), outs[1].meta["val"].new_empty(acc_shape)]
     if any(view_shape(v) is None for v in (outs[0].meta["val"], outs[1].meta["val"])):
         return False

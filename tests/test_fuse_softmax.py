@@ -300,3 +300,36 @@ def test_symbolic_batch_only_keeps_the_int32_forms_with_views_of_minus_one():
     assert len(views) == 2 and all(v.args[1][0] == -1 and all(isinstance(d, int) for d in v.args[1]) for v in views)
     (gelu,) = [n for n in rec.forward.graph.nodes if n.target is torch.ops.fqt.gelu_quantize.default]
     assert gelu.args[1] is not None
+
+
+class _MaskedAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q, k, v = (z.reshape(b, t, 2, 8).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 8, 8), (1, 8, 8), (8, 8)])
+def test_a_mask_with_leading_ones_is_fused(shape):
+    """A float mask of shape (1, 1, Lq, L) or (1, Lq, L) on 4-D scores: the fused kernel gets
+    it as (Lq, L) (the lowered product is (B H, Lq, L)). It failed at run time before the
+    twentieth session ("mask (1, 1, 5, 5) must broadcast ..."); now the step is the unfused
+    one to the tolerance above."""
+    x, mask = torch.randn(2, 8, 16), torch.randn(shape)
+    out = {}
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        m = _MaskedAttention()
+        fqt_compile.compile(m, FQTConfig(compiler="eager", sdpa="decompose", fuse_softmax=fuse, fuse_quantizers=False))
+        torch.manual_seed(1)
+        y = m(x, mask)
+        y.square().mean().backward()
+        out[fuse] = {"y": y.detach(), **{n: p.grad for n, p in m.named_parameters()}}
+        rec = fqt_compile.records(m)[0]
+        assert _count(rec.forward, FWD) == (1 if fuse else 0)
+    _assert_close_grads(out[False], out[True])
