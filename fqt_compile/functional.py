@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+import torch.nn.functional as F
 
 from .config import FQTConfig, Mode
 from . import gemm as _gemm  # noqa: F401  (registers fqt::qmm, fqt::int_mm)
@@ -32,7 +33,8 @@ from . import quantizers as Q
 from .ops import estimate_grad, grad_codes
 from .rng import DROPOUT_STREAM, new_seed
 
-__all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa", "fqt_dropout"]
+__all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa", "fqt_dropout",
+           "fqt_multi_head_attention"]
 
 
 class QSpec(NamedTuple):
@@ -538,3 +540,105 @@ def fqt_sdpa(
         return fqt_matmul(a, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
 
     return sdpa_with(matmul, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask_as_bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention (F.multi_head_attention_forward)
+# ---------------------------------------------------------------------------------------------
+
+
+def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean attention mask of nn.MultiheadAttention (True: *not* attended) as the additive
+    float mask it stands for; a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def fqt_multi_head_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    num_heads: int,
+    in_proj_weight: Tensor | None,
+    in_proj_bias: Tensor | None,
+    dropout_p: float,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    training: bool = True,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Tensor | None = None,
+    k_proj_weight: Tensor | None = None,
+    v_proj_weight: Tensor | None = None,
+    is_causal: bool = False,
+    *,
+    spec: QSpec = QSpec(),
+    quantize_attention: bool = True,
+) -> tuple[Tensor, None]:
+    """``F.multi_head_attention_forward(..., need_weights=False)`` (no ``bias_k``/``bias_v``,
+    ``add_zero_attn`` or ``static_k``/``static_v``: ``passes.insert_qdq`` keeps those in full
+    precision) with its products FQT: the input projections as :func:`fqt_linear` (one packed
+    product where query, key and value are one tensor, as torch computes them), the attention
+    as :func:`fqt_sdpa` (both operands with the ``a_*`` quantizer; ``quantize_attention=False``:
+    torch's attention, for ``config.sdpa="full_precision"``), the output projection as
+    :func:`fqt_linear`. Masks follow torch's rules: a boolean mask is True where a position is
+    *not* attended, the key padding mask is added to the attention mask, and ``is_causal`` (a
+    hint that ``attn_mask`` is causal) uses the causal attention where there is no key padding
+    mask. Inputs are ``(L, N, E)`` or unbatched ``(L, E)``; returns ``(output, None)``."""
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = query.shape
+    src_len = key.shape[0]
+    head_dim = embed_dim // num_heads
+
+    def lin(x: Tensor, w: Tensor, b: Tensor | None, which: str) -> Tensor:
+        return fqt_linear(x, w, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
+
+    biases = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+    if use_separate_proj_weight:
+        assert q_proj_weight is not None and k_proj_weight is not None and v_proj_weight is not None
+        q = lin(query, q_proj_weight, biases[0], "q_proj")
+        k = lin(key, k_proj_weight, biases[1], "k_proj")
+        v = lin(value, v_proj_weight, biases[2], "v_proj")
+    else:
+        assert in_proj_weight is not None
+        if query is key and key is value:  # self-attention: one packed product, as torch's
+            q, k, v = lin(query, in_proj_weight, in_proj_bias, "in_proj").chunk(3, dim=-1)
+        else:
+            w_q, w_k, w_v = in_proj_weight.chunk(3)
+            q = lin(query, w_q, biases[0], "q_proj")
+            if key is value:
+                b_kv = torch.cat(biases[1:]) if in_proj_bias is not None else None
+                k, v = lin(key, torch.cat([w_k, w_v]), b_kv, "kv_proj").chunk(2, dim=-1)
+            else:
+                k, v = lin(key, w_k, biases[1], "k_proj"), lin(value, w_v, biases[2], "v_proj")
+
+    def heads(t: Tensor, length: int) -> Tensor:  # (L, N, E) -> (N, H, L, D)
+        return t.reshape(length, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+
+    q, k, v = heads(q, tgt_len), heads(k, src_len), heads(v, src_len)
+    mask = None
+    if is_causal and key_padding_mask is None:
+        attn_mask = None  # torch likewise: the hint replaces the mask
+    else:
+        is_causal = False
+    if attn_mask is not None:
+        m = _additive_mask(attn_mask, q.dtype)
+        mask = m.view(1, 1, tgt_len, src_len) if m.dim() == 2 else m.view(bsz, num_heads, tgt_len, src_len)
+    if key_padding_mask is not None:
+        kp = _additive_mask(key_padding_mask, q.dtype).view(bsz, 1, 1, src_len)
+        mask = kp if mask is None else mask + kp
+    p = dropout_p if training else 0.0
+    if quantize_attention:
+        out = fqt_sdpa(q, k, v, mask, p, is_causal, spec=spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme,
+                                                                         b_gran=spec.a_gran))
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal)
+    out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
+    out = lin(out, out_proj_weight, out_proj_bias, "out_proj")
+    return (out.squeeze(1) if unbatched else out), None

@@ -12,6 +12,7 @@ recorded in ``node.meta["fqt"]`` (a :class:`NodeDecision`) and returned in the r
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import operator
@@ -33,6 +34,7 @@ from ..functional import (
     fqt_dropout,
     fqt_linear,
     fqt_matmul,
+    fqt_multi_head_attention,
     fqt_sdpa,
     qspec_from_config,
     same_padding,
@@ -44,7 +46,7 @@ __all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "modul
 
 log = logging.getLogger(__name__)
 
-FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_matmul, fqt_addmm, fqt_sdpa)
+FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_matmul, fqt_addmm, fqt_sdpa, fqt_multi_head_attention)
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -66,10 +68,6 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
     F.conv_transpose2d: "transposed convolution is not covered",
     F.conv_transpose3d: "transposed convolution is not covered",
     # products dynamo leaves as one call: listed, so that none runs in float unsaid
-    F.multi_head_attention_forward: (
-        "nn.MultiheadAttention (F.multi_head_attention_forward, one call in the graph) is not covered: "
-        "write the attention with linear layers and F.scaled_dot_product_attention"
-    ),
     torch.bilinear: "bilinear (nn.Bilinear) is not covered",
     torch.tensordot: "tensordot is not covered",
     torch.linalg.multi_dot: "linalg.multi_dot is not covered",
@@ -398,11 +396,58 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
 
         return _Match("sdpa", OpKind.MATMUL, build_sdpa, False, operands=(q, k, v), flops=flops)
 
+    if node.op == "call_function" and target is F.multi_head_attention_forward:
+        return _match_mha(node)
+
     if node.op == "call_function" and target in _FULL_PRECISION_FNS:
         return _FULL_PRECISION_FNS[target]
     if node.op == "call_method" and target in _FULL_PRECISION_METHODS:
         return _FULL_PRECISION_METHODS[target]
     return None
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+#: the arguments of F.multi_head_attention_forward that fqt_multi_head_attention takes
+_MHA_ARGS = ("query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "dropout_p", "out_proj_weight",
+             "out_proj_bias", "training", "key_padding_mask", "attn_mask", "use_separate_proj_weight",
+             "q_proj_weight", "k_proj_weight", "v_proj_weight", "is_causal")
+
+
+def _match_mha(node: fx.Node) -> _Match:
+    """nn.MultiheadAttention as dynamo leaves it: one ``F.multi_head_attention_forward`` call.
+    Covered (as :func:`fqt_multi_head_attention`, one row) without the attention weights
+    (``need_weights=False``, as nn.TransformerEncoderLayer calls it) and without the rarely used
+    extras; otherwise kept whole, in full precision, with the reason."""
+    try:
+        bound = _MHA_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError as e:
+        return _Match("multi_head_attention", OpKind.MATMUL, None, False, reason=f"unexpected arguments: {e}")
+    bound.apply_defaults()
+    a = bound.arguments
+    why = None
+    if a["need_weights"]:
+        why = ("nn.MultiheadAttention with need_weights=True (the default: it returns the attention weights) is "
+               "not covered: call it with need_weights=False")
+    elif a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+        why = "nn.MultiheadAttention with add_bias_kv or add_zero_attn is not covered"
+    elif a["static_k"] is not None or a["static_v"] is not None:
+        why = "F.multi_head_attention_forward with static_k/static_v is not covered"
+    q, k = _shape(a["query"]), _shape(a["key"])
+    flops = 0
+    if q and k and len(q) in (2, 3):
+        lq, e, n = q[0], q[-1], (q[1] if len(q) == 3 else 1)
+        lk = k[0]
+        flops = 2 * n * e * e * (2 * lq + 2 * lk) + 2 * 2 * n * lq * lk * e  # projections + the two attention products
+    if why is not None:
+        return _Match("multi_head_attention", OpKind.MATMUL, None, False, operands=(a["query"], a["key"], a["value"]),
+                      flops=flops, reason=why)
+    args = tuple(a[name] for name in _MHA_ARGS)
+
+    def build_mha(graph: fx.Graph, spec: QSpec) -> fx.Node:
+        return graph.call_function(fqt_multi_head_attention, args, {"spec": spec})
+
+    return _Match("multi_head_attention", OpKind.MATMUL, build_mha, True, operands=(a["query"], a["key"], a["value"]),
+                  flops=flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +509,23 @@ def _insert_graph(gm: fx.GraphModule, cfg: FQTConfig, path_prefix: str, result: 
             d.reason = f"op kind {m.kind.value!r} not in config.ops"
         elif m.op == "sdpa" and local.sdpa is SdpaPolicy.FULL_PRECISION:
             d.reason = "scaled_dot_product_attention kept in full precision (config.sdpa='full_precision')"
+        elif m.op == "multi_head_attention":
+            spec = qspec_from_config(local, second_is_weight=True, name=path)
+            attention = local.sdpa is not SdpaPolicy.FULL_PRECISION
+            with graph.inserting_before(node):
+                new = m.build(graph, spec)
+            new.kwargs = {**new.kwargs, "quantize_attention": attention}
+            new.meta.update({k: v for k, v in node.meta.items() if k != "fqt"})
+            d.quantized, d.spec = True, spec
+            d.reason = ("quantized: input projections, attention and output projection (the attention probabilities "
+                        "are kept for the backward; config.sdpa='recompute' applies to F.scaled_dot_product_attention)"
+                        if attention else "quantized: the projections; the attention in full precision "
+                        "(config.sdpa='full_precision')")
+            new.meta["fqt"] = d
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            result.decisions.append(d)
+            continue
         else:
             spec = qspec_from_config(local, second_is_weight=m.second_is_weight, name=path)
             with graph.inserting_before(node):
