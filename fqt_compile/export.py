@@ -38,7 +38,8 @@ from torch import Tensor
 
 from .backend import resolve_config, torch_version
 from .config import FQTConfig, Mode
-from .functional import QSpec, addmm_with, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_sdpa, sdpa_with
+from .functional import (QSpec, addmm_with, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_multi_head_attention,
+                         fqt_sdpa, mha_with, sdpa_with)
 from .passes.insert_qdq import InsertResult, insert_qdq
 
 __all__ = ["export", "export_onnx", "inference_graph", "ONNX_OPSET", "FQTExportError"]
@@ -111,12 +112,25 @@ def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
                      is_causal, scale, enable_gqa, mask_as_bias)
 
 
+def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True, **kwargs: Any) -> tuple[Tensor, None]:
+    # fqt_multi_head_attention's products in their inference forms (eval: no dropout)
+    attn_spec = spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme, b_gran=spec.a_gran)
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool) -> Tensor:
+        if quantize_attention:
+            return _infer_sdpa(q, k, v, mask, 0.0, causal, spec=attn_spec)
+        return F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal)
+
+    return mha_with(lambda x, w, b, which: _infer_linear(x, w, b, spec=spec), attention, *args, **kwargs)
+
+
 _INFERENCE_FORMS = {
     fqt_linear: _infer_linear,
     fqt_conv: _infer_conv,
     fqt_matmul: _infer_matmul,
     fqt_addmm: _infer_addmm,
     fqt_sdpa: _infer_sdpa,
+    fqt_multi_head_attention: _infer_mha,
 }
 
 
@@ -174,12 +188,29 @@ def inference_graph(
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ) from e
     result = insert_qdq(gm, cfg) if cfg.mode is not Mode.OFF else InsertResult()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _INFERENCE_FORMS:
-            node.target = _INFERENCE_FORMS[node.target]
-    gm.graph.lint()
-    gm.recompile()
+    _inline_checkpoint_regions(gm)
+    for g in (gm, *(m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm)):  # and bodies
+        for node in g.graph.nodes:
+            if node.op == "call_function" and node.target in _INFERENCE_FORMS:
+                node.target = _INFERENCE_FORMS[node.target]
+        g.graph.lint()
+        g.recompile()
     return gm, result
+
+
+def _inline_checkpoint_regions(gm: fx.GraphModule) -> None:
+    """A ``torch.utils.checkpoint`` region (dynamo's ``tag_activation_checkpoint`` with the
+    region as its body) becomes a plain call of its body: inference keeps no activations to
+    recompute, and torch.export does not take the op from a dynamo graph."""
+    for node in list(gm.graph.nodes):
+        hop = node.target
+        if (node.op == "call_function" and isinstance(hop, torch._ops.HigherOrderOperator)
+                and hop.name() == "tag_activation_checkpoint" and node.args and isinstance(node.args[0], fx.Node)
+                and node.args[0].op == "get_attr"):
+            body = node.args[0]
+            node.op, node.target, node.args, node.kwargs = "call_module", str(body.target), tuple(node.args[1:]), {}
+            if not body.users:
+                gm.graph.erase_node(body)
 
 
 def _dynamic_batch_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -21,7 +21,7 @@ FX graphs holding these calls print, pickle and hash.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -555,7 +555,9 @@ def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-def fqt_multi_head_attention(
+def mha_with(
+    linear: Callable[[Tensor, Tensor, Tensor | None, str], Tensor],
+    attention: Callable[[Tensor, Tensor, Tensor, Tensor | None, float, bool], Tensor],
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -573,20 +575,17 @@ def fqt_multi_head_attention(
     k_proj_weight: Tensor | None = None,
     v_proj_weight: Tensor | None = None,
     is_causal: bool = False,
-    *,
-    spec: QSpec = QSpec(),
-    quantize_attention: bool = True,
 ) -> tuple[Tensor, None]:
-    """``F.multi_head_attention_forward(..., need_weights=False)`` (no ``bias_k``/``bias_v``,
-    ``add_zero_attn`` or ``static_k``/``static_v``: ``passes.insert_qdq`` keeps those in full
-    precision) with its products FQT: the input projections as :func:`fqt_linear` (one packed
-    product where query, key and value are one tensor, as torch computes them), the attention
-    as :func:`fqt_sdpa` (both operands with the ``a_*`` quantizer; ``quantize_attention=False``:
-    torch's attention, for ``config.sdpa="full_precision"``), the output projection as
-    :func:`fqt_linear`. Masks follow torch's rules: a boolean mask is True where a position is
-    *not* attended, the key padding mask is added to the attention mask, and ``is_causal`` (a
-    hint that ``attn_mask`` is causal) uses the causal attention where there is no key padding
-    mask. Inputs are ``(L, N, E)`` or unbatched ``(L, E)``; returns ``(output, None)``."""
+    """``F.multi_head_attention_forward(..., need_weights=False)`` (without ``bias_k``/``bias_v``,
+    ``add_zero_attn``, ``static_k``/``static_v``) with its products given: ``linear(x, w, b,
+    which)`` for the projections (``which``: ``"in_proj"``, ``"q_proj"``, ...) and
+    ``attention(q, k, v, mask, dropout_p, is_causal)`` for the attention on (N, H, L, D) heads.
+    The input projection is one packed product where query, key and value are one tensor (and
+    one for key and value where those two are), as torch computes them. Masks follow torch's
+    rules: a boolean mask is True where a position is *not* attended, the key padding mask adds
+    to the attention mask, and ``is_causal`` (a hint that ``attn_mask`` is causal) takes the
+    causal attention where there is no key padding mask. Inputs are ``(L, N, E)`` or unbatched
+    ``(L, E)``; returns ``(output, None)``."""
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -595,28 +594,24 @@ def fqt_multi_head_attention(
     tgt_len, bsz, embed_dim = query.shape
     src_len = key.shape[0]
     head_dim = embed_dim // num_heads
-
-    def lin(x: Tensor, w: Tensor, b: Tensor | None, which: str) -> Tensor:
-        return fqt_linear(x, w, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
-
     biases = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
     if use_separate_proj_weight:
         assert q_proj_weight is not None and k_proj_weight is not None and v_proj_weight is not None
-        q = lin(query, q_proj_weight, biases[0], "q_proj")
-        k = lin(key, k_proj_weight, biases[1], "k_proj")
-        v = lin(value, v_proj_weight, biases[2], "v_proj")
+        q = linear(query, q_proj_weight, biases[0], "q_proj")
+        k = linear(key, k_proj_weight, biases[1], "k_proj")
+        v = linear(value, v_proj_weight, biases[2], "v_proj")
     else:
         assert in_proj_weight is not None
-        if query is key and key is value:  # self-attention: one packed product, as torch's
-            q, k, v = lin(query, in_proj_weight, in_proj_bias, "in_proj").chunk(3, dim=-1)
+        if query is key and key is value:  # self-attention: one packed product
+            q, k, v = linear(query, in_proj_weight, in_proj_bias, "in_proj").chunk(3, dim=-1)
         else:
             w_q, w_k, w_v = in_proj_weight.chunk(3)
-            q = lin(query, w_q, biases[0], "q_proj")
+            q = linear(query, w_q, biases[0], "q_proj")
             if key is value:
                 b_kv = torch.cat(biases[1:]) if in_proj_bias is not None else None
-                k, v = lin(key, torch.cat([w_k, w_v]), b_kv, "kv_proj").chunk(2, dim=-1)
+                k, v = linear(key, torch.cat([w_k, w_v]), b_kv, "kv_proj").chunk(2, dim=-1)
             else:
-                k, v = lin(key, w_k, biases[1], "k_proj"), lin(value, w_v, biases[2], "v_proj")
+                k, v = linear(key, w_k, biases[1], "k_proj"), linear(value, w_v, biases[2], "v_proj")
 
     def heads(t: Tensor, length: int) -> Tensor:  # (L, N, E) -> (N, H, L, D)
         return t.reshape(length, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
@@ -633,12 +628,29 @@ def fqt_multi_head_attention(
     if key_padding_mask is not None:
         kp = _additive_mask(key_padding_mask, q.dtype).view(bsz, 1, 1, src_len)
         mask = kp if mask is None else mask + kp
-    p = dropout_p if training else 0.0
-    if quantize_attention:
-        out = fqt_sdpa(q, k, v, mask, p, is_causal, spec=spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme,
-                                                                         b_gran=spec.a_gran))
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal)
-    out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
-    out = lin(out, out_proj_weight, out_proj_bias, "out_proj")
+    out = attention(q, k, v, mask, dropout_p if training else 0.0, is_causal)
+    out = linear(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim), out_proj_weight, out_proj_bias, "out_proj")
     return (out.squeeze(1) if unbatched else out), None
+
+
+def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attention: bool = True,
+                             **kwargs: Any) -> tuple[Tensor, None]:
+    """:func:`mha_with` with every product FQT (the arguments of
+    ``F.multi_head_attention_forward`` that it takes, in its order): the projections as
+    :func:`fqt_linear`, the attention as :func:`fqt_sdpa` with both operands under the ``a_*``
+    (input) quantizer, or torch's attention where ``quantize_attention`` is False (for
+    ``config.sdpa="full_precision"``). ``passes.insert_qdq`` puts it in place of
+    ``F.multi_head_attention_forward`` calls it covers; the GEMM tags name the products
+    ``<module>[in_proj]``, ``<module>[q@k]``, ... ."""
+
+    def linear(x: Tensor, w: Tensor, b: Tensor | None, which: str) -> Tensor:
+        return fqt_linear(x, w, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
+
+    attn_spec = spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme, b_gran=spec.a_gran)
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool) -> Tensor:
+        if quantize_attention:
+            return fqt_sdpa(q, k, v, mask, p, causal, spec=attn_spec)
+        return F.scaled_dot_product_attention(q, k, v, mask, p, causal)
+
+    return mha_with(linear, attention, *args, **kwargs)

@@ -41,8 +41,25 @@ RUN_BATCHES = (1, 5)
 CFG = FQTConfig(compiler="eager")
 SIMULATED = dataclasses.replace(CFG, lower_int_gemm=False)
 
+class _AttentionCheckpointed(torch.nn.Module):
+    """nn.MultiheadAttention (one row: its input projection, both attention products and its
+    output projection) and a linear layer in a torch.utils.checkpoint region, which the
+    inference form calls as a plain function."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.fc, self.mha(x, x, x, need_weights=False)[0], use_reentrant=False)
+
+
 # (model, input shape without batch, quantized products, quantized operands)
 CASES = {
+    "mha_checkpoint": (_AttentionCheckpointed, (4, 16), 2, 10),
     "mlp": (lambda: MLP(16, 32, 4), (16,), 3, 6),
     "cnn": (lambda: SmallCNN(width=8), (1, 8, 8), 5, 10),
     "block": (lambda: TransformerBlock(32, 4), (8, 32), 5, 12),  # sdpa: two products, four operands
@@ -150,7 +167,8 @@ def test_onnx_round_trip_in_onnxruntime(name, tmp_path):
     assert ops.count("DequantizeLinear") == operands
     # activations are quantized in the graph; weights are int8 initializers (folded Q)
     weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
-    n_weights = products if name != "block" else products - 1  # sdpa has no weights
+    # sdpa has no weights; the attention module's row has two (input and output projections)
+    n_weights = {"block": products - 1, "mha_checkpoint": products + 1}.get(name, products)
     assert len(weights) == n_weights
     assert ops.count("QuantizeLinear") == operands - n_weights
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # no custom ops left
