@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .backend import FQTBackend, GraphRecord, resolve_config
-from .config import FQTConfig
+from .config import FQTConfig, Mode
 from .passes.insert_qdq import InsertResult, insert_qdq
 
 __all__ = ["compile", "prepare", "records", "FQTTraceError", "check_overrides"]
@@ -80,6 +80,30 @@ def _warn_untraced(model: nn.Module) -> None:
         log.warning(msg)
 
 
+def _warn_if_nothing_compiled(compiled: Callable[..., Any], backend: FQTBackend, name: str) -> Callable[..., Any]:
+    """``compiled``, which after its first call warns if dynamo handed the backend no graph at
+    all: then the model ran eagerly, every product in float (dynamo skips a frame it cannot
+    resume after a graph break, as around an RNN module on torch 2.11 and 2.13, or dynamo is
+    disabled). One flag test per call after that."""
+    checked = False
+
+    def fqt_call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal checked
+        out = compiled(*args, **kwargs)
+        if not checked:
+            checked = True
+            if not backend.records and backend.config.mode is not Mode.OFF:
+                msg = (f"fqt_compile: dynamo compiled no graph for {name} on its first call, so the model ran "
+                       "eagerly: every product in float, unquantized. Dynamo runs a frame eagerly where it cannot "
+                       "resume after a graph break (run with TORCH_LOGS=graph_breaks to see them), or when it "
+                       "is disabled")
+                warnings.warn(msg, UserWarning, stacklevel=2)
+                log.warning(msg)
+        return out
+
+    return fqt_call
+
+
 def _entry_frame(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """A wrapper of ``fn`` with a code object of its own (so its own dynamo cache)."""
 
@@ -112,9 +136,10 @@ def compile(
         # _call_impl frame, and a shared wrapper (dynamo's wrap_inline) would put every
         # compiled model in one code object's cache, whose recompile limit (8) silently sends
         # the ninth model to eager, unquantized.
-        model._compiled_call_impl = torch.compile(
+        compiled = torch.compile(
             _entry_frame(model._call_impl, type(model).__name__), backend=backend, dynamic=dynamic, fullgraph=fullgraph
         )
+        model._compiled_call_impl = _warn_if_nothing_compiled(compiled, backend, type(model).__name__)
         backend.bind(model)
         _BACKENDS[model] = backend
         return model

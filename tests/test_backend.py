@@ -716,3 +716,25 @@ def test_autocast_leaves_the_quantized_products_on_their_operands_dtype():
     report = report_from_records(fqt_compile.records(cast))
     assert [r.key for r in report.rows if r.quantized] == ["b", "<root>", "c"]
     assert all(s.status == "lowered" for r in report.rows if r.quantized for s in r.gemms.values())
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance: torch >= 2.6")
+def test_a_model_dynamo_compiled_no_graph_for_warns_once():
+    """Where dynamo hands the backend no graph on the first call (here forced with
+    set_stance("force_eager"); in practice a frame it cannot resume after a graph break, as
+    around an RNN module on torch 2.11 and 2.13), the model ran in float: compile's wrapper
+    says so once. A model that compiled says nothing."""
+    x = torch.randn(4, 64)
+    model = fqt_compile.compile(MLP(), FQTConfig(compiler="eager"))
+    with torch.compiler.set_stance("force_eager"):
+        with pytest.warns(UserWarning, match="dynamo compiled no graph for MLP on its first call"):
+            model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x)  # once only
+    assert fqt_compile.records(model) == []
+    fine = fqt_compile.compile(MLP(), FQTConfig(compiler="eager"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine(x)
+    assert fqt_compile.records(fine)
