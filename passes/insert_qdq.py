@@ -82,7 +82,8 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
 _FULL_PRECISION_METHODS: dict[str, str] = {
     "softmax": "softmax",
     "addbmm": _FULL_PRECISION_FNS[torch.addbmm],
-    **{name: f"{name} (a vector product) is not covered" for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
+    **{name: f"{name} (a vector product) is not covered"
+       for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
 }
 _FULL_PRECISION_MODULES: dict[type, str] = {
     nn.Embedding: "embedding (a lookup, not a matmul)",
@@ -509,23 +510,6 @@ def _insert_graph(gm: fx.GraphModule, cfg: FQTConfig, path_prefix: str, result: 
             d.reason = f"op kind {m.kind.value!r} not in config.ops"
         elif m.op == "sdpa" and local.sdpa is SdpaPolicy.FULL_PRECISION:
             d.reason = "scaled_dot_product_attention kept in full precision (config.sdpa='full_precision')"
-        elif m.op == "multi_head_attention":
-            spec = qspec_from_config(local, second_is_weight=True, name=path)
-            attention = local.sdpa is not SdpaPolicy.FULL_PRECISION
-            with graph.inserting_before(node):
-                new = m.build(graph, spec)
-            new.kwargs = {**new.kwargs, "quantize_attention": attention}
-            new.meta.update({k: v for k, v in node.meta.items() if k != "fqt"})
-            d.quantized, d.spec = True, spec
-            d.reason = ("quantized: input projections, attention and output projection (the attention probabilities "
-                        "are kept for the backward; config.sdpa='recompute' applies to F.scaled_dot_product_attention)"
-                        if attention else "quantized: the projections; the attention in full precision "
-                        "(config.sdpa='full_precision')")
-            new.meta["fqt"] = d
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            result.decisions.append(d)
-            continue
         else:
             spec = qspec_from_config(local, second_is_weight=m.second_is_weight, name=path)
             with graph.inserting_before(node):
@@ -535,8 +519,15 @@ def _insert_graph(gm: fx.GraphModule, cfg: FQTConfig, path_prefix: str, result: 
             new.meta["fqt"] = d
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+            if m.op == "multi_head_attention":
+                attention = local.sdpa is not SdpaPolicy.FULL_PRECISION
+                new.kwargs = {**new.kwargs, "quantize_attention": attention}
+                d.reason = ("quantized: input projections, attention and output projection (the attention "
+                            "probabilities are kept for the backward; config.sdpa='recompute' applies to "
+                            "F.scaled_dot_product_attention)" if attention else
+                            "quantized: the projections; the attention in full precision (config.sdpa='full_precision')")
             if region:
-                d.reason = "quantized; recomputed in the backward by its torch.utils.checkpoint region"
+                d.reason += "; recomputed in the backward by its torch.utils.checkpoint region"
             elif m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
                 # (after the old node is gone: it reads the users)
                 d.reason = _mark_recompute(new, mask_as_bias=_softmax_fused(local, new))
