@@ -390,9 +390,9 @@ def test_recomputed_mlp_gives_the_same_gradients_and_keeps_fewer_floats(build):
 
 
 def test_gradient_checkpointing_keeps_every_product_quantized_and_the_gradients():
-    """``model.activation_checkpointing_enable()`` (``gradient_checkpointing_enable`` before
-    transformers 5) wraps each GPT-2 block in
-    ``torch.utils.checkpoint``, which dynamo captures as a higher-order op; before the twentieth
+    """``model.activation_checkpointing_enable()`` (the newer name of
+    ``gradient_checkpointing_enable``, which transformers 5.25 deprecates) wraps each GPT-2 block
+    in ``torch.utils.checkpoint``, which dynamo captures as a higher-order op; before the twentieth
     session the blocks' products stayed in float there without a word. Now every product is
     quantized, those in the blocks inside their region, and the gradients are the uncheckpointed
     model's given the same seeds (eager inner compiler): equal to float rounding (measured: 7.7e-10
@@ -402,7 +402,7 @@ def test_gradient_checkpointing_keeps_every_product_quantized_and_the_gradients(
     def step(checkpointing, seed=0):
         torch.manual_seed(0)
         model = _gpt2("sdpa")
-        if checkpointing:  # the newer name of gradient_checkpointing_enable (deprecated in transformers 5)
+        if checkpointing:
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.train()
         fqt_compile.compile(model, CFG)
