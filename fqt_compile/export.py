@@ -38,9 +38,9 @@ from torch import Tensor
 
 from .backend import resolve_config, torch_version
 from .config import FQTConfig, Mode
-from .functional import (QSpec, addmm_with, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_multi_head_attention,
+from .functional import (QSpec, activations_spec, addmm_with, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_multi_head_attention,
                          fqt_sdpa, mha_with, sdpa_with)
-from .passes.insert_qdq import InsertResult, insert_qdq
+from .passes.insert_qdq import _CHECKPOINT_HOP, InsertResult, _higher_order_name, insert_qdq
 
 __all__ = ["export", "export_onnx", "inference_graph", "ONNX_OPSET", "FQTExportError"]
 
@@ -114,7 +114,7 @@ def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 
 def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True, **kwargs: Any) -> tuple[Tensor, None]:
     # fqt_multi_head_attention's products in their inference forms (eval: no dropout)
-    attn_spec = spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme, b_gran=spec.a_gran)
+    attn_spec = activations_spec(spec)
 
     def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool) -> Tensor:
         if quantize_attention:
@@ -203,9 +203,7 @@ def _inline_checkpoint_regions(gm: fx.GraphModule) -> None:
     region as its body) becomes a plain call of its body: inference keeps no activations to
     recompute, and torch.export does not take the op from a dynamo graph."""
     for node in list(gm.graph.nodes):
-        hop = node.target
-        if (node.op == "call_function" and isinstance(hop, torch._ops.HigherOrderOperator)
-                and hop.name() == "tag_activation_checkpoint" and node.args and isinstance(node.args[0], fx.Node)
+        if (_higher_order_name(node) == _CHECKPOINT_HOP and node.args and isinstance(node.args[0], fx.Node)
                 and node.args[0].op == "get_attr"):
             body = node.args[0]
             node.op, node.target, node.args, node.kwargs = "call_module", str(body.target), tuple(node.args[1:]), {}

@@ -34,7 +34,7 @@ from .ops import estimate_grad, grad_codes
 from .rng import DROPOUT_STREAM, new_seed
 
 __all__ = ["QSpec", "qspec_from_config", "fqt_linear", "fqt_conv", "fqt_matmul", "fqt_sdpa", "fqt_dropout",
-           "fqt_multi_head_attention"]
+           "fqt_multi_head_attention", "activations_spec", "mha_with"]
 
 
 class QSpec(NamedTuple):
@@ -633,6 +633,12 @@ def mha_with(
     return (out.squeeze(1) if unbatched else out), None
 
 
+def activations_spec(spec: QSpec) -> QSpec:
+    """``spec`` with its second operand under the first one's (``input``) quantizer: the
+    attention products of a layer whose projections use ``spec``."""
+    return spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme, b_gran=spec.a_gran)
+
+
 def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attention: bool = True,
                              **kwargs: Any) -> tuple[Tensor, None]:
     """:func:`mha_with` with every product FQT (the arguments of
@@ -646,7 +652,7 @@ def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attenti
     def linear(x: Tensor, w: Tensor, b: Tensor | None, which: str) -> Tensor:
         return fqt_linear(x, w, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
 
-    attn_spec = spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme, b_gran=spec.a_gran)
+    attn_spec = activations_spec(spec)
 
     def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool) -> Tensor:
         if quantize_attention:
