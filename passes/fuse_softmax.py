@@ -14,7 +14,8 @@ Matched on the aten graphs of the backend's inner compiler (after ``lower_int_ge
 * ``aten._softmax(x, dim, False)`` over the last dimension (graphs without inductor's
   decompositions), or the decomposition inductor's tracing leaves,
   ``div(e, sum(e, [d], True))`` with ``e = exp(sub(x, amax(x, [d], True)))`` and ``d`` the
-  last dimension,
+  last dimension, or inductor's rewrite of a scaled softmax ``softmax(s * scale)`` (attention
+  scores without a mask; :func:`_softmax_input`),
 * ``x`` float32 on the CPU.
 
 ``P``'s other users (the softmax backward, a saved activation) read the fused op's ``P``.
@@ -67,8 +68,33 @@ def _last_dim(dims: Any, ndim: int) -> bool:
     return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] % ndim == ndim - 1
 
 
-def _softmax_input(p: fx.Node) -> fx.Node | None:
-    """``x`` if ``p`` is ``softmax(x)`` over the last dimension (either form), else None."""
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shifted(d: Any, ndim: int) -> fx.Node | None:
+    """``x`` if ``d`` is ``sub(x, amax(x, [last], True))``, else None."""
+    if not call(d, aten.sub.Tensor):
+        return None
+    x, m = d.args
+    if not (call(m, aten.amax.default) and m.args[0] is x and _last_dim(m.args[1], ndim)
+            and len(m.args) > 2 and m.args[2]):
+        return None
+    return x
+
+
+def _softmax_input(p: fx.Node) -> fx.Node | tuple[fx.Node, float] | None:
+    """What ``p`` is the softmax of, over the last dimension, else None: ``x`` for ``softmax(x)``
+    (``aten._softmax``, or ``div(e, sum(e, [d], True))`` with ``e = exp(sub(x, amax(x, [d],
+    True)))``), or ``(y, k)`` for ``softmax(y * k)``, ``k`` a number.
+
+    The second form is inductor's rewrite of a scaled softmax (torch/_inductor/fx_passes/
+    joint_graph.py, ``mul_softmax_pattern``: attention scores without a mask reach softmax as
+    ``s * scale``), which its joint-graph passes make before ours see the graph:
+    ``exp(sub(y, amax(y)) * k)`` with ``y = s * sign``, ``k = sign * scale`` (torch up to
+    2.12), and from 2.13 on ``exp(where(all(isfinite(x)), <that>, sub(x, amax(x))))`` with
+    ``x = s * scale``, whose last branch is the first form's (the ``where`` picks between two
+    ways of writing the same softmax of ``x``)."""
     val = p.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return None
@@ -84,12 +110,26 @@ def _softmax_input(p: fx.Node) -> fx.Node | None:
     if s.args[0] is not e or not _last_dim(s.args[1], ndim) or not (len(s.args) > 2 and s.args[2]) or s.kwargs:
         return None
     d = e.args[0]
-    if not call(d, aten.sub.Tensor):
-        return None
-    x, m = d.args
-    if not (call(m, aten.amax.default) and m.args[0] is x and _last_dim(m.args[1], ndim)
-            and len(m.args) > 2 and m.args[2]):
-        return None
+    if call(d, aten.where.self) and len(d.users) == 1:
+        d = d.args[2]
+    x = _shifted(d, ndim)
+    if x is not None:
+        return x
+    if call(d, aten.mul.Tensor) and _scalar(d.args[1]) and len(d.users) == 1:
+        y = _shifted(d.args[0], ndim)
+        if y is not None:
+            return y, float(d.args[1])
+    return None
+
+
+def _scaled_node(graph: fx.Graph, y: fx.Node, k: float, before: fx.Node) -> fx.Node:
+    """A node for ``y * k`` before ``before``, with ``y = s * c`` (``c`` a number) written
+    ``s * (c * k)`` so that :func:`_absorb_scores` sees the scores' scale on ``s``."""
+    if call(y, aten.mul.Tensor) and _scalar(y.args[1]) and isinstance(y.args[0], fx.Node):
+        y, k = y.args[0], float(y.args[1]) * k
+    with graph.inserting_before(before):
+        x = graph.call_function(aten.mul.Tensor, (y, k))
+    x.meta["val"] = y.meta["val"] * k if isinstance(y.meta.get("val"), torch.Tensor) else None
     return x
 
 
@@ -297,6 +337,9 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
         if isinstance(p, fx.Node) and (drop := _dropout_args(p)) is not None:
             p = p.args[0]
         x = _softmax_input(p) if isinstance(p, fx.Node) else None
+        scaled = None
+        if isinstance(x, tuple):  # softmax(y * k): the op's input is a new node for y * k
+            scaled, x = x, x[0]
         xv = x.meta.get("val") if x is not None else None
         if not (isinstance(xv, torch.Tensor) and xv.dtype == torch.float32 and xv.device.type == "cpu"):
             continue
@@ -305,6 +348,8 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
         if drop is not None and (xv.numel() >= 2**31 or not _seed_before(graph, drop[0], p)):
             continue  # the kernels draw the mask at 32-bit indices; fqt::dropout itself also has 64-bit ones
         bits, scheme = q.args[1], q.args[2]
+        if scaled is not None:
+            x = _scaled_node(graph, *scaled, before=p)
         with graph.inserting_before(p):
             node = graph.call_function(torch.ops.fqt.softmax_quantize.default,
                                        (x, bits, scheme, 1.0, None, [], [], *(drop or ())))

@@ -53,6 +53,38 @@ def test_softmax_patterns_match_the_last_dimension_only(decompose, dim, expected
     assert (_softmax_input(_output(gm)) is placeholder) is expected, gm.code
 
 
+def _rewritten_softmax(s, scale, generation, dim=-1):
+    """softmax(s * scale) as inductor's joint-graph pass ``mul_softmax_pattern`` rewrites it
+    before fuse_softmax sees the graph (torch/_inductor/fx_passes/joint_graph.py), written out:
+    up to torch 2.12 ``exp((y - amax(y)) * scale)`` with ``y = s * 1``; from 2.13 on a ``where``
+    between that and the plain form of ``s * scale``, on whether a row is finite."""
+    y = s * 1
+    stable = (y - torch.amax(y, dim, True)) * scale
+    if generation == "2.13":
+        x = s * scale
+        stable = torch.where(torch.all(torch.isfinite(x), dim, True), stable, x - torch.amax(x, dim, True))
+    e = torch.exp(stable)
+    return e / torch.sum(e, dim, True)
+
+
+@pytest.mark.parametrize("generation", ["2.5", "2.13"])
+@pytest.mark.parametrize("dim,expected", [(-1, True), (1, False)])
+def test_scaled_softmax_as_inductor_rewrites_it_is_matched(generation, dim, expected):
+    """Attention scores without a mask reach softmax as ``s * scale``, which inductor rewrites
+    (both generations of the rewrite): the pass sees softmax(s * scale), ``(s, scale)``; found
+    because an unmasked attention's forward softmax was never fused under inductor."""
+    gm = _traced(lambda t: _rewritten_softmax(t, 0.25, generation, dim), torch.randn(2, 3, 5))
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    got = _softmax_input(_output(gm))
+    if not expected:
+        assert got is None
+    elif generation == "2.5":
+        (y, k) = got
+        assert y.target is aten.mul.Tensor and y.args == (placeholder, 1) and k == 0.25
+    else:
+        assert got.target is aten.mul.Tensor and got.args == (placeholder, 0.25)
+
+
 @pytest.mark.parametrize("decompose", [False, True])
 @pytest.mark.parametrize("dim,expected", [(-1, True), (1, False)])
 def test_softmax_backward_patterns(decompose, dim, expected):
@@ -252,6 +284,42 @@ def test_inductor_graphs_are_fused_from_the_decomposed_softmax():
     mask = fwd.args[4].meta["val"]
     assert tuple(mask.shape)[-2:] == (64, 64) and mask.dtype == torch.float32
     _assert_close_grads({"y": y_e, **g_e}, {"y": y_i, **g_i})
+
+
+class _UnmaskedAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, e = x.shape
+        q, k, v = (z.reshape(b, t, 4, 8).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, e))
+
+
+@needs_kernel
+@needs_inductor_torch
+def test_unmasked_attention_is_fused_under_inductor():
+    """Without a mask the scores reach softmax as ``s * scale``, which inductor's joint-graph
+    pass rewrites before ours run: the forward softmax was left unfused under inductor (fused
+    under the eager inner compiler). Now the fused op takes the int32 scores and the scale as
+    with a mask, and the step agrees with the eager-compiled one."""
+    results = []
+    for compiler in ("eager", "inductor"):
+        torch.manual_seed(0)
+        m, x = _UnmaskedAttention(), torch.randn(2, 16, 32)
+        fqt_compile.compile(m, FQTConfig(compiler=compiler, sdpa="decompose", fuse_quantizers=False))
+        torch.manual_seed(1)
+        y = m(x)
+        y.square().mean().backward()
+        rec = fqt_compile.records(m)[0]
+        assert _pass_result(rec, "forward")["fused"] == 1, compiler
+        (fwd,) = [n for n in rec.forward.graph.nodes if n.target is FWD]
+        assert fwd.args[0].meta["val"].dtype == torch.int32 and fwd.args[3] == pytest.approx(8 ** -0.5)
+        assert _count(rec.forward, aten.exp.default) == 0
+        results.append({"y": y.detach(), **{n: p.grad.clone() for n, p in m.named_parameters()}})
+        torch._dynamo.reset()
+    _assert_close_grads(*results)
 
 
 @needs_kernel
