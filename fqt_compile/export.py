@@ -112,14 +112,22 @@ def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
                      is_causal, scale, enable_gqa, mask_as_bias)
 
 
-def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True, **kwargs: Any) -> tuple[Tensor, None]:
+def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True,
+               **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     # fqt_multi_head_attention's products in their inference forms (eval: no dropout)
     attn_spec = activations_spec(spec)
 
-    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool) -> Tensor:
-        if quantize_attention:
-            return _infer_sdpa(q, k, v, mask, 0.0, causal, spec=attn_spec)
-        return F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal)
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool,
+                  need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        if quantize_attention or need_weights:
+            b = attn_spec if quantize_attention else None
+
+            def matmul(x: Tensor, y: Tensor, which: str) -> Tensor:
+                return _infer_matmul(x, y, spec=b) if b is not None else torch.matmul(x, y)
+
+            got = sdpa_with(matmul, q, k, v, mask, 0.0, causal, return_weights=need_weights)
+            return got if need_weights else (got, None)
+        return F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal), None
 
     return mha_with(lambda x, w, b, which: _infer_linear(x, w, b, spec=spec), attention, *args, **kwargs)
 

@@ -476,7 +476,8 @@ def sdpa_with(
     scale: float | None = None,
     enable_gqa: bool = False,
     mask_as_bias: bool = True,
-) -> Tensor:
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``F.scaled_dot_product_attention`` decomposed around a product ``matmul(a, b, which)``
     (``which``: ``"q@k"`` or ``"p@v"``)::
 
@@ -484,7 +485,9 @@ def sdpa_with(
 
     softmax, masking and dropout stay in full precision. ``mask_as_bias``: apply boolean
     masks as an added 0 / -inf bias (the backward reads no mask) rather than with
-    ``masked_fill``; the two give the same values and gradients.
+    ``masked_fill``; the two give the same values and gradients. ``return_weights``: return
+    ``(out, P)``, ``P`` the float probabilities after dropout, as the product reads them
+    before its quantizer (nn.MultiheadAttention's ``need_weights``).
     """
     L, S = query.shape[-2], key.shape[-2]
     scale_f = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
@@ -517,7 +520,8 @@ def sdpa_with(
         # call and saves a bool mask (a one-block GPT step with attention dropout 0.1 took
         # twice as long as without, docs/performance.md)
         attn = fqt_dropout(attn, dropout_p)
-    return matmul(attn, value, "p@v")
+    out = matmul(attn, value, "p@v")
+    return (out, attn) if return_weights else out
 
 
 def fqt_sdpa(
@@ -532,14 +536,16 @@ def fqt_sdpa(
     *,
     spec: QSpec = QSpec(),
     mask_as_bias: bool = True,
-) -> Tensor:
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``F.scaled_dot_product_attention`` with both products FQT (see :func:`sdpa_with`); the
     GEMM tags name them ``<module>[q@k]`` and ``<module>[p@v]``."""
 
     def matmul(a: Tensor, b: Tensor, which: str) -> Tensor:
         return fqt_matmul(a, b, spec=spec._replace(name=f"{spec.name}[{which}]"))
 
-    return sdpa_with(matmul, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask_as_bias)
+    return sdpa_with(matmul, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, mask_as_bias,
+                     return_weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,7 +563,7 @@ def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 def mha_with(
     linear: Callable[[Tensor, Tensor, Tensor | None, str], Tensor],
-    attention: Callable[[Tensor, Tensor, Tensor, Tensor | None, float, bool], Tensor],
+    attention: Callable[[Tensor, Tensor, Tensor, Tensor | None, float, bool, bool], tuple[Tensor, Tensor | None]],
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -575,17 +581,22 @@ def mha_with(
     k_proj_weight: Tensor | None = None,
     v_proj_weight: Tensor | None = None,
     is_causal: bool = False,
-) -> tuple[Tensor, None]:
-    """``F.multi_head_attention_forward(..., need_weights=False)`` (without ``bias_k``/``bias_v``,
-    ``add_zero_attn``, ``static_k``/``static_v``) with its products given: ``linear(x, w, b,
-    which)`` for the projections (``which``: ``"in_proj"``, ``"q_proj"``, ...) and
-    ``attention(q, k, v, mask, dropout_p, is_causal)`` for the attention on (N, H, L, D) heads.
-    The input projection is one packed product where query, key and value are one tensor (and
-    one for key and value where those two are), as torch computes them. Masks follow torch's
-    rules: a boolean mask is True where a position is *not* attended, the key padding mask adds
-    to the attention mask, and ``is_causal`` (a hint that ``attn_mask`` is causal) takes the
-    causal attention where there is no key padding mask. Inputs are ``(L, N, E)`` or unbatched
-    ``(L, E)``; returns ``(output, None)``."""
+    need_weights: bool = False,
+    average_attn_weights: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``F.multi_head_attention_forward`` (without ``bias_k``/``bias_v``, ``add_zero_attn``,
+    ``static_k``/``static_v``) with its products given: ``linear(x, w, b, which)`` for the
+    projections (``which``: ``"in_proj"``, ``"q_proj"``, ...) and ``attention(q, k, v, mask,
+    dropout_p, is_causal, need_weights)`` for the attention on (N, H, L, D) heads, which returns
+    ``(out, P)``: ``P`` the (N, H, L, S) attention probabilities after dropout where
+    ``need_weights``, else None. The input projection is one packed product where query, key
+    and value are one tensor (and one for key and value where those two are), as torch
+    computes them. Masks follow torch's rules: a boolean mask is True where a position is *not*
+    attended, the key padding mask adds to the attention mask, and ``is_causal`` (a hint that
+    ``attn_mask`` is causal) takes the causal attention where there is no key padding mask and
+    no weights are asked for (torch applies the mask itself then). Inputs are ``(L, N, E)`` or
+    unbatched ``(L, E)``; returns ``(output, weights)``, the weights as torch returns them
+    (averaged over the heads where ``average_attn_weights``) or None."""
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -618,7 +629,7 @@ def mha_with(
 
     q, k, v = heads(q, tgt_len), heads(k, src_len), heads(v, src_len)
     mask = None
-    if is_causal and key_padding_mask is None:
+    if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None  # torch likewise: the hint replaces the mask
     else:
         is_causal = False
@@ -628,9 +639,14 @@ def mha_with(
     if key_padding_mask is not None:
         kp = _additive_mask(key_padding_mask, q.dtype).view(bsz, 1, 1, src_len)
         mask = kp if mask is None else mask + kp
-    out = attention(q, k, v, mask, dropout_p if training else 0.0, is_causal)
+    out, weights = attention(q, k, v, mask, dropout_p if training else 0.0, is_causal, need_weights)
     out = linear(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim), out_proj_weight, out_proj_bias, "out_proj")
-    return (out.squeeze(1) if unbatched else out), None
+    if weights is not None:
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        if unbatched:
+            weights = weights.squeeze(0)
+    return (out.squeeze(1) if unbatched else out), weights
 
 
 def activations_spec(spec: QSpec) -> QSpec:
@@ -640,12 +656,14 @@ def activations_spec(spec: QSpec) -> QSpec:
 
 
 def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attention: bool = True,
-                             **kwargs: Any) -> tuple[Tensor, None]:
+                             **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """:func:`mha_with` with every product FQT (the arguments of
     ``F.multi_head_attention_forward`` that it takes, in its order): the projections as
     :func:`fqt_linear`, the attention as :func:`fqt_sdpa` with both operands under the ``a_*``
     (input) quantizer, or torch's attention where ``quantize_attention`` is False (for
-    ``config.sdpa="full_precision"``). ``passes.insert_qdq`` puts it in place of
+    ``config.sdpa="full_precision"``; its float decomposition where the weights are asked for).
+    The attention weights (``need_weights``) are the float probabilities that the quantized
+    ``P @ V`` product rounds. ``passes.insert_qdq`` puts it in place of
     ``F.multi_head_attention_forward`` calls it covers; the GEMM tags name the products
     ``<module>[in_proj]``, ``<module>[q@k]``, ... ."""
 
@@ -654,9 +672,14 @@ def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attenti
 
     attn_spec = activations_spec(spec)
 
-    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool) -> Tensor:
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool,
+                  need_weights: bool) -> tuple[Tensor, Tensor | None]:
         if quantize_attention:
-            return fqt_sdpa(q, k, v, mask, p, causal, spec=attn_spec)
-        return F.scaled_dot_product_attention(q, k, v, mask, p, causal)
+            got = fqt_sdpa(q, k, v, mask, p, causal, spec=attn_spec, return_weights=need_weights)
+        elif need_weights:
+            got = sdpa_with(lambda a, b, which: torch.matmul(a, b), q, k, v, mask, p, causal, return_weights=True)
+        else:
+            got = F.scaled_dot_product_attention(q, k, v, mask, p, causal)
+        return got if need_weights else (got, None)
 
     return mha_with(linear, attention, *args, **kwargs)

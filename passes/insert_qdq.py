@@ -411,14 +411,14 @@ _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 #: the arguments of F.multi_head_attention_forward that fqt_multi_head_attention takes
 _MHA_ARGS = ("query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "dropout_p", "out_proj_weight",
              "out_proj_bias", "training", "key_padding_mask", "attn_mask", "use_separate_proj_weight",
-             "q_proj_weight", "k_proj_weight", "v_proj_weight", "is_causal")
+             "q_proj_weight", "k_proj_weight", "v_proj_weight", "is_causal", "need_weights", "average_attn_weights")
 
 
 def _match_mha(node: fx.Node) -> _Match:
     """nn.MultiheadAttention as dynamo leaves it: one ``F.multi_head_attention_forward`` call.
-    Covered (as :func:`fqt_multi_head_attention`, one row) without the attention weights
-    (``need_weights=False``, as nn.TransformerEncoderLayer calls it) and without the rarely used
-    extras; otherwise kept whole, in full precision, with the reason."""
+    Covered (as :func:`fqt_multi_head_attention`, one row), with or without the attention
+    weights, except for the rarely used extras, which keep it whole, in full precision, with the
+    reason."""
     try:
         bound = _MHA_SIGNATURE.bind(*node.args, **node.kwargs)
     except TypeError as e:
@@ -426,10 +426,7 @@ def _match_mha(node: fx.Node) -> _Match:
     bound.apply_defaults()
     a = bound.arguments
     why = None
-    if a["need_weights"]:
-        why = ("nn.MultiheadAttention with need_weights=True (the default: it returns the attention weights) is "
-               "not covered: call it with need_weights=False")
-    elif a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
         why = "nn.MultiheadAttention with add_bias_kv or add_zero_attn is not covered"
     elif a["static_k"] is not None or a["static_v"] is not None:
         why = "F.multi_head_attention_forward with static_k/static_v is not covered"

@@ -532,14 +532,13 @@ def test_products_dynamo_keeps_whole_are_listed_in_full_precision():
 
 
 class _Mha(nn.Module):
-    def __init__(self, need_weights: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.need_weights = need_weights
 
     def forward(self, x, key_padding_mask=None, attn_mask=None, is_causal=False):
         return self.attn(x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
-                         need_weights=self.need_weights)[0]
+                         need_weights=False)[0]
 
 
 class _MhaWrittenOut(nn.Module):
@@ -615,12 +614,84 @@ def test_multihead_attention_masks_follow_torch():
     assert all(d.quantized for r in rec for d in r.insert.decisions)
 
 
+class _MhaWithWeights(nn.Module):
+    """nn.MultiheadAttention called as its default does (need_weights=True): (output, weights)."""
+
+    def __init__(self, average: bool = True, **kw) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, **kw)
+        self.average = average
+
+    def forward(self, x, **kw):
+        return self.attn(x, x, x, average_attn_weights=self.average, **kw)
+
+
+class _MhaWithWeightsWrittenOut(nn.Module):
+    """_MhaWithWeights written with nn.Linear and the attention's two torch.matmul products,
+    returning the softmax probabilities as the weights."""
+
+    def __init__(self, mha: nn.MultiheadAttention, average: bool) -> None:
+        super().__init__()
+        self.ref, self.average = _MhaWrittenOut(mha), average
+
+    def forward(self, x):
+        b, t, e = x.shape
+        q, k, v = (z.reshape(b, t, 2, 8).transpose(1, 2) for z in self.ref.qkv(x).chunk(3, dim=-1))
+        p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * 8 ** -0.5, dim=-1)
+        out = self.ref.out(torch.matmul(p, v).transpose(1, 2).reshape(b, t, e))
+        return out, (p.mean(1) if self.average else p)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_multihead_attention_with_weights_is_quantized_and_returns_them(average):
+    """need_weights=True (nn.MultiheadAttention's default) was kept in float. Now the weights are
+    the float probabilities that the quantized P @ V product rounds: in QAT mode the output and
+    the weights equal, bit for bit, those of the attention written out with torch.matmul (whose
+    products fqt quantizes alike), and so do the gradients through both to float rounding (the
+    loss reads the weights too). Under FQT the output and the weights stay within 8-bit
+    quantization error of torch's float attention with each kind of mask (measured below 0.02
+    and 0.01; bounds 0.05 and 0.03), while the weights of an unmasked attention differ from the
+    masked ones by more than 0.2 (asserted, so the comparison can fail)."""
+    torch.manual_seed(0)
+    mha = _MhaWithWeights(average)
+    ref = _MhaWithWeightsWrittenOut(mha.attn, average)
+    x = torch.randn(2, 5, 16)
+    got = []
+    for m in (mha, ref):
+        fqt_compile.compile(m, FQTConfig(compiler="eager", mode="qat", sdpa="decompose"))
+        out, w = m(x)
+        (out.square().sum() + w.square().sum()).backward()
+        got.append((out, w))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert got[0][1].shape == ((2, 5, 5) if average else (2, 2, 5, 5))
+    torch.testing.assert_close(mha.attn.in_proj_weight.grad, ref.ref.qkv.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mha.attn.out_proj.weight.grad, ref.ref.out.weight.grad, rtol=1e-5, atol=1e-5)
+    (d,) = fqt_compile.records(mha)[0].insert.decisions
+    assert (d.op, d.quantized) == ("multi_head_attention", True)
+
+    torch._dynamo.reset()
+    model = _MhaWithWeights(average)
+    fqt_compile.compile(model, FQTConfig(compiler="eager"))
+    pad = torch.tensor([[False, False, False, True, True], [False] * 5])
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    for kw in [{}, dict(key_padding_mask=pad), dict(attn_mask=causal), dict(attn_mask=causal, is_causal=True),
+               dict(attn_mask=torch.randn(5, 5))]:
+        with torch.no_grad():
+            want_out, want_w = model.attn(x, x, x, average_attn_weights=average, **kw)  # not compiled
+            out, w = model(x, **kw)
+        assert (out - want_out).abs().max() < 0.05 and (w - want_w).abs().max() < 0.03, kw
+        if kw:
+            assert (model(x)[1] - want_w).abs().max() > 0.2, kw
+    assert all(d.quantized for r in fqt_compile.records(model) for d in r.insert.decisions)
+
+
 def test_multihead_attention_cases_left_in_full_precision_say_why():
-    rec = compile_and_step(_Mha(need_weights=True), torch.randn(2, 4, 16), FQTConfig(compiler="eager"))
+    model = _Mha()
+    model.attn = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)
+    rec = compile_and_step(model, torch.randn(2, 4, 16), FQTConfig(compiler="eager"))
     (d,) = rec.insert.decisions
     assert not d.quantized and d.op == "multi_head_attention"
-    assert d.reason == ("nn.MultiheadAttention with need_weights=True (the default: it returns the attention weights) "
-                        "is not covered: call it with need_weights=False")
+    assert d.reason == "nn.MultiheadAttention with add_bias_kv or add_zero_attn is not covered"
 
 
 def test_transformer_layers_are_quantized_throughout():
