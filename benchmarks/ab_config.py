@@ -7,6 +7,7 @@
     python benchmarks/ab_config.py --model llama --a 'FQTConfig(sdpa="decompose", recompute_mlp=False)'
     python benchmarks/ab_config.py --dropout-b 0.1      # the cost of attention dropout
     python benchmarks/ab_config.py --resid-dropout 0.1 --a 'FQTConfig(counter_dropout=False)'
+    python benchmarks/ab_config.py --model encoder --scaled-softmax-unmatched a
 
 Builds two GPTs (d 1024, 16 heads, MLP 4096, ``--layers`` blocks, same initial weights),
 compiles one with each config (inductor inner compiler unless the config says otherwise),
@@ -15,7 +16,13 @@ alternately on the same batch (8 x 512 tokens), and prints the median step times
 ratio B / A. ``None`` as a config is the model uncompiled (fp32 eager). ``--model cnn``:
 ``SmallCNN`` width 32, 2 residual blocks, batch 128 of 1 x 28 x 28 (``--layers`` unused).
 ``--model llama``: Hugging Face Llama blocks (d 1024, 16 heads, 8 key/value heads, SwiGLU
-MLP 2816; ``transformers``, random weights) on the same batch. On this shared 2-core machine whole runs drift by 10% and more from one run to the
+MLP 2816; ``transformers``, random weights) on the same batch. ``--model encoder``: an
+unmasked ``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer`` (d 1024, 16 heads, GELU
+MLP 4096, pre-norm, dropout 0) between a token embedding and a per-token classifier, on the
+same batch. ``--scaled-softmax-unmatched a`` (or ``b``): that variant compiles with
+``passes.fuse_softmax`` blind to inductor's rewrite of a scaled softmax, as it was before it
+learned that form (an unmasked attention's forward softmax then stays unfused under
+inductor). On this shared 2-core machine whole runs drift by 10% and more from one run to the
 next; steps interleaved in one process see the same drift, so the ratio is what to compare.
 ``fqt_compile.keep_freed_memory()`` is applied first (as in the other benchmarks).
 """
@@ -23,11 +30,13 @@ next; steps interleaved in one process see the same drift, so the ratio is what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,23 +60,59 @@ def _llama(layers: int) -> torch.nn.Module:
     return transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
 
 
+def _encoder(layers: int) -> torch.nn.Module:
+    """Token embedding (256 x 1024), ``layers`` unmasked pre-norm nn.TransformerEncoderLayers
+    (16 heads, GELU MLP 4096, no dropout), per-token classifier over 256 classes."""
+    layer = torch.nn.TransformerEncoderLayer(1024, 16, 4096, dropout=0.0, activation="gelu", batch_first=True,
+                                             norm_first=True)
+    return torch.nn.Sequential(torch.nn.Embedding(256, 1024),
+                               torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
+                               torch.nn.Linear(1024, 256))
+
+
+@contextlib.contextmanager
+def _scaled_softmax_unmatched(on: bool) -> Iterator[None]:
+    """While ``on``: fuse_softmax matches a softmax only in the forms it knew before it matched
+    inductor's rewrite of ``softmax(s * scale)`` (its exp reading ``sub(x, amax(x))`` itself)."""
+    from fqt_compile.passes import fuse_softmax
+
+    if not on:
+        yield
+        return
+    current = fuse_softmax._softmax_input
+
+    def earlier(p: torch.fx.Node) -> object:
+        got = current(p)
+        if p.target is torch.ops.aten.div.Tensor and not (p.args[0].args[0].target is torch.ops.aten.sub.Tensor):
+            return None
+        return got
+
+    fuse_softmax._softmax_input = earlier
+    try:
+        yield
+    finally:
+        fuse_softmax._softmax_input = current
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", default="FQTConfig()", help="FQTConfig expression of variant A")
     ap.add_argument("--b", default="FQTConfig()", help="FQTConfig expression of variant B")
-    ap.add_argument("--model", choices=("gpt", "cnn", "llama"), default="gpt")
+    ap.add_argument("--model", choices=("gpt", "cnn", "llama", "encoder"), default="gpt")
     ap.add_argument("--layers", type=int, default=1, help="GPT or Llama blocks")
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each variant")
     ap.add_argument("--dropout-a", type=float, default=0.0, help="GPT attention dropout of variant A")
     ap.add_argument("--dropout-b", type=float, default=0.0, help="GPT attention dropout of variant B")
     ap.add_argument("--resid-dropout", type=float, default=0.0,
                     help="GPT residual dropout (GPT-2's places) of both variants")
+    ap.add_argument("--scaled-softmax-unmatched", choices=("a", "b"), default=None,
+                    help="compile this variant with fuse_softmax blind to inductor's scaled-softmax rewrite")
     ap.add_argument("--out", default=None, help="write the step times as JSON here")
     args = ap.parse_args(argv)
     fqt_compile.keep_freed_memory()
     configs = {"a": eval(args.a), "b": eval(args.b)}  # noqa: S307 - command-line config expressions
     g = torch.Generator().manual_seed(0)
-    if args.model in ("gpt", "llama"):
+    if args.model in ("gpt", "llama", "encoder"):
         x, y = torch.randint(0, 256, (8, 512), generator=g), torch.randint(0, 256, (8, 512), generator=g)
     else:
         x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
@@ -81,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 block.resid_dropout = args.resid_dropout
         elif args.model == "llama":
             model = _llama(args.layers)
+        elif args.model == "encoder":
+            model = _encoder(args.layers)
         else:
             model = SmallCNN(in_ch=1, width=32, n_classes=10, blocks=2)
         if cfg is not None:
@@ -98,8 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - t0
 
     for name in runs:
-        for _ in range(2):
-            step(name)
+        with _scaled_softmax_unmatched(args.scaled_softmax_unmatched == name):  # compiles in the warm-up
+            for _ in range(2):
+                step(name)
+    # per variant: the softmaxes fuse_softmax fused (forward-style ones: the forward graphs' and
+    # those the backward recomputes; softmax backwards)
+    fused = {name: {key: sum(dict(rs).get("fuse_softmax", {}).get(key, 0) for r in fqt_compile.records(model)
+                             for rs in r.aten_passes.values())
+                    for key in ("fused", "fused_backward")}
+             for name, (model, _) in runs.items() if configs[name] is not None}
     times: dict[str, list[float]] = {"a": [], "b": []}
     for i in range(args.steps):
         for name in ("a", "b"):
@@ -108,13 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
     drop = f"  dropout A {args.dropout_a} B {args.dropout_b}" if args.dropout_a or args.dropout_b else ""
     drop += f"  residual dropout {args.resid_dropout}" if args.resid_dropout else ""
-    print(f"{args.model} layers={args.layers}{drop}  A {args.a}: {ma:.3f} s  B {args.b}: {mb:.3f} s  B/A {mb / ma:.3f}")
+    drop += f"  scaled softmax unmatched in {args.scaled_softmax_unmatched.upper()}" if args.scaled_softmax_unmatched else ""
+    print(f"{args.model} layers={args.layers}{drop}  A {args.a}: {ma:.3f} s  B {args.b}: {mb:.3f} s  B/A {mb / ma:.3f}"
+          f"  (fused softmaxes A {fused.get('a', '-')}, B {fused.get('b', '-')})")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"a": args.a, "b": args.b, "model": args.model, "layers": args.layers,
                        "dropout_a": args.dropout_a, "dropout_b": args.dropout_b, "resid_dropout": args.resid_dropout,
+                       "scaled_softmax_unmatched": args.scaled_softmax_unmatched, "fused_softmax": fused,
                        "times": times, "median_a": ma,
-                       "median_b": mb, "torch": torch.__version__}, f, indent=1)
+                       "median_b": mb, "torch": torch.__version__, "cpu": fqt_compile.cpu.describe()}, f, indent=1)
     return 0
 
 
