@@ -112,9 +112,10 @@ def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
                      is_causal, scale, enable_gqa, mask_as_bias)
 
 
-def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True,
-               **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    # fqt_multi_head_attention's products in their inference forms (eval: no dropout)
+def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True, recompute_id: int | None = None,
+               mask_as_bias: bool = True, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    # fqt_multi_head_attention's products in their inference forms (eval: no dropout; nothing
+    # to recompute, and the mask forms give the same probabilities)
     attn_spec = activations_spec(spec)
 
     def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool,

@@ -20,12 +20,15 @@ FX graphs holding these calls print, pickle and hash.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+import torch.fx.traceback as fx_traceback
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .config import FQTConfig, Mode
 from . import gemm as _gemm  # noqa: F401  (registers fqt::qmm, fqt::int_mm)
@@ -655,7 +658,28 @@ def activations_spec(spec: QSpec) -> QSpec:
     return spec._replace(b_bits=spec.a_bits, b_scheme=spec.a_scheme, b_gran=spec.a_gran)
 
 
+@contextlib.contextmanager
+def recomputed(ac_graph_id: int | None) -> Iterator[None]:
+    """While tracing a graph node (AOTAutograd copies a node's ``recompute`` and
+    ``ac_graph_id`` meta onto every aten node traced from it): the aten nodes traced in this
+    block get the tags of the recompute region ``ac_graph_id`` (activation checkpointing's), so
+    that the partitioner recomputes them in the backward; the node's own tags apply again after
+    it. No effect where ``ac_graph_id`` is None or nothing is being traced."""
+    if ac_graph_id is None or not fx_traceback.has_preserved_node_meta():
+        yield
+        return
+    meta = fx_traceback.get_current_meta()  # a copy of the node's meta, for its tracing only
+    saved = {k: meta.pop(k) for k in ("recompute", "ac_graph_id") if k in meta}
+    meta["recompute"], meta["ac_graph_id"] = CheckpointPolicy.MUST_RECOMPUTE, ac_graph_id
+    try:
+        yield
+    finally:
+        del meta["recompute"], meta["ac_graph_id"]
+        meta.update(saved)
+
+
 def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attention: bool = True,
+                             recompute_id: int | None = None, mask_as_bias: bool = True,
                              **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """:func:`mha_with` with every product FQT (the arguments of
     ``F.multi_head_attention_forward`` that it takes, in its order): the projections as
@@ -663,7 +687,9 @@ def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attenti
     (input) quantizer, or torch's attention where ``quantize_attention`` is False (for
     ``config.sdpa="full_precision"``; its float decomposition where the weights are asked for).
     The attention weights (``need_weights``) are the float probabilities that the quantized
-    ``P @ V`` product rounds. ``passes.insert_qdq`` puts it in place of
+    ``P @ V`` product rounds. ``recompute_id``: the quantized attention is a recompute region
+    of that id (:func:`recomputed`; ``config.sdpa="recompute"``, as ``passes.insert_qdq`` tags
+    an ``fqt_sdpa`` node), ``mask_as_bias`` as :func:`sdpa_with`'s. ``passes.insert_qdq`` puts it in place of
     ``F.multi_head_attention_forward`` calls it covers; the GEMM tags name the products
     ``<module>[in_proj]``, ``<module>[q@k]``, ... ."""
 
@@ -675,7 +701,9 @@ def fqt_multi_head_attention(*args: Any, spec: QSpec = QSpec(), quantize_attenti
     def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool,
                   need_weights: bool) -> tuple[Tensor, Tensor | None]:
         if quantize_attention:
-            got = fqt_sdpa(q, k, v, mask, p, causal, spec=attn_spec, return_weights=need_weights)
+            with recomputed(recompute_id):
+                got = fqt_sdpa(q, k, v, mask, p, causal, spec=attn_spec, mask_as_bias=mask_as_bias,
+                               return_weights=need_weights)
         elif need_weights:
             got = sdpa_with(lambda a, b, which: torch.matmul(a, b), q, k, v, mask, p, causal, return_weights=True)
         else:

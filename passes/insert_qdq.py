@@ -517,12 +517,7 @@ def _insert_graph(gm: fx.GraphModule, cfg: FQTConfig, path_prefix: str, result: 
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             if m.op == "multi_head_attention":
-                attention = local.sdpa is not SdpaPolicy.FULL_PRECISION
-                new.kwargs = {**new.kwargs, "quantize_attention": attention}
-                d.reason = ("quantized: input projections, attention and output projection (the attention "
-                            "probabilities are kept for the backward; config.sdpa='recompute' applies to "
-                            "F.scaled_dot_product_attention)" if attention else
-                            "quantized: the projections; the attention in full precision (config.sdpa='full_precision')")
+                d.reason = _set_mha_attention(new, local, recompute=not region)
             if region:
                 d.reason += "; recomputed in the backward by its torch.utils.checkpoint region"
             elif m.op == "sdpa" and local.sdpa is SdpaPolicy.RECOMPUTE:
@@ -658,6 +653,28 @@ def _mark_recompute(node: fx.Node, mask_as_bias: bool = False) -> str:
     node.kwargs = {**node.kwargs, "mask_as_bias": mask_as_bias}
     return ("quantized; attention probabilities recomputed in the backward from the int8 codes of q, k, v "
             "(config.sdpa='recompute')")  # fmt: skip
+
+
+def _set_mha_attention(node: fx.Node, cfg: FQTConfig, recompute: bool) -> str:
+    """How an fqt_multi_head_attention call computes its attention under ``cfg.sdpa``, and the
+    decision's reason: quantized, and (``sdpa="recompute"``, outside a checkpoint region) a
+    recompute region as :func:`_mark_recompute` makes of an ``fqt_sdpa`` call, unless the
+    caller keeps every head's probabilities (``need_weights`` without
+    ``average_attn_weights``: those are an output anyway); or in full precision."""
+    if cfg.sdpa is SdpaPolicy.FULL_PRECISION:
+        node.kwargs = {**node.kwargs, "quantize_attention": False}
+        return "quantized: the projections; the attention in full precision (config.sdpa='full_precision')"
+    if not recompute:  # a checkpoint region: the caller says so
+        return "quantized: input projections, attention and output projection"
+    names = dict(zip(_MHA_ARGS, node.args))
+    all_heads_out = names["need_weights"] and not names["average_attn_weights"]
+    if cfg.sdpa is SdpaPolicy.RECOMPUTE and not all_heads_out:
+        node.kwargs = {**node.kwargs, "recompute_id": next(_AC_IDS), "mask_as_bias": _softmax_fused(cfg, node)}
+        return ("quantized: input projections, attention and output projection (attention probabilities "
+                "recomputed in the backward from the int8 codes of q, k, v: config.sdpa='recompute')")
+    why = ("every head's probabilities are returned (average_attn_weights=False)" if all_heads_out
+           and cfg.sdpa is SdpaPolicy.RECOMPUTE else f"config.sdpa={cfg.sdpa.value!r}")
+    return f"quantized: input projections, attention and output projection (attention probabilities kept: {why})"
 
 
 def dropout_arguments(node: fx.Node) -> dict[str, Any]:

@@ -685,6 +685,39 @@ def test_multihead_attention_with_weights_is_quantized_and_returns_them(average)
     assert all(d.quantized for r in fqt_compile.records(model) for d in r.insert.decisions)
 
 
+def test_multihead_attention_recomputes_its_attention_under_sdpa_recompute():
+    """config.sdpa="recompute" (the default) reaches nn.MultiheadAttention too (its probabilities
+    were always kept): the attention inside fqt_multi_head_attention is a recompute region, so
+    the backward recomputes the score product from the kept int8 codes of q, k, v and the
+    dropout's seed, and the step is the one that keeps the probabilities, bit for bit (same
+    seeds; attention dropout 0.1). The forward saves less."""
+    got, saved = {}, {}
+    for sdpa in ("recompute", "decompose"):
+        torch.manual_seed(0)
+        enc = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+        fqt_compile.compile(enc, FQTConfig(compiler="eager", sdpa=sdpa))
+        x = torch.randn(2, 16, 32)
+        torch.manual_seed(1)
+        y = enc(x)
+        y.square().mean().backward()
+        (rec,) = fqt_compile.records(enc)
+        got[sdpa] = [y.detach()] + [p.grad for p in enc.parameters()]
+        bmms = sum(n.target is torch.ops.fqt.bmm_int8.default for n in rec.backward.graph.nodes)
+        saved[sdpa] = sum(n.meta["val"].numel() * n.meta["val"].element_size()
+                          for n in rec.forward.graph.find_nodes(op="output")[0].args[0][1:]
+                          if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor))
+        (d,) = [d for d in rec.insert.decisions if d.op == "multi_head_attention"]
+        keep = dict(rec.aten_passes["joint"])["keep_codes"]
+        if sdpa == "recompute":
+            assert "recomputed in the backward" in d.reason and bmms == 5  # 4 gradient GEMMs + the scores again
+            assert keep == {"kept": 3, "recomputed": 1, "seeds": 1}
+        else:
+            assert "probabilities kept" in d.reason and bmms == 4 and keep["recomputed"] == 0
+        torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(got["recompute"], got["decompose"]))
+    assert saved["recompute"] < 0.8 * saved["decompose"]
+
+
 def test_multihead_attention_cases_left_in_full_precision_say_why():
     model = _Mha()
     model.attn = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)
