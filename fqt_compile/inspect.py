@@ -235,6 +235,12 @@ class Report:
     #: forward): ``{"frame": path, "instances": [paths]}``, the instances whose overrides the
     #: graph's decisions hold for (one variant per group; :mod:`fqt_compile.frames`)
     frames: list[dict[str, Any]] = field(default_factory=list)
+    #: torch product modules (linear, convolution, multi-head attention, bilinear) of the model
+    #: that no compiled graph holds: ``{"module": path, "op": class name}``. Either the step
+    #: did not call them, or they ran outside dynamo's graphs (``torch._dynamo.disable``, a
+    #: frame dynamo skipped): then their products ran in float, and no row says so
+    #: (:func:`unseen_product_modules`)
+    unseen_modules: list[dict[str, Any]] = field(default_factory=list)
     _graph_modules: dict[str, list[fx.GraphModule]] = field(default_factory=dict, repr=False)
 
     # -- numbers ------------------------------------------------------------------------
@@ -296,6 +302,7 @@ class Report:
             "rows": [r.to_dict() for r in self.rows],
             "full_precision": [dict(d) for d in self.full_precision],
             "frames": [dict(f) for f in self.frames],
+            "unseen_modules": [dict(u) for u in self.unseen_modules],
             "totals": self.totals,
         }
 
@@ -419,6 +426,12 @@ class Report:
                 f"Checkpoint regions (torch.utils.checkpoint): {len(checkpointed)} quantized products in {regions} "
                 "region(s), recomputed in the backward by their region: "
                 + ", ".join(dict.fromkeys(r.key for r in checkpointed))
+            )
+        if self.unseen_modules:
+            lines.append(
+                f"Not in any compiled graph: {len(self.unseen_modules)} product module(s), either not called by this "
+                "step or run outside dynamo's graphs (torch._dynamo.disable, a frame dynamo skipped), where their "
+                "products run in float: " + ", ".join(f"{u['module'] or '<root>'} ({u['op']})" for u in self.unseen_modules)
             )
         if self.frames:
             seen = list(dict.fromkeys(f"{f['frame']} (for {', '.join(f['instances'])})" for f in self.frames))
@@ -593,6 +606,22 @@ def _loss(out: Any) -> torch.Tensor | None:
     return sum(t.float().mean() for t in leaves)  # type: ignore[return-value]
 
 
+#: torch modules whose forward is a product that insert_qdq rewrites or names
+_PRODUCT_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Bilinear)
+
+
+def unseen_product_modules(model: nn.Module, records: Sequence[GraphRecord]) -> list[dict[str, Any]]:
+    """The product modules of ``model`` (:data:`_PRODUCT_MODULES`; not those inside an
+    ``nn.MultiheadAttention``, whose weights it uses itself) that no decision of ``records``
+    names: ``{"module": path, "op": class name}``. Module paths are the records' (full paths:
+    :func:`fqt_compile.compile` binds the backend to the model)."""
+    seen = {d.module for r in records for d in r.insert.decisions}
+    inside_mha = {f"{path}.{sub}" for path, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for sub, _ in m.named_modules() if sub}
+    return [{"module": path, "op": type(m).__name__} for path, m in model.named_modules()
+            if isinstance(m, _PRODUCT_MODULES) and path not in seen and path not in inside_mha]
+
+
 def inspect(
     model: nn.Module,
     example_inputs: Any,
@@ -646,4 +675,5 @@ def inspect(
     # submodules dynamo ran outside every graph (recurrent layers): no record names them
     report.full_precision += [{"module": path, "node": "", "op": cls, "reason": why}
                               for path, cls, why in untraced_modules(model)]
+    report.unseen_modules = unseen_product_modules(model, recs)
     return report

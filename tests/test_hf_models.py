@@ -40,6 +40,7 @@ import torch.nn as nn
 import fqt_compile
 from fqt_compile import FQTConfig, FQTTraceError, Override
 from fqt_compile.backend import default_records
+from fqt_compile.inspect import unseen_product_modules
 from conftest import import_transformers_or_skip, quantizer_entries
 
 transformers = import_transformers_or_skip()
@@ -247,6 +248,8 @@ def test_every_linear_and_conv1d_is_quantized(run: Run):
     assert ops <= {"linear", "addmm"}, ops
     if isinstance(run.model, transformers.GPT2LMHeadModel):
         assert sum(n for (_, op), n in covered.items() if op == "addmm") == 4 * LAYERS
+    # and the inspection's check for product modules in no graph finds none (no false alarm)
+    assert unseen_product_modules(run.model, run.records) == []
 
 
 def test_attention_products_are_quantized(run: Run):

@@ -204,7 +204,7 @@ def test_lowered_gemms_of_an_mlp_with_the_real_pass():
 
 
 _REPORT_KEYS = {"schema", "model", "config", "config_summary", "graphs", "training", "lowering_pass_run",
-                "rows", "full_precision", "frames", "totals"}  # fmt: skip
+                "rows", "full_precision", "frames", "unseen_modules", "totals"}  # fmt: skip
 _ROW_KEYS = {"key", "module", "node", "op", "kind", "quantized", "mode", "reason", "shapes", "out_shape",
              "flops", "quantizers", "gemms", "overrides", "region"}  # fmt: skip
 _TOTAL_KEYS = {"products", "quantized", "full_precision_ops", "flops", "flops_quantized", "coverage",
@@ -236,6 +236,7 @@ def test_json_schema_is_stable(tmp_path):
     for d in data["full_precision"]:
         assert set(d) == {"module", "node", "op", "reason"}
     assert data["frames"] == []  # no graph break inside a submodule (tests/test_frames.py has them)
+    assert data["unseen_modules"] == []  # every product module of the CNN is in the graph
     assert FQTConfig.from_dict(data["config"]) == report.config
 
 
@@ -382,3 +383,47 @@ def test_recurrent_layers_are_named_in_the_report_and_warned_about():
     assert [r.key for r in report.rows if r.quantized] == ["fc", "fc#1"]
     assert [(d["module"], d["op"], d["reason"]) for d in report.full_precision] == [
         ("rnn", "lstm", "recurrent layer (LSTM/GRU/RNN) is not covered")]
+
+
+class _PartlyOutsideDynamo(torch.nn.Module):
+    """A linear layer whose forward dynamo must not trace (torch._dynamo.disable: a graph break,
+    the layer runs eagerly, in float), an unused one, and nn.MultiheadAttention (whose out_proj
+    module it never calls: its weight is used by the attention's own row)."""
+
+    class _Eager(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        @torch._dynamo.disable
+        def forward(self, x):
+            return self.fc(x)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.eager, self.b = torch.nn.Linear(16, 16), self._Eager(), torch.nn.Linear(16, 4)
+        self.unused = torch.nn.Linear(3, 3)
+        self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(self.eager(self.mha(x, x, x)[0]))
+
+
+def test_product_modules_in_no_compiled_graph_are_named():
+    """A product module that ran outside dynamo's graphs has no row: the report's coverage said
+    100% while its product ran in float. The report now names every torch product module that
+    no graph holds (it cannot tell one the step did not call, which it names too); none in the
+    models whose every module runs in a graph (also asserted for the Hugging Face models in
+    tests/test_hf_models.py)."""
+    report = inspect(_PartlyOutsideDynamo(), torch.randn(2, 3, 16), PSQ8)
+    assert report.unseen_modules == [{"module": "eager.fc", "op": "Linear"}, {"module": "unused", "op": "Linear"}]
+    assert report.to_dict()["unseen_modules"] == report.unseen_modules
+    assert ("Not in any compiled graph: 2 product module(s), either not called by this step or run outside dynamo's "
+            "graphs") in str(report)
+    assert "eager.fc (Linear), unused (Linear)" in str(report)
+    for model, x in [(TransformerBlock(32, 4), torch.randn(2, 8, 32)), (SmallCNN(width=8), torch.randn(2, 1, 8, 8)),
+                     (torch.nn.TransformerDecoderLayer(16, 2, 32, batch_first=True),
+                      (torch.randn(2, 4, 16), torch.randn(2, 5, 16)))]:
+        report = inspect(model, x, PSQ8)
+        assert report.unseen_modules == [] and "Not in any compiled graph" not in str(report)
