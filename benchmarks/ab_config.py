@@ -8,6 +8,7 @@
     python benchmarks/ab_config.py --dropout-b 0.1      # the cost of attention dropout
     python benchmarks/ab_config.py --resid-dropout 0.1 --a 'FQTConfig(counter_dropout=False)'
     python benchmarks/ab_config.py --model encoder --scaled-softmax-unmatched a
+    python benchmarks/ab_config.py --model encoder --a 'FQTConfig(sdpa="decompose")' --memory
 
 Builds two GPTs (d 1024, 16 heads, MLP 4096, ``--layers`` blocks, same initial weights),
 compiles one with each config (inductor inner compiler unless the config says otherwise),
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="GPT residual dropout (GPT-2's places) of both variants")
     ap.add_argument("--scaled-softmax-unmatched", choices=("a", "b"), default=None,
                     help="compile this variant with fuse_softmax blind to inductor's scaled-softmax rewrite")
+    ap.add_argument("--memory", action="store_true",
+                    help="after the timed steps, one step of each measuring the bytes saved for the backward "
+                         "(bench_training.saved_bytes)")
     ap.add_argument("--out", default=None, help="write the step times as JSON here")
     args = ap.parse_args(argv)
     fqt_compile.keep_freed_memory()
@@ -159,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("a", "b"):
             times[name].append(step(name))
         print(f"step {i + 1}/{args.steps}: A {times['a'][-1]:.3f} s, B {times['b'][-1]:.3f} s", file=sys.stderr)
+    saved: dict[str, float] = {}
+    if args.memory:
+        from bench_training import _param_keys, saved_bytes
+
+        for name, (model, _) in runs.items():
+            params = set().union(*(_param_keys(p) for p in model.parameters()))
+            saved[name] = sum(saved_bytes(lambda: step(name), params).values()) / 2**20
+        print(f"saved for the backward: A {saved['a']:.1f} MB, B {saved['b']:.1f} MB", file=sys.stderr)
     ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
     drop = f"  dropout A {args.dropout_a} B {args.dropout_b}" if args.dropout_a or args.dropout_b else ""
     drop += f"  residual dropout {args.resid_dropout}" if args.resid_dropout else ""
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"a": args.a, "b": args.b, "model": args.model, "layers": args.layers,
                        "dropout_a": args.dropout_a, "dropout_b": args.dropout_b, "resid_dropout": args.resid_dropout,
                        "scaled_softmax_unmatched": args.scaled_softmax_unmatched, "fused_softmax": fused,
+                       "saved_mb": saved,
                        "times": times, "median_a": ma,
                        "median_b": mb, "torch": torch.__version__, "cpu": fqt_compile.cpu.describe()}, f, indent=1)
     return 0
