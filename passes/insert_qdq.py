@@ -153,11 +153,14 @@ class InsertResult:
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-_DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+#: a dynamo source's frame local, and the item of it where the local is a tuple: a frame whose
+#: module came in positionally (``def wrapper(*args, **kwargs)``, as transformers' decorators
+#: write them) names it ``L['args'][0]``
+_DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\](?:\[\d+\])?\.?")
 
 
 def _normalize_path(path: str) -> str:
-    # "L['self'].layers[0]._modules['attn']" -> "layers.0.attn"
+    # "L['self'].layers[0]._modules['attn']" -> "layers.0.attn"; "L['args'][0].h[0]" -> "h.0"
     path = _DYNAMO_PREFIX.sub("", path)
     path = re.sub(r"^__self__\.?", "", path)  # fqt_compile.compile traces model._call_impl
     path = re.sub(r"(?:^|\.)_modules\['([^']*)'\]", r".\1", path)  # torch 2.5: "L['self']._modules['layers']..."

@@ -62,6 +62,43 @@ def test_relative_paths_of_dynamo_sources():
     assert _split("enc.a.weight", "a.weight") == "enc"
     assert _split("a.weight", "a.weight") == ""
     assert _split("enc.xa.weight", "a.weight") is None  # whole components only
+    # a frame whose module came in positionally (a decorator's ``wrapper(*args, **kwargs)``)
+    assert _relative_param_path("L['args'][0]._modules['h']._modules['0']._parameters['weight']") == "h.0.weight"
+
+
+def _run_child(*args):
+    """A helper that takes the module positionally (as transformers' decorators' wrappers do,
+    ``wrapper(*args, **kwargs)``), with a graph break inside."""
+    child, x = args
+    x = child.a(x)
+    torch._dynamo.graph_break()
+    return child.b(x)
+
+
+class PositionalEncDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Module(), nn.Module()
+        for m in (self.enc, self.dec):
+            m.a, m.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _run_child(self.dec, _run_child(self.enc, x))
+
+
+def test_a_frame_whose_module_came_in_positionally_gets_full_paths():
+    """A graph break inside a function that takes the module positionally: where dynamo compiles
+    that function as a frame of its own (torch 2.11: no resuming inside an inlined call), its
+    parameters' sources start at ``L['args'][0]``. Their paths were read as "0.a", ..., so no
+    prefix fitted and the records named "0.b" (found on torch 2.11, where transformers'
+    decorators took GPT-2 there after a T5 model had been compiled). Now every decision names
+    its full path and the override reaches its instance."""
+    torch._dynamo.reset()
+    cfg = FQTConfig(compiler="eager", overrides=(Override("dec.*", mode="off"),))
+    model = fqt_compile.compile(PositionalEncDec(), cfg)
+    _step(model, torch.randn(4, 8))
+    decisions = {(d.module, d.quantized) for r in fqt_compile.records(model) for d in r.insert.decisions}
+    assert decisions == {("enc.a", True), ("enc.b", True), ("dec.a", False), ("dec.b", False)}
 
 
 def _step(model, x):
