@@ -38,8 +38,8 @@ from torch import Tensor
 
 from .backend import resolve_config, torch_version
 from .config import FQTConfig, Mode
-from .functional import (QSpec, activations_spec, addmm_with, fqt_addmm, fqt_conv, fqt_linear, fqt_matmul, fqt_multi_head_attention,
-                         fqt_sdpa, mha_with, sdpa_with)
+from .functional import (QSpec, activations_spec, addmm_with, einsum_with, fqt_addmm, fqt_conv, fqt_einsum, fqt_linear,
+                         fqt_matmul, fqt_multi_head_attention, fqt_sdpa, mha_with, sdpa_with)
 from .passes.insert_qdq import _CHECKPOINT_HOP, InsertResult, _higher_order_name, insert_qdq
 
 __all__ = ["export", "export_onnx", "inference_graph", "ONNX_OPSET", "FQTExportError"]
@@ -103,6 +103,10 @@ def _infer_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: 
     return addmm_with(lambda x, y: _infer_matmul(x, y, spec=spec), bias, a, b, beta, alpha)
 
 
+def _infer_einsum(equation: str, a: Tensor, b: Tensor, *, spec: QSpec) -> Tensor:
+    return einsum_with(lambda x, y: _infer_matmul(x, y, spec=spec), equation, a, b)
+
+
 def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                 enable_gqa=False, *, spec: QSpec, mask_as_bias: bool = True) -> Tensor:
     # fqt_sdpa's decomposition in eval (no dropout), on fake-quantized operands; mask_as_bias
@@ -140,6 +144,7 @@ _INFERENCE_FORMS = {
     fqt_addmm: _infer_addmm,
     fqt_sdpa: _infer_sdpa,
     fqt_multi_head_attention: _infer_mha,
+    fqt_einsum: _infer_einsum,
 }
 
 

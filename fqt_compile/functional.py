@@ -452,6 +452,107 @@ def fqt_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: flo
     return addmm_with(lambda x, y: fqt_matmul(x, y, spec=spec), bias, a, b, beta, alpha)
 
 
+# ---------------------------------------------------------------------------------------------
+# torch.einsum of two operands
+# ---------------------------------------------------------------------------------------------
+
+
+class EinsumPlan(NamedTuple):
+    """A two-operand einsum as one (batched) product: index letters of the operands and the
+    output (ellipses expanded), and the letters' roles: ``batch`` (in both operands and the
+    output), ``m`` (first operand and output), ``n`` (second operand and output), ``k``
+    (contracted: in both operands, not in the output)."""
+
+    a: str
+    b: str
+    out: str
+    batch: str
+    m: str
+    n: str
+    k: str
+
+
+def einsum_plan(equation: str, a_dim: int, b_dim: int) -> EinsumPlan | str:
+    """The :class:`EinsumPlan` of ``torch.einsum(equation, a, b)`` for operands of ``a_dim`` and
+    ``b_dim`` dimensions, or why it is not one product that fqt covers (a string)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    ops = lhs.split(",")
+    if len(ops) != 2:
+        return f"einsum of {len(ops)} operand{'s' * (len(ops) != 1)} is not covered (two operands: one product)"
+    used = set(eq) - set(".,->")
+    if not all(c.isalpha() for c in used):
+        return f"einsum equation {equation!r} not understood"
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    ell_dims = []
+    for spec, dim in zip(ops, (a_dim, b_dim)):
+        named = len(spec.replace("...", ""))
+        if spec.count("...") > 1 or ("..." not in spec and named != dim) or named > dim:
+            return f"einsum equation {equation!r} does not fit operands of {a_dim} and {b_dim} dimensions"
+        ell_dims.append(dim - named if "..." in spec else 0)
+    width = max(ell_dims)
+    ell = "".join(spare[:width])  # right-aligned, as the ellipses broadcast
+    a, b = (spec.replace("...", ell[width - d:]) for spec, d in zip(ops, ell_dims))
+    if not arrow:  # implicit output: the ellipsis, then the letters that occur once, sorted
+        once = sorted(c for c in used if (a + b).count(c) == 1)
+        out = ell + "".join(once)
+    else:
+        if "..." not in out and width and any(d for d in ell_dims):
+            return f"einsum equation {equation!r} sums over its ellipsis dimensions: not covered"
+        out = out.replace("...", ell)
+    if any(spec.count(c) > 1 for spec in (a, b, out) for c in spec):
+        return "einsum with an index repeated in one operand (a diagonal) is not covered"
+    if any(c not in a and c not in b for c in out):
+        return f"einsum equation {equation!r}: an output index is in no operand"
+    if any(c not in b and c not in out for c in a) or any(c not in a and c not in out for c in b):
+        return "einsum that sums an index of one operand alone is not covered"
+    k = "".join(c for c in a if c in b and c not in out)
+    m = "".join(c for c in out if c in a and c not in b)
+    n = "".join(c for c in out if c in b and c not in a)
+    if not k:
+        return "einsum without a contracted index (an elementwise or outer product) is not covered"
+    if not m and not n:
+        return "einsum that is a vector product (no free index on either side) is not covered"
+    batch = "".join(c for c in out if c in a and c in b)
+    return EinsumPlan(a, b, out, batch, m, n, k)
+
+
+def einsum_with(matmul: Callable[[Tensor, Tensor], Tensor], equation: str, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.einsum(equation, a, b)`` as one ``matmul``: ``a`` permuted and reshaped to
+    (batch..., M, K), ``b`` to (batch..., K, N), the product (batch dims broadcast as in
+    ``torch.matmul``) reshaped and permuted to the output's order. The plan must be one
+    (:func:`einsum_plan`)."""
+    plan = einsum_plan(equation, a.dim(), b.dim())
+    if isinstance(plan, str):
+        raise NotImplementedError(f"einsum {equation!r}: {plan}")
+    size = {c: a.shape[i] for i, c in enumerate(plan.a)}
+    for i, c in enumerate(plan.b):
+        if c not in size or size[c] == 1:
+            size[c] = b.shape[i]
+
+    def numel(letters: str) -> Any:
+        out = 1
+        for c in letters:
+            out = out * size[c]
+        return out
+
+    def operand(t: Tensor, spec: str, first: str, second: str) -> Tensor:
+        t = t.permute([spec.index(c) for c in plan.batch + first + second])
+        lead = [t.shape[i] for i in range(len(plan.batch))]  # its own sizes: they may broadcast
+        return t.reshape(*lead, numel(first), numel(second))
+
+    prod = matmul(operand(a, plan.a, plan.m, plan.k), operand(b, plan.b, plan.k, plan.n))
+    order = plan.batch + plan.m + plan.n
+    prod = prod.reshape(*[size[c] for c in order])
+    return prod.permute([order.index(c) for c in plan.out])
+
+
+def fqt_einsum(equation: str, a: Tensor, b: Tensor, *, spec: QSpec = QSpec()) -> Tensor:
+    """``torch.einsum`` of two operands as one FQT product (:func:`einsum_with` around
+    :func:`fqt_matmul`; ``b`` is the weight where ``spec`` says the second operand is one)."""
+    return einsum_with(lambda x, y: fqt_matmul(x, y, spec=spec), equation, a, b)
+
+
 def fqt_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """``F.dropout`` through ``fqt::dropout`` (a counter-based mask of a fresh seed, which the
     backward keeps instead of the mask); ``inplace`` is not supported (insert_qdq leaves such

@@ -29,9 +29,11 @@ from torch.utils.checkpoint import CheckpointPolicy
 from ..config import FQTConfig, Granularity, Mode, OpKind, SdpaPolicy
 from ..functional import (
     QSpec,
+    einsum_plan,
     fqt_addmm,
     fqt_conv,
     fqt_dropout,
+    fqt_einsum,
     fqt_linear,
     fqt_matmul,
     fqt_multi_head_attention,
@@ -46,7 +48,7 @@ __all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "modul
 
 log = logging.getLogger(__name__)
 
-FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_matmul, fqt_addmm, fqt_sdpa, fqt_multi_head_attention)
+FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_matmul, fqt_addmm, fqt_sdpa, fqt_multi_head_attention, fqt_einsum)
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -63,7 +65,6 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
     F.group_norm: "normalization",
     F.softmax: "softmax",
     torch.softmax: "softmax",
-    torch.einsum: "einsum is not covered",
     F.conv_transpose1d: "transposed convolution is not covered",
     F.conv_transpose2d: "transposed convolution is not covered",
     F.conv_transpose3d: "transposed convolution is not covered",
@@ -403,11 +404,47 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
     if node.op == "call_function" and target is F.multi_head_attention_forward:
         return _match_mha(node)
 
+    if node.op == "call_function" and target is torch.einsum:
+        return _match_einsum(gm, node, out_shape)
+
     if node.op == "call_function" and target in _FULL_PRECISION_FNS:
         return _FULL_PRECISION_FNS[target]
     if node.op == "call_method" and target in _FULL_PRECISION_METHODS:
         return _FULL_PRECISION_METHODS[target]
     return None
+
+
+def _match_einsum(gm: fx.GraphModule, node: fx.Node, out_shape: Any) -> _Match:
+    """``torch.einsum`` of two operands that is one (batched) product (:func:`einsum_plan`):
+    :func:`fqt_einsum`, with the operand that is a parameter (if one is) second, under the
+    weight quantizer; other einsums stay in full precision with the reason."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    shapes = [_shape(o) for o in operands]
+    if not isinstance(equation, str) or any(s is None for s in shapes):
+        return _Match("einsum", OpKind.MATMUL, None, False, reason="einsum whose equation or operand shapes are unknown")
+    if len(operands) != 2:
+        n = len(operands)
+        return _Match("einsum", OpKind.MATMUL, None, False,
+                      reason=f"einsum of {n} operand{'s' * (n != 1)} is not covered (two operands: one product)")
+    plan = einsum_plan(equation, len(shapes[0]), len(shapes[1]))
+    if isinstance(plan, str):
+        return _Match("einsum", OpKind.MATMUL, None, False, reason=plan)
+    a, b = operands
+    swap = _is_param(gm, a) and not _is_param(gm, b)
+    if swap:
+        a, b = b, a
+    b_param = _is_param(gm, b)
+    explicit = f"{plan.b},{plan.a}->{plan.out}" if swap else f"{plan.a},{plan.b}->{plan.out}"
+    size = dict(zip(plan.a, shapes[0])) | {c: d for c, d in zip(plan.b, shapes[1]) if c not in plan.a or d != 1}
+    flops = 2 * _numel([size[c] for c in plan.batch + plan.m + plan.n + plan.k])
+
+    def build_einsum(graph: fx.Graph, spec: QSpec) -> fx.Node:
+        return graph.call_function(fqt_einsum, (explicit, a, b), {"spec": spec})
+
+    return _Match("einsum", OpKind.LINEAR if b_param else OpKind.MATMUL, build_einsum, b_param, operands=(a, b),
+                  flops=flops)
 
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)

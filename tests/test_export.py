@@ -58,8 +58,25 @@ class _AttentionCheckpointed(torch.nn.Module):
         return checkpoint(self.fc, out + weights.amax(-1, keepdim=True), use_reentrant=False)
 
 
+class _Einsums(torch.nn.Module):
+    """A weight product and attention written with torch.einsum (the weight first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 16) / 4)
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.reshape(b, t, 2, 8).transpose(1, 2)
+                   for z in self.qkv(torch.einsum("fd,bld->blf", self.w, x)).chunk(3, dim=-1))
+        p = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k), dim=-1)
+        return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
 # (model, input shape without batch, quantized products, quantized operands)
 CASES = {
+    "einsum": (_Einsums, (5, 16), 4, 8),
     "mha_checkpoint": (_AttentionCheckpointed, (4, 16), 2, 10),
     "mlp": (lambda: MLP(16, 32, 4), (16,), 3, 6),
     "cnn": (lambda: SmallCNN(width=8), (1, 8, 8), 5, 10),
@@ -169,7 +186,7 @@ def test_onnx_round_trip_in_onnxruntime(name, tmp_path):
     # activations are quantized in the graph; weights are int8 initializers (folded Q)
     weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     # sdpa has no weights; the attention module's row has two (input and output projections)
-    n_weights = {"block": products - 1, "mha_checkpoint": products + 1}.get(name, products)
+    n_weights = {"block": products - 1, "mha_checkpoint": products + 1, "einsum": 2}.get(name, products)
     assert len(weights) == n_weights
     assert ops.count("QuantizeLinear") == operands - n_weights
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # no custom ops left

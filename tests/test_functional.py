@@ -269,3 +269,58 @@ def test_sdpa_boolean_masks_are_a_bias_and_the_backward_reads_no_mask():
     f(q, k, v).sum().backward()
     inputs = [n.meta.get("val") for n in backward_graphs[0].graph.nodes if n.op == "placeholder"]
     assert inputs and not any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in inputs)
+
+
+EINSUMS = [
+    ("bhid,bhjd->bhij", (2, 3, 4, 5), (2, 3, 6, 5)),  # attention scores
+    ("bhij,bhjd->bhid", (2, 3, 4, 6), (2, 3, 6, 5)),
+    ("bld,df->blf", (2, 4, 5), (5, 7)),  # a linear layer
+    ("b i d, d f -> f b i", (2, 3, 4), (4, 5)),  # spaces, output reordered
+    ("bhqk,bhkd->bqhd", (2, 3, 4, 5), (2, 3, 5, 6)),
+    ("ij,jk", (3, 4), (4, 5)),  # implicit output
+    ("ik,kj->ji", (3, 4), (4, 2)),
+    ("...id,...jd->...ij", (2, 3, 4, 5), (3, 6, 5)),  # ellipses of different lengths broadcast
+    ("...d,df->...f", (2, 3, 4), (4, 5)),
+    ("bhid,hjd->bhij", (2, 3, 4, 5), (3, 6, 5)),  # a batch index in both, a free one in one
+    ("bxd,byd->bxy", (1, 3, 4), (2, 5, 4)),  # a size-1 batch index broadcasts
+    ("bn,n->b", (3, 4), (4,)),  # matrix-vector: one free side
+    ("bcd,dce->be", (2, 3, 4), (4, 3, 5)),  # two contracted indices
+]
+
+
+@pytest.mark.parametrize("equation,sa,sb", EINSUMS)
+def test_einsum_as_one_product_is_torch_einsum(equation, sa, sb):
+    """einsum_with (what fqt_einsum and the inference form build on) computes torch.einsum, and
+    its gradients, with one product of the operands permuted and reshaped (float64, exact
+    product: differences are float rounding)."""
+    from fqt_compile.functional import einsum_with
+
+    torch.manual_seed(0)
+    a = torch.randn(sa, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(sb, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def matmul(x, y):
+        calls.append((x.dim(), y.dim()))
+        return torch.matmul(x, y)
+
+    got, want = einsum_with(matmul, equation, a, b), torch.einsum(equation, a, b)
+    assert len(calls) == 1 and min(calls[0]) >= 2  # one product, no vector operand
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(want)
+    for g, r in zip(torch.autograd.grad((got * w).sum(), (a, b)), torch.autograd.grad((want * w).sum(), (a, b))):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("equation,dims,reason", [
+    ("ij,jk,kl->il", (2, 2), "einsum of 3 operands is not covered"),
+    ("ii,ij->j", (2, 2), "an index repeated in one operand (a diagonal)"),
+    ("ij,kl->ijkl", (2, 2), "without a contracted index"),
+    ("bi,bi->b", (2, 2), "a vector product"),
+    ("ij,jk->k", (2, 2), "sums an index of one operand alone"),
+    ("ijk,jk->i", (2, 2), "does not fit operands of 2 and 2 dimensions"),
+])
+def test_einsums_that_are_not_one_product_say_why(equation, dims, reason):
+    from fqt_compile.functional import einsum_plan
+
+    assert reason in einsum_plan(equation, *dims)

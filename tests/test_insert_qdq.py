@@ -531,6 +531,70 @@ def test_products_dynamo_keeps_whole_are_listed_in_full_precision():
     assert all(d.kind is None and "is not covered" in d.reason for d in rec.insert.skipped)
 
 
+class _EinsumAttention(nn.Module):
+    """Attention and a linear layer written with torch.einsum (the weight first in one of them),
+    and einsums that are not one product."""
+
+    def __init__(self, written_out: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+        self.qkv = nn.Linear(16, 48)
+        self.written_out = written_out
+
+    def forward(self, x):
+        b, t, e = x.shape
+        if self.written_out:  # the same products with torch.matmul
+            h = torch.matmul(x, self.w.t())
+        else:
+            h = torch.einsum("fd,bld->blf", self.w, x)
+        q, k, v = (z.reshape(b, t, 2, 8).transpose(1, 2) for z in self.qkv(h).chunk(3, dim=-1))
+        if self.written_out:
+            p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)), dim=-1)
+            return torch.matmul(p, v)
+        p = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k), dim=-1)
+        return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+def test_einsum_of_two_operands_is_quantized_like_its_matmul_form():
+    """A two-operand torch.einsum that is one product (was full precision) becomes fqt_einsum:
+    permutes and reshapes around one fqt_matmul, a parameter operand under the weight quantizer
+    (put second where it came first). In QAT mode it computes what the same products written
+    with torch.matmul do: the same forward bit for bit and the same gradients to float
+    rounding. In FQT mode every GEMM lowers; einsums that are no single product stay in full
+    precision with the reason."""
+    torch.manual_seed(0)
+    ein, ref = _EinsumAttention(), _EinsumAttention(written_out=True)
+    ref.load_state_dict(ein.state_dict())
+    x = torch.randn(2, 5, 16)
+    for m in (ein, ref):
+        fqt_compile.compile(m, FQTConfig(compiler="eager", mode="qat"))
+        m(x).square().sum().backward()
+    assert torch.equal(ein(x), ref(x))
+    for n, p in ein.named_parameters():
+        torch.testing.assert_close(p.grad, ref.get_parameter(n).grad, rtol=1e-5, atol=1e-6)
+    decisions = fqt_compile.records(ein)[0].insert.decisions
+    assert [(d.op, d.kind, d.quantized) for d in decisions if d.op == "einsum"] == [
+        ("einsum", "linear", True), ("einsum", "matmul", True), ("einsum", "matmul", True)]
+
+    torch._dynamo.reset()
+    rec = compile_and_step(_EinsumAttention(), x, FQTConfig(compiler="eager"))
+    report = report_from_records([rec], model="_EinsumAttention")
+    assert report.totals["coverage"] == 1.0 and report.totals["lowered"] == 1.0
+
+    def uncovered(x):
+        return (torch.einsum("ij,jk,kl->il", x[0], x[0].t(), x[0]).sum() + torch.einsum("ii->i", x[0, :5, :5]).sum()
+                + torch.einsum("bi,bi->b", x[0], x[0]).sum() + torch.einsum("ij,kl->ijkl", x[0], x[0]).sum())
+
+    torch._dynamo.reset()
+    compiled = fqt_compile.compile(uncovered, FQTConfig(compiler="eager"))
+    compiled(torch.randn(2, 5, 16))
+    reasons = [d.reason for r in fqt_compile.records(compiled) for d in r.insert.decisions if d.op == "einsum"]
+    assert reasons == ["einsum of 3 operands is not covered (two operands: one product)",
+                       "einsum of 1 operand is not covered (two operands: one product)",
+                       "einsum that is a vector product (no free index on either side) is not covered",
+                       "einsum without a contracted index (an elementwise or outer product) is not covered"], reasons
+
+
 class _Mha(nn.Module):
     def __init__(self) -> None:
         super().__init__()
