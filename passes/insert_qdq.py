@@ -421,9 +421,16 @@ def _match_einsum(gm: fx.GraphModule, node: fx.Node, out_shape: Any) -> _Match:
     equation, *operands = node.args
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = list(operands[0])
+    if not isinstance(equation, str):
+        return _Match("einsum", OpKind.MATMUL, None, False, reason="einsum whose equation is not a constant")
     shapes = [_shape(o) for o in operands]
-    if not isinstance(equation, str) or any(s is None for s in shapes):
-        return _Match("einsum", OpKind.MATMUL, None, False, reason="einsum whose equation or operand shapes are unknown")
+    if any(s is None for s in shapes):  # no shapes (symbolic_trace without example inputs): the letters tell
+        if "..." in equation:
+            return _Match("einsum", OpKind.MATMUL, None, False,
+                          reason="einsum with an ellipsis on operands of unknown shapes (give example inputs)")
+        shapes = [(0,) * len(spec) for spec in equation.replace(" ", "").partition("->")[0].split(",")]
+        if len(shapes) != len(operands):
+            return _Match("einsum", OpKind.MATMUL, None, False, reason=f"einsum equation {equation!r} not understood")
     if len(operands) != 2:
         n = len(operands)
         return _Match("einsum", OpKind.MATMUL, None, False,

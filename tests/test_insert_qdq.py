@@ -585,6 +585,23 @@ def test_einsum_of_two_operands_is_quantized_like_its_matmul_form():
         return (torch.einsum("ij,jk,kl->il", x[0], x[0].t(), x[0]).sum() + torch.einsum("ii->i", x[0, :5, :5]).sum()
                 + torch.einsum("bi,bi->b", x[0], x[0]).sum() + torch.einsum("ij,kl->ijkl", x[0], x[0]).sum())
 
+    # symbolic_trace (fqt_compile.prepare), without example inputs: the letters give the ranks
+    class Traceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 16))
+
+        def forward(self, x):
+            h = torch.einsum("fd,bld->blf", self.w, x)
+            return torch.einsum("bid,bjd->bij", h, h) + torch.einsum("...d,...d->...", h, h).unsqueeze(-1)
+
+    prepared = fqt_compile.prepare(Traceable(), FQTConfig(compiler="eager"))
+    assert [(d.quantized, d.kind) for d in prepared.meta["fqt_insert"].decisions] == [
+        (True, "linear"), (True, "matmul"), (False, "matmul")]
+    assert prepared.meta["fqt_insert"].decisions[2].reason == (
+        "einsum with an ellipsis on operands of unknown shapes (give example inputs)")
+    prepared(x).sum().backward()
+
     torch._dynamo.reset()
     compiled = fqt_compile.compile(uncovered, FQTConfig(compiler="eager"))
     compiled(torch.randn(2, 5, 16))
