@@ -22,6 +22,8 @@ Matched on the aten graphs of the backend's inner compiler (after ``lower_int_ge
 Attention dropout between the softmax and its quantizer, ``fqt::quantize(fqt::dropout(P,
 seed, p))``, goes into the op too (its seed and ``p``): the op rounds the dropped ``P`` and
 returns ``P`` itself; the seed draw moves up to the op where it came after the softmax.
+Other readers of the dropped ``P`` (nn.MultiheadAttention's returned weights) keep the
+``fqt::dropout``, on the op's ``P``: the same counter-based mask.
 Where ``x`` is ``[add](mul(s, c), mask)`` with ``s`` a lowered GEMM's result (through views)
 and ``mask`` broadcasting to the last two dimensions -- the attention scores as SDPA's
 decomposition writes them -- the op takes the int32 product, its epilogue terms, ``c`` and the
@@ -158,10 +160,11 @@ def _softmax_backward_args(sb: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return (g, p) if isinstance(g, fx.Node) else None
 
 
-def _dropout_args(a: fx.Node) -> tuple[fx.Node, float] | None:
+def _dropout_args(a: fx.Node, *, shared: bool = False) -> tuple[fx.Node, float] | None:
     """``(seed, p)`` if ``a`` is ``fqt::dropout(p_node, seed, p)`` with ``0 < p < 1`` read by one
-    node (the quantizer it feeds, or softmax's backward), else None."""
-    if not call(a, torch.ops.fqt.dropout.default) or len(a.users) != 1:
+    node (the quantizer it feeds, or softmax's backward; ``shared``: or by others too), else
+    None."""
+    if not call(a, torch.ops.fqt.dropout.default) or (len(a.users) != 1 and not shared):
         return None
     seed, p = a.args[1], a.args[2]
     if not (isinstance(seed, fx.Node) and isinstance(p, (int, float)) and 0.0 < p < 1.0):
@@ -334,7 +337,9 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
         if not call(q, torch.ops.fqt.quantize.default) or q.args[3] != "tensor":
             continue
         p, drop = q.args[0], None
-        if isinstance(p, fx.Node) and (drop := _dropout_args(p)) is not None:
+        # the dropped probabilities may have other readers (nn.MultiheadAttention's returned
+        # weights): the dropout stays for them, on the fused op's P (the same counter-based mask)
+        if isinstance(p, fx.Node) and (drop := _dropout_args(p, shared=True)) is not None:
             p = p.args[0]
         x = _softmax_input(p) if isinstance(p, fx.Node) else None
         scaled = None
@@ -362,7 +367,7 @@ def fuse_softmax(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> dict[str
             u.replace_all_uses_with(outs[1 + u.args[1]])
             graph.erase_node(u)
         graph.erase_node(q)
-        if drop is not None:
+        if drop is not None and not dropped.users:
             graph.erase_node(dropped)
         p.replace_all_uses_with(outs[0])
         erase_dead(p, stop=x)

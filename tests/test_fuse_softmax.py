@@ -401,3 +401,37 @@ def test_a_mask_with_leading_ones_is_fused(shape):
         rec = fqt_compile.records(m)[0]
         assert _count(rec.forward, FWD) == (1 if fuse else 0)
     _assert_close_grads(out[False], out[True])
+
+
+@needs_kernel
+def test_dropped_probabilities_with_other_readers_are_fused():
+    """nn.MultiheadAttention returning its weights, with attention dropout: the dropped
+    probabilities are read by the quantized P @ V and by the returned weights. The softmax and
+    its quantizer are fused all the same (they were not: the pass wanted the dropout read by the
+    quantizer only), the dropout stays for the weights on the fused op's P (the same
+    counter-based mask), and the step agrees with the unfused one (same seeds)."""
+    results, graphs = [], []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        m = torch.nn.MultiheadAttention(32, 4, dropout=0.2, batch_first=True)
+        fqt_compile.compile(m, FQTConfig(compiler="eager", fuse_softmax=fuse, fuse_quantizers=False))
+        x = torch.randn(2, 16, 32)
+        torch.manual_seed(1)
+        out, w = m(x, x, x)
+        (out.square().mean() + w.square().sum()).backward()
+        results.append({"out": out.detach(), "w": w.detach(), **{n: p.grad.clone() for n, p in m.named_parameters()}})
+        graphs.append(fqt_compile.records(m)[0])
+        torch._dynamo.reset()
+    rec = graphs[0]
+    assert _pass_result(rec, "forward")["fused"] == 1
+    (fwd,) = [n for n in rec.forward.graph.nodes if n.target is FWD]
+    assert fwd.args[8] == 0.2  # the dropout is in the kernel
+    (drop,) = [n for n in rec.forward.graph.nodes if n.target is torch.ops.fqt.dropout.default]
+    src = drop.args[0]
+    while src.target is not FWD:  # the op's P, through its getitem and a view back to (B, H, L, S)
+        assert src.target in (operator.getitem, aten.view.default), src.target
+        src = src.args[0]
+    assert src is fwd and drop.args[1] is fwd.args[7]  # with the op's seed
+    # the same mask: the kernel's P equals torch's softmax to float rounding (its own exp)
+    torch.testing.assert_close(results[0]["w"], results[1]["w"], rtol=1e-5, atol=1e-7)
+    _assert_close_grads(results[1], results[0])
