@@ -537,6 +537,8 @@ def einsum_with(matmul: Callable[[Tensor, Tensor], Tensor], equation: str, a: Te
         return out
 
     def operand(t: Tensor, spec: str, first: str, second: str) -> Tensor:
+        if any(t.shape[spec.index(c)] == 1 != size[c] for c in plan.k):  # a size-1 contracted index broadcasts
+            t = t.expand(*[size[c] if c in plan.k else -1 for c in spec])
         t = t.permute([spec.index(c) for c in plan.batch + first + second])
         lead = [t.shape[i] for i in range(len(plan.batch))]  # its own sizes: they may broadcast
         return t.reshape(*lead, numel(first), numel(second))

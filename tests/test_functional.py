@@ -285,6 +285,7 @@ EINSUMS = [
     ("bxd,byd->bxy", (1, 3, 4), (2, 5, 4)),  # a size-1 batch index broadcasts
     ("bn,n->b", (3, 4), (4,)),  # matrix-vector: one free side
     ("bcd,dce->be", (2, 3, 4), (4, 3, 5)),  # two contracted indices
+    ("ij,jk->ik", (2, 1), (3, 4)),  # a size-1 contracted index broadcasts (torch.einsum allows it)
 ]
 
 
