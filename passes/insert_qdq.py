@@ -12,6 +12,7 @@ recorded in ``node.meta["fqt"]`` (a :class:`NodeDecision`) and returned in the r
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -70,7 +71,6 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
     F.conv_transpose3d: "transposed convolution is not covered",
     # products dynamo leaves as one call: listed, so that none runs in float unsaid
     torch.bilinear: "bilinear (nn.Bilinear) is not covered",
-    torch.tensordot: "tensordot is not covered",
     torch.linalg.multi_dot: "linalg.multi_dot is not covered",
     torch.chain_matmul: "chain_matmul is not covered",
     torch.addbmm: "addbmm (a sum over the batch of products) is not covered",
@@ -407,6 +407,9 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
     if node.op == "call_function" and target is torch.einsum:
         return _match_einsum(gm, node, out_shape)
 
+    if node.op == "call_function" and target is torch.tensordot:
+        return _match_tensordot(gm, node)
+
     if node.op == "call_function" and target in _FULL_PRECISION_FNS:
         return _FULL_PRECISION_FNS[target]
     if node.op == "call_method" and target in _FULL_PRECISION_METHODS:
@@ -414,13 +417,49 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
     return None
 
 
-def _match_einsum(gm: fx.GraphModule, node: fx.Node, out_shape: Any) -> _Match:
+def tensordot_equation(a_dim: int, b_dim: int, dims: Any) -> str | None:
+    """The einsum equation of ``torch.tensordot(a, b, dims)`` (``dims`` an int: the last ``dims``
+    dimensions of ``a`` with the first of ``b``; or two lists of paired dimensions), or None
+    where ``dims`` is not a constant of those forms."""
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        pairs = list(zip(range(a_dim - dims, a_dim), range(dims)))
+    elif isinstance(dims, (list, tuple)) and len(dims) == 2 and all(isinstance(d, (list, tuple)) for d in dims) \
+            and len(dims[0]) == len(dims[1]) and all(isinstance(i, int) for d in dims for i in d):
+        pairs = [(i % a_dim, j % b_dim) for i, j in zip(*dims)]
+    else:
+        return None
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    a = [next(letters) for _ in range(a_dim)]
+    b = [next(letters) for _ in range(b_dim)]
+    for i, j in pairs:
+        b[j] = a[i]
+    paired_a, paired_b = {i for i, _ in pairs}, {j for _, j in pairs}
+    out = [c for i, c in enumerate(a) if i not in paired_a] + [c for j, c in enumerate(b) if j not in paired_b]
+    return f"{''.join(a)},{''.join(b)}->{''.join(out)}"
+
+
+def _match_tensordot(gm: fx.GraphModule, node: fx.Node) -> _Match:
+    """``torch.tensordot``: the einsum it is (:func:`tensordot_equation`, :func:`_match_einsum`)."""
+    a, b = _arg(node, 0, "a"), _arg(node, 1, "b")
+    dims = _arg(node, 2, "dims", 2)
+    sa, sb = _shape(a), _shape(b)
+    equation = tensordot_equation(len(sa), len(sb), dims) if sa is not None and sb is not None else None
+    if equation is None:
+        return _Match("tensordot", OpKind.MATMUL, None, False,
+                      reason="tensordot whose dims or operand shapes are unknown is not covered")
+    m = _match_einsum(gm, node, None, equation=equation, operands=[a, b])
+    return dataclasses.replace(m, op="tensordot", reason=m.reason.replace("einsum", "tensordot (as einsum)", 1))
+
+
+def _match_einsum(gm: fx.GraphModule, node: fx.Node, out_shape: Any, *, equation: Any = None,
+                  operands: list[Any] | None = None) -> _Match:
     """``torch.einsum`` of two operands that is one (batched) product (:func:`einsum_plan`):
     :func:`fqt_einsum`, with the operand that is a parameter (if one is) second, under the
     weight quantizer; other einsums stay in full precision with the reason."""
-    equation, *operands = node.args
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = list(operands[0])
+    if operands is None:
+        equation, *operands = node.args
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
     if not isinstance(equation, str):
         return _Match("einsum", OpKind.MATMUL, None, False, reason="einsum whose equation is not a constant")
     shapes = [_shape(o) for o in operands]

@@ -520,12 +520,12 @@ def test_products_dynamo_keeps_whole_are_listed_in_full_precision():
     """bilinear, tensordot, multi_dot, addbmm and the vector products were run in float with no
     decision at all; each is now a full-precision decision naming the op (and
     nn.MultiheadAttention, one F.multi_head_attention_forward call in dynamo's graph, is
-    quantized: the tests below)."""
+    quantized: the tests below; tensordot too, as the einsum it is)."""
     rec = compile_and_step(_UncoveredProducts(), torch.randn(2, 4, 16), FQTConfig(compiler="eager"))
-    assert [d.module for d in rec.insert.quantized] == ["fc", "mha"]
+    assert [(d.module, d.op) for d in rec.insert.quantized] == [("fc", "linear"), ("mha", "multi_head_attention"),
+                                                                ("", "tensordot")]
     noted = Counter(d.op for d in rec.insert.skipped)
-    assert noted == Counter({"tensordot": 1, "linalg_multi_dot": 1, "addbmm": 1, "bilinear": 1, "inner": 1,
-                             "outer": 1, "mv": 2})
+    assert noted == Counter({"linalg_multi_dot": 1, "addbmm": 1, "bilinear": 1, "inner": 1, "outer": 1, "mv": 2})
     reasons = {d.op: d.reason for d in rec.insert.skipped}
     assert reasons["mv"] == "full precision: mv (a vector product) is not covered"
     assert all(d.kind is None and "is not covered" in d.reason for d in rec.insert.skipped)
@@ -610,6 +610,19 @@ def test_einsum_of_two_operands_is_quantized_like_its_matmul_form():
                        "einsum of 1 operand is not covered (two operands: one product)",
                        "einsum that is a vector product (no free index on either side) is not covered",
                        "einsum without a contracted index (an elementwise or outer product) is not covered"], reasons
+
+
+@pytest.mark.parametrize("sa,sb,dims", [((2, 3, 4), (4, 5), 1), ((2, 3, 4), (4, 5), ([2], [0])),
+                                         ((2, 3, 4), (3, 4, 5), 2), ((3, 4), (5, 3), ([0], [-1])),
+                                         ((2, 3, 4), (4, 3), ([1, 2], [1, 0]))])
+def test_tensordot_is_the_einsum_it_writes(sa, sb, dims):
+    from fqt_compile.passes.insert_qdq import tensordot_equation
+
+    torch.manual_seed(0)
+    a, b = torch.randn(sa, dtype=torch.float64), torch.randn(sb, dtype=torch.float64)
+    equation = tensordot_equation(len(sa), len(sb), dims)
+    torch.testing.assert_close(torch.einsum(equation, a, b), torch.tensordot(a, b, dims))
+    assert tensordot_equation(2, 2, torch.tensor([1])) is None  # dims as a tensor: not a constant
 
 
 class _Mha(nn.Module):
