@@ -38,8 +38,8 @@ from torch import Tensor
 
 from .backend import resolve_config, torch_version
 from .config import FQTConfig, Mode
-from .functional import (QSpec, activations_spec, addmm_with, einsum_with, fqt_addmm, fqt_conv, fqt_einsum, fqt_linear,
-                         fqt_matmul, fqt_multi_head_attention, fqt_sdpa, mha_with, sdpa_with)
+from .functional import (QSpec, activations_spec, addmm_with, einsum_with, fqt_addmm, fqt_conv, fqt_conv_transpose,
+                         fqt_einsum, fqt_linear, fqt_matmul, fqt_multi_head_attention, fqt_sdpa, mha_with, sdpa_with)
 from .passes.insert_qdq import _CHECKPOINT_HOP, InsertResult, _higher_order_name, insert_qdq
 
 __all__ = ["export", "export_onnx", "inference_graph", "ONNX_OPSET", "FQTExportError"]
@@ -93,6 +93,15 @@ def _infer_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     return conv(x_t, w_t, bias, stride, padding, dilation, groups)
 
 
+def _infer_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                          spec: QSpec) -> Tensor:
+    # output = conv_transpose(X~, W~) + b; per-channel weights per output channel (dim 1)
+    x_t = _fq(x, spec.a_bits, spec.a_scheme, spec.a_gran, 1)
+    w_t = _fq(weight, spec.b_bits, spec.b_scheme, spec.b_gran, 1)
+    conv = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[weight.dim()]
+    return conv(x_t, w_t, bias, stride, padding, output_padding, groups, dilation)
+
+
 def _infer_matmul(a: Tensor, b: Tensor, *, spec: QSpec) -> Tensor:
     # output = A~ @ B~ (both operands ranged over their last dim when per-channel)
     return torch.matmul(_fq(a, spec.a_bits, spec.a_scheme, spec.a_gran, -1),
@@ -140,6 +149,7 @@ def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True, recompu
 _INFERENCE_FORMS = {
     fqt_linear: _infer_linear,
     fqt_conv: _infer_conv,
+    fqt_conv_transpose: _infer_conv_transpose,
     fqt_matmul: _infer_matmul,
     fqt_addmm: _infer_addmm,
     fqt_sdpa: _infer_sdpa,

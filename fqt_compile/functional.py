@@ -331,6 +331,79 @@ def fqt_conv(
     return _FQTConv.apply(x, weight, bias, stride_l, padding_l, dilation_l, int(groups), spec)
 
 
+class _FQTConvTranspose(torch.autograd.Function):
+    """The transposed convolution ``Y = conv_transpose(X~, W~)`` is the grad_input GEMM of the
+    convolution whose weight ``W`` is (input channels = Y's, output channels = X's), so its three
+    GEMMs are that convolution's with the roles exchanged: the output runs as
+    ``fqt::qconv_grad_input``, ``grad_input = conv(Q_b1(G), W~)`` as ``fqt::qconv`` and
+    ``grad_weight = correlate(Q_b2(G), X~)`` as ``fqt::qconv_grad_weight`` with X~ in the
+    gradient's place. Per-channel weights are ranged per output channel of the transposed
+    convolution (dim 1 of W). GEMM tags are
+    ``<module>[transposed]:<gemm>``, ``<gemm>`` the product's own GEMM (the lowering names the
+    operands' roles from it; the inspection report drops the bracket)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation, spec: QSpec):  # type: ignore[override]
+        p = spec
+        xc, xs, xo = _quantize(x, p.a_bits, p.a_scheme, p.a_gran, 1)
+        wc, ws, wo = _quantize(weight, p.b_bits, p.b_scheme, p.b_gran, 1)
+        spatial = [(n - 1) * s - 2 * pd + d * (k - 1) + op + 1
+                   for n, s, pd, d, k, op in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding)]
+        out_shape = [x.shape[0], weight.shape[1] * groups, *spatial]
+        out = torch.ops.fqt.qconv_grad_input(xc, xs, xo, wc, ws, wo, p.a_bits, p.b_bits, out_shape, stride, padding,
+                                             dilation, groups, f"{p.name}[transposed]:output")
+        if bias is not None:
+            out = out + bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+        ctx.save_for_backward(xc, xs, xo, wc, ws, wo)
+        ctx.conf = (stride, padding, dilation, groups, spec)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        stride, padding, dilation, groups, p = ctx.conf
+        xc, xs, xo, wc, ws, wo = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            g1, post, g_bits = _conv_grad_operand(grad_output, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
+            # grad_input = conv(Q_b1(G), W~): a convolution acts on each sample with the same
+            # weights, so a BHQ/Hadamard inverse commutes with it
+            gx = torch.ops.fqt.qconv(*g1, wc, ws, wo, g_bits, p.b_bits, stride, padding, dilation, groups,
+                                     f"{p.name}[transposed]:grad_input")
+            if post is not None:
+                gx = post(gx.reshape(gx.shape[0], -1)).reshape(gx.shape)
+            grad_x = gx.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            g2, _, g_bits = _conv_grad_operand(grad_output, p.gw_kind, p.gw_bits, p.gw_block, allow_post=False)
+            # grad_weight = correlate(Q_b2(G), X~): contraction over batch x X's positions
+            grad_w = torch.ops.fqt.qconv_grad_weight(xc, xs, xo, *g2, p.a_bits, g_bits, list(wc.shape), stride,
+                                                     padding, dilation, groups, f"{p.name}[transposed]:grad_weight")
+            grad_w = grad_w.to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def fqt_conv_transpose(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    output_padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    dilation: int | Sequence[int] = 1,
+    *,
+    spec: QSpec = QSpec(),
+) -> Tensor:
+    """``F.conv_transpose{1,2,3}d`` with FQT numerics (arguments in their order; see
+    :class:`_FQTConvTranspose`)."""
+    n = weight.dim() - 2
+    return _FQTConvTranspose.apply(x, weight, bias, _tuple(stride, n), _tuple(padding, n), _tuple(output_padding, n),
+                                   int(groups), _tuple(dilation, n), spec)
+
+
 # ---------------------------------------------------------------------------------------------
 # matmul between activations (or activation x parameter without a Linear module)
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from ..functional import (
     einsum_plan,
     fqt_addmm,
     fqt_conv,
+    fqt_conv_transpose,
     fqt_dropout,
     fqt_einsum,
     fqt_linear,
@@ -49,10 +50,13 @@ __all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "modul
 
 log = logging.getLogger(__name__)
 
-FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_matmul, fqt_addmm, fqt_sdpa, fqt_multi_head_attention, fqt_einsum)
+FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_conv_transpose, fqt_matmul, fqt_addmm, fqt_sdpa, fqt_multi_head_attention,
+                 fqt_einsum)
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_CONV_TRANSPOSE_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3,
+                       torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
 _MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.mm}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
 _ADDMM_FNS = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
@@ -66,9 +70,6 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
     F.group_norm: "normalization",
     F.softmax: "softmax",
     torch.softmax: "softmax",
-    F.conv_transpose1d: "transposed convolution is not covered",
-    F.conv_transpose2d: "transposed convolution is not covered",
-    F.conv_transpose3d: "transposed convolution is not covered",
     # products dynamo leaves as one call: listed, so that none runs in float unsaid
     torch.bilinear: "bilinear (nn.Bilinear) is not covered",
     torch.linalg.multi_dot: "linalg.multi_dot is not covered",
@@ -93,9 +94,6 @@ _FULL_PRECISION_MODULES: dict[type, str] = {
     nn.BatchNorm2d: "normalization",
     nn.BatchNorm3d: "normalization",
     nn.GroupNorm: "normalization",
-    nn.ConvTranspose1d: "transposed convolution is not covered",
-    nn.ConvTranspose2d: "transposed convolution is not covered",
-    nn.ConvTranspose3d: "transposed convolution is not covered",
     nn.Bilinear: "bilinear (nn.Bilinear) is not covered",
     nn.RNNBase: "recurrent layer (LSTM/GRU/RNN) is not covered",
 }
@@ -264,6 +262,13 @@ def _matmul_flops(a_shape, b_shape, out_shape) -> int:
     return 2 * _numel(out_shape) * a_shape[-1]
 
 
+def _conv_transpose_flops(x_shape, w_shape) -> int:
+    if not x_shape or not w_shape:
+        return 0
+    # each input element: (out_channels / groups) * kernel multiply-adds
+    return 2 * _numel(x_shape) * _numel(w_shape[1:])
+
+
 def _conv_flops(w_shape, out_shape, groups: int) -> int:
     if not w_shape or not out_shape:
         return 0
@@ -315,6 +320,28 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
 
             return _Match(f"conv{mod.weight.dim() - 2}d", OpKind.CONV, build_conv, True, operands=(x,),
                           flops=_conv_flops(tuple(mod.weight.shape), out_shape, mod.groups))
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            n = mod.weight.dim() - 2
+            op = f"conv_transpose{n}d"
+            if mod.padding_mode != "zeros":
+                return _Match(op, OpKind.CONV, None, True, reason=f"padding_mode={mod.padding_mode!r} is not covered")
+            if len(node.args) > 1 or node.kwargs:  # output_size: torch computes output_padding from it
+                return _Match(op, OpKind.CONV, None, True,
+                              reason="nn.ConvTranspose called with output_size under symbolic_trace is not covered")
+            x = node.args[0]
+
+            def build_tconv(graph: fx.Graph, spec: QSpec, path=str(target), x=x) -> fx.Node:
+                wn = graph.get_attr(f"{path}.weight")
+                bn = graph.get_attr(f"{path}.bias") if mod.bias is not None else None
+                return graph.call_function(
+                    fqt_conv_transpose,
+                    (x, wn, bn, list(mod.stride), list(mod.padding), list(mod.output_padding), mod.groups,
+                     list(mod.dilation)),
+                    {"spec": spec},
+                )
+
+            return _Match(op, OpKind.CONV, build_tconv, True, operands=(x,),
+                          flops=_conv_transpose_flops(_shape(x), tuple(mod.weight.shape)))
         if isinstance(mod, nn.MultiheadAttention):
             return "nn.MultiheadAttention module is opaque to symbolic_trace: use torch.compile (dynamo) capture"
         for cls, why in _FULL_PRECISION_MODULES.items():
@@ -350,6 +377,17 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
 
         return _Match(op, OpKind.CONV, build_fconv, True, operands=(x, w),
                       flops=_conv_flops(_shape(w), out_shape, 1))
+
+    if node.op == "call_function" and target in _CONV_TRANSPOSE_FNS:
+        names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+        defaults = (None, None, None, 1, 0, 0, 1, 1)
+        args = [_arg(node, i, name, default) for i, (name, default) in enumerate(zip(names, defaults))]
+
+        def build_ftconv(graph: fx.Graph, spec: QSpec) -> fx.Node:
+            return graph.call_function(fqt_conv_transpose, tuple(args), {"spec": spec})
+
+        return _Match(f"conv_transpose{_CONV_TRANSPOSE_FNS[target]}d", OpKind.CONV, build_ftconv, True,
+                      operands=(args[0], args[1]), flops=_conv_transpose_flops(_shape(args[0]), _shape(args[1])))
 
     is_matmul = (node.op == "call_function" and target in _MATMUL_FNS) or (
         node.op == "call_method" and target in _MATMUL_METHODS

@@ -168,8 +168,15 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
         if gemm_kind is None:
             continue
         tag = node.args[-1]
-        reason, mkn, direct = _conv_why_not(node, cfg, gemm_kind)
-        d = GemmDecision(tag, tag.rpartition(":")[0], gemm_kind, False, reason or "", "simulated", mkn, node.name)
+        # a transposed convolution's GEMMs are a convolution's with the roles exchanged
+        # (functional.fqt_conv_transpose): its tag, "<module>[transposed]:<gemm>", names the
+        # product's own GEMM
+        module, _, gemm = tag.rpartition(":")
+        transposed = module.endswith(TRANSPOSED)
+        reason, mkn, direct = _conv_why_not(node, cfg, gemm_kind, transposed)
+        if reason is not None and transposed:
+            reason += f" (a transposed convolution's {gemm} GEMM, run as a convolution's {gemm_kind} GEMM)"
+        d = GemmDecision(tag, module, gemm or gemm_kind, False, reason or "", "simulated", mkn, node.name)
         if reason is None:
             try:
                 mm, sums = _lower_conv(node, graph, fake_mode, gemm_kind, direct)
@@ -260,6 +267,8 @@ _QCONV_GEMM = {
 # (K = 9) 1.9-2.7x, 8 and 16 channels 0.59-1.25x (benchmarks/results/conv_zen5_s17_direct.json,
 # docs/performance.md, Direct int8 convolution).
 CONV_RULE = True  # benchmarks/bench_conv.py turns it off to time the lowering everywhere
+#: the suffix of a transposed convolution's module in its GEMM tags (functional.fqt_conv_transpose)
+TRANSPOSED = "[transposed]"
 _COLS_CACHE_BYTES = 32 * 2**20
 
 
@@ -356,9 +365,12 @@ def _conv_geometry(x_shape: Any, w_shape: Any, c: _ConvArgs) -> tuple[int, int, 
     return b * positions, kk, o
 
 
-def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None, tuple[int, ...], bool]:
+def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str,
+                  transposed: bool = False) -> tuple[str | None, tuple[int, ...], bool]:
     """(None if this conv GEMM lowers, else why not; its (M, K, N); whether it lowers as
-    oneDNN's direct int8 convolution rather than im2col + integer GEMM)."""
+    oneDNN's direct int8 convolution rather than im2col + integer GEMM). ``transposed``: the
+    GEMM belongs to a transposed convolution (``fqt_conv_transpose``: the roles exchanged), for
+    the operands' names in the reasons."""
     c = _conv_args(node)
     va, vb = _val(c.a[0]), _val(c.b[0])
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
@@ -397,16 +409,20 @@ def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str) -> tuple[str | None,
     spatial = tuple(range(2, nd))
     contracted = {
         "output": ((1, *spatial), tuple(range(1, nd))),  # X: channels x window; W: all but O
-        "grad_input": ((1,), (0,)),  # G: out-channels; W: out-channels
+        "grad_input": ((1, *spatial), (0, *spatial)),  # G: out-channels x window; W: out-channels x window
         "grad_weight": ((0, *spatial), (0, *spatial)),  # G and X: batch x positions
     }[gemm]
     for which, ops_, dims in (("first", c.a, contracted[0]), ("second", c.b, contracted[1])):
         for label, t in zip(("scale", "offset"), ops_[1:]):
             if not _const_dims(_val(t), dims):
-                role = {"output": ("input", "weight"), "grad_input": ("gradient (Q_b1)", "weight"),
-                        "grad_weight": ("gradient (Q_b2)", "input")}[gemm][0 if which == "first" else 1]  # fmt: skip
+                roles = {"output": ("input", "weight"), "grad_input": ("gradient (Q_b1)", "weight"),
+                         "grad_weight": ("gradient (Q_b2)", "input")}
+                if transposed:  # the roles of the convolution's GEMM this one runs as
+                    roles = {"grad_input": ("input", "weight"), "output": ("gradient (Q_b1)", "weight"),
+                             "grad_weight": ("input", "gradient (Q_b2)")}
+                role = roles[gemm][0 if which == "first" else 1]
                 why = (f"the {role} {label} varies along the contracted axis (shape {tuple(_val(t).shape)})")
-                if gemm == "grad_weight" and which == "first":
+                if gemm == "grad_weight" and role == "gradient (Q_b2)":
                     why += "; a conv's grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers"
                 return why, mkn, False
     if cfg.direct_conv and _direct_conv(gemm, c, vb, mkn[1]):
@@ -645,11 +661,14 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direc
                 assert ce.pads[0] == ce.pads[1] and ce.pads[2] == ce.pads[3], ce.pads
                 sums["direct"] = ce.direct(gd, w_flip, [1, 1], [lead_h, lead_w], fwd.C)
             a_off = _zero(e, g[2]) if fix else ce.pos_rows(g[2])
-            mm = e(qmm, cols, ce.pos_rows(g[1]), a_off, wt, w[1], w[2], c.a_bits, c.b_bits, c.tag)
+            # W's scale: () or per in-channel (1, C, 1, ...) (a transposed convolution's
+            # per-output-channel weights; along O it is contracted and not lowered)
+            ws, wo = (t if _val(t).dim() == 0 else e(aten.reshape.default, t, [1, fwd.C]) for t in w[1:])
+            mm = e(qmm, cols, ce.pos_rows(g[1]), a_off, wt, ws, wo, c.a_bits, c.b_bits, c.tag)
             out = mm
             if fix:  # + o_g[b] * (M @ W'~) over the real entries of G only
                 ones = dilate(e(aten.full.default, [1, O, fwd.Ho, fwd.Wo], 1.0, dtype=f32, device=_val(g[0]).device))
-                corr = e(aten.mm.default, ce.im2col(ones), e.dequantize(wt, w[1], w[2]))  # (H*W, C)
+                corr = e(aten.mm.default, ce.im2col(ones), e.dequantize(wt, ws, wo))  # (H*W, C)
                 out3 = e(aten.reshape.default, out, [B, ce.L, fwd.C])
                 out = e(aten.add.Tensor, out3, e(aten.mul.Tensor, corr, _per_sample(e, g[2], B)))
             result = ce.to_nchw(out, fwd.C)

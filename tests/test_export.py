@@ -77,6 +77,9 @@ class _Einsums(torch.nn.Module):
 # (model, input shape without batch, quantized products, quantized operands)
 CASES = {
     "einsum": (_Einsums, (5, 16), 4, 8),
+    "conv_transpose": (lambda: torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 4, 3, padding=1)), (8, 5, 5), 2, 4),
     "mha_checkpoint": (_AttentionCheckpointed, (4, 16), 2, 10),
     "mlp": (lambda: MLP(16, 32, 4), (16,), 3, 6),
     "cnn": (lambda: SmallCNN(width=8), (1, 8, 8), 5, 10),

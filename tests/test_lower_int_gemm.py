@@ -185,6 +185,44 @@ def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd
             assert d.lowered or "contracted axis" in d.reason, (name, d.reason)
 
 
+TRANSPOSED_CONVS = {
+    "2d_s2_outpad": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1), (3, 8, 5, 5)),
+    "1d_dilated": (lambda: nn.ConvTranspose1d(8, 6, 3, padding=2, dilation=2), (3, 8, 9)),
+    "1x1": (lambda: nn.ConvTranspose2d(8, 6, 1, bias=False), (3, 8, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("weight", ["tensor", "channel"])
+@pytest.mark.parametrize("gi_kind, gw_kind", [("ptq", "ptq"), ("psq", "column")])
+def test_conv_transpose_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, weight, monkeypatch):
+    """A transposed convolution's GEMMs are a convolution's with the roles exchanged: its output
+    runs as a grad_input GEMM (im2col of the zero-dilated input, or the direct convolution at
+    stride 1), its grad_input as an output GEMM, its grad_weight as a grad_weight GEMM with the
+    input in the gradient's place. Lowered against simulated with the same draws (the im2col
+    speed rule off), per-tensor and per-output-channel (symmetric) weights; the tags name the
+    product's GEMMs, and a GEMM that stays simulated says which scale is on the contracted
+    axis."""
+    import fqt_compile.passes.lower_int_gemm as lig
+
+    monkeypatch.setattr(lig, "CONV_RULE", False)
+    cfg = FQTConfig(weight=ForwardSpec(8, weight, symmetric=weight == "channel"), grad_input=GradSpec(gi_kind, 8),
+                    grad_weight=GradSpec(gw_kind, 8), compiler="eager")
+    for name, (make, shape) in TRANSPOSED_CONVS.items():
+        torch.manual_seed(0)
+        base, x = make(), torch.randn(*shape, requires_grad=True)
+        rec_l, _ = _lowered_vs_simulated(base, x, cfg, name)
+        got = {d.gemm: d for k in ("forward", "backward") for d in _lowering(rec_l, k).decisions}
+        assert set(got) == {"output", "grad_input", "grad_weight"} and all(d.module == "[transposed]" for d in got.values())
+        # output: the weight's per-output-channel scales are the GEMM's columns
+        assert got["output"].lowered, (name, got["output"].reason)
+        # grad_input contracts over the output channels: per-channel weights stay simulated
+        assert got["grad_input"].lowered == (weight == "tensor"), (name, got["grad_input"].reason)
+        # grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers
+        assert got["grad_weight"].lowered == (gw_kind == "ptq"), (name, got["grad_weight"].reason)
+        for d in got.values():
+            assert d.lowered or ("contracted axis" in d.reason and "transposed convolution" in d.reason), d.reason
+
+
 def test_conv_rule_follows_the_measurements():
     """benchmarks/bench_conv.py (benchmarks/results/conv.json): the rule lowers exactly the
     GEMMs it measured faster, and keeps the float convolution where it measured a loss."""
