@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .backend import resolve_config, torch_version
 from .config import FQTConfig, Mode
-from .functional import (QSpec, activations_spec, addmm_with, einsum_with, fqt_addmm, fqt_conv, fqt_conv_transpose,
+from .functional import (QSpec, activations_spec, addmm_with, einsum_with, fqt_addbmm, fqt_addmm, fqt_conv, fqt_conv_transpose,
                          fqt_einsum, fqt_linear, fqt_matmul, fqt_multi_head_attention, fqt_sdpa, mha_with, sdpa_with)
 from .passes.insert_qdq import _CHECKPOINT_HOP, InsertResult, _higher_order_name, insert_qdq
 
@@ -116,6 +116,10 @@ def _infer_einsum(equation: str, a: Tensor, b: Tensor, *, spec: QSpec) -> Tensor
     return einsum_with(lambda x, y: _infer_matmul(x, y, spec=spec), equation, a, b)
 
 
+def _infer_addbmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: float = 1, spec: QSpec) -> Tensor:
+    return addmm_with(lambda x, y: _infer_einsum("bnk,bkp->np", x, y, spec=spec), bias, a, b, beta, alpha)
+
+
 def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                 enable_gqa=False, *, spec: QSpec, mask_as_bias: bool = True) -> Tensor:
     # fqt_sdpa's decomposition in eval (no dropout), on fake-quantized operands; mask_as_bias
@@ -155,6 +159,7 @@ _INFERENCE_FORMS = {
     fqt_sdpa: _infer_sdpa,
     fqt_multi_head_attention: _infer_mha,
     fqt_einsum: _infer_einsum,
+    fqt_addbmm: _infer_addbmm,
 }
 
 

@@ -628,6 +628,13 @@ def fqt_einsum(equation: str, a: Tensor, b: Tensor, *, spec: QSpec = QSpec()) ->
     return einsum_with(lambda x, y: fqt_matmul(x, y, spec=spec), equation, a, b)
 
 
+def fqt_addbmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: float = 1,
+               spec: QSpec = QSpec()) -> Tensor:
+    """``torch.addbmm``: ``beta * bias + alpha * sum_i a[i] @ b[i]``, the sum over the batch one
+    FQT product (the batch joins the contraction: :func:`fqt_einsum` of ``"bnk,bkp->np"``)."""
+    return addmm_with(lambda x, y: fqt_einsum("bnk,bkp->np", x, y, spec=spec), bias, a, b, beta, alpha)
+
+
 def fqt_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """``F.dropout`` through ``fqt::dropout`` (a counter-based mask of a fresh seed, which the
     backward keeps instead of the mask); ``inplace`` is not supported (insert_qdq leaves such

@@ -31,6 +31,7 @@ from ..config import FQTConfig, Granularity, Mode, OpKind, SdpaPolicy
 from ..functional import (
     QSpec,
     einsum_plan,
+    fqt_addbmm,
     fqt_addmm,
     fqt_conv,
     fqt_conv_transpose,
@@ -50,8 +51,8 @@ __all__ = ["insert_qdq", "InsertResult", "NodeDecision", "FQT_FUNCTIONS", "modul
 
 log = logging.getLogger(__name__)
 
-FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_conv_transpose, fqt_matmul, fqt_addmm, fqt_sdpa, fqt_multi_head_attention,
-                 fqt_einsum)
+FQT_FUNCTIONS = (fqt_linear, fqt_conv, fqt_conv_transpose, fqt_matmul, fqt_addmm, fqt_addbmm, fqt_sdpa,
+                 fqt_multi_head_attention, fqt_einsum)
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -59,8 +60,8 @@ _CONV_TRANSPOSE_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_tran
                        torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
 _MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.mm}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
-_ADDMM_FNS = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
-_ADDMM_METHODS = {"addmm", "baddbmm"}
+_ADDMM_FNS = {torch.addmm, torch.baddbmm, torch.addbmm, torch.Tensor.addmm, torch.Tensor.baddbmm, torch.Tensor.addbmm}
+_ADDMM_METHODS = {"addmm", "baddbmm", "addbmm"}
 _SDPA_FNS = {F.scaled_dot_product_attention}
 # Ops that are noted in the report as staying in full precision.
 _FULL_PRECISION_FNS: dict[Any, str] = {
@@ -74,7 +75,6 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
     torch.bilinear: "bilinear (nn.Bilinear) is not covered",
     torch.linalg.multi_dot: "linalg.multi_dot is not covered",
     torch.chain_matmul: "chain_matmul is not covered",
-    torch.addbmm: "addbmm (a sum over the batch of products) is not covered",
     torch.kron: "kron is not covered",
     **{getattr(torch, name): f"{name} (a vector product) is not covered"
        for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
@@ -83,7 +83,6 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
 }
 _FULL_PRECISION_METHODS: dict[str, str] = {
     "softmax": "softmax",
-    "addbmm": _FULL_PRECISION_FNS[torch.addbmm],
     **{name: f"{name} (a vector product) is not covered"
        for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
 }
@@ -418,12 +417,16 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
         op = getattr(target, "__name__", str(target))
         b_param = _is_param(gm, b)
         kind = OpKind.LINEAR if b_param else OpKind.MATMUL
+        # addbmm sums the batch of products: one product whose contraction takes the batch too
+        fn, flops = fqt_addmm, _matmul_flops(_shape(a), _shape(b), out_shape)
+        if op == "addbmm":
+            fn, sa = fqt_addbmm, _shape(a)
+            flops = _matmul_flops(sa, _shape(b), out_shape) * _numel(sa[:1] if sa else (0,))
 
         def build_addmm(graph: fx.Graph, spec: QSpec) -> fx.Node:
-            return graph.call_function(fqt_addmm, (bias, a, b), {"beta": beta, "alpha": alpha, "spec": spec})
+            return graph.call_function(fn, (bias, a, b), {"beta": beta, "alpha": alpha, "spec": spec})
 
-        return _Match(op, kind, build_addmm, b_param, operands=(a, b),
-                      flops=_matmul_flops(_shape(a), _shape(b), out_shape))
+        return _Match(op, kind, build_addmm, b_param, operands=(a, b), flops=flops)
 
     if node.op == "call_function" and target in _SDPA_FNS:
         q, k, v = node.args[:3]

@@ -374,3 +374,18 @@ def test_conv_transpose_qat_gradients_are_straight_through_and_fqt_unbiased(name
         one = torch.stack([(d[i] - got[i]).norm() for d in draws]).mean()
         mean_err = (torch.stack([d[i] for d in draws]).mean(0) - got[i]).norm()
         assert mean_err < 0.25 * one, f"{operand}: mean error {mean_err:.4g} vs one draw {one:.4g}"
+
+
+def test_addbmm_is_one_product_over_the_batch():
+    """fqt_addbmm: beta * bias + alpha * sum_i a[i] @ b[i], the sum taken by one product whose
+    contraction includes the batch; with exact gradients (QAT) torch.addbmm on the quantized
+    operands (per-tensor ranges: the same codes however the operands are laid out)."""
+    from fqt_compile.functional import fqt_addbmm
+    from fqt_compile.quantizers import fake_quantize_forward as fq
+
+    torch.manual_seed(2)
+    bias, a, b = torch.randn(5, 6), torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 4, 6, requires_grad=True)
+    out = fqt_addbmm(bias, a, b, beta=0.5, alpha=2.0, spec=QSpec(gi_kind="none", gw_kind="none"))
+    torch.testing.assert_close(out, torch.addbmm(bias, fq(a.detach()), fq(b.detach()), beta=0.5, alpha=2.0))
+    out.sum().backward()
+    torch.testing.assert_close(a.grad, 2.0 * torch.ones(5, 6) @ fq(b.detach()).transpose(1, 2))

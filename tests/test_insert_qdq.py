@@ -521,12 +521,13 @@ def test_products_dynamo_keeps_whole_are_listed_in_full_precision():
     """bilinear, tensordot, multi_dot, addbmm and the vector products were run in float with no
     decision at all; each is now a full-precision decision naming the op (and
     nn.MultiheadAttention, one F.multi_head_attention_forward call in dynamo's graph, is
-    quantized: the tests below; tensordot too, as the einsum it is)."""
+    quantized: the tests below; tensordot too, as the einsum it is, and addbmm, as one product
+    over the batch and the contraction)."""
     rec = compile_and_step(_UncoveredProducts(), torch.randn(2, 4, 16), FQTConfig(compiler="eager"))
     assert [(d.module, d.op) for d in rec.insert.quantized] == [("fc", "linear"), ("mha", "multi_head_attention"),
-                                                                ("", "tensordot")]
+                                                                ("", "tensordot"), ("", "addbmm")]
     noted = Counter(d.op for d in rec.insert.skipped)
-    assert noted == Counter({"linalg_multi_dot": 1, "addbmm": 1, "bilinear": 1, "inner": 1, "outer": 1, "mv": 2})
+    assert noted == Counter({"linalg_multi_dot": 1, "bilinear": 1, "inner": 1, "outer": 1, "mv": 2})
     reasons = {d.op: d.reason for d in rec.insert.skipped}
     assert reasons["mv"] == "full precision: mv (a vector product) is not covered"
     assert all(d.kind is None and "is not covered" in d.reason for d in rec.insert.skipped)
