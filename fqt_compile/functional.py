@@ -238,6 +238,25 @@ def _conv_grad_operand(grad: Tensor, kind: str, bits: int, block: int, *, allow_
     return (est.reshape(grad.shape), one, zero), None, 0
 
 
+def _conv_forward_end(ctx: Any, out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
+                      saved: tuple[Tensor, ...], conf: tuple[Any, ...]) -> Tensor:
+    """The end of a convolution function's forward (plain or transposed): the bias, what the
+    backward keeps (codes, scales and offsets of both operands; the geometry and spec), and
+    the output in the input's dtype."""
+    if bias is not None:
+        out = out + bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+    ctx.save_for_backward(*saved)
+    ctx.conf = conf
+    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+    ctx.has_bias = bias is not None
+    return out.to(x.dtype)
+
+
+def _channel_sum(grad_output: Tensor) -> Tensor:
+    """A convolution's bias gradient: the output gradient summed over all but the channels."""
+    return grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
+
+
 class _FQTConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, spec: QSpec):  # type: ignore[override]
@@ -247,13 +266,8 @@ class _FQTConv(torch.autograd.Function):
         # output = conv(X~, W~) + b        contraction over in_channels x kernel window
         out = torch.ops.fqt.qconv(xc, xs, xo, wc, ws, wo, p.a_bits, p.b_bits, stride, padding, dilation,
                                   groups, f"{p.name}:output")
-        if bias is not None:
-            out = out + bias.reshape(1, -1, *([1] * (out.dim() - 2)))
-        ctx.save_for_backward(xc, xs, xo, wc, ws, wo)
-        ctx.conf = (stride, padding, dilation, groups, spec)
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        ctx.has_bias = bias is not None
-        return out.to(x.dtype)
+        return _conv_forward_end(ctx, out, x, weight, bias, (xc, xs, xo, wc, ws, wo),
+                                 (stride, padding, dilation, groups, spec))
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -282,7 +296,7 @@ class _FQTConv(torch.autograd.Function):
                                                      padding, dilation, groups, f"{p.name}:grad_weight")
             grad_w = grad_w.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
+            grad_b = _channel_sum(grad_output)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -343,22 +357,18 @@ class _FQTConvTranspose(torch.autograd.Function):
     operands' roles from it; the inspection report drops the bracket)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation, spec: QSpec):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation,  # type: ignore[override]
+                spec: QSpec):
         p = spec
         xc, xs, xo = _quantize(x, p.a_bits, p.a_scheme, p.a_gran, 1)
         wc, ws, wo = _quantize(weight, p.b_bits, p.b_scheme, p.b_gran, 1)
-        spatial = [(n - 1) * s - 2 * pd + d * (k - 1) + op + 1
-                   for n, s, pd, d, k, op in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding)]
+        geometry = zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding)
+        spatial = [(n - 1) * s - 2 * pd + d * (k - 1) + op + 1 for n, s, pd, d, k, op in geometry]
         out_shape = [x.shape[0], weight.shape[1] * groups, *spatial]
         out = torch.ops.fqt.qconv_grad_input(xc, xs, xo, wc, ws, wo, p.a_bits, p.b_bits, out_shape, stride, padding,
                                              dilation, groups, f"{p.name}[transposed]:output")
-        if bias is not None:
-            out = out + bias.reshape(1, -1, *([1] * (out.dim() - 2)))
-        ctx.save_for_backward(xc, xs, xo, wc, ws, wo)
-        ctx.conf = (stride, padding, dilation, groups, spec)
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        ctx.has_bias = bias is not None
-        return out.to(x.dtype)
+        return _conv_forward_end(ctx, out, x, weight, bias, (xc, xs, xo, wc, ws, wo),
+                                 (stride, padding, dilation, groups, spec))
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -381,7 +391,7 @@ class _FQTConvTranspose(torch.autograd.Function):
                                                      padding, dilation, groups, f"{p.name}[transposed]:grad_weight")
             grad_w = grad_w.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
+            grad_b = _channel_sum(grad_output)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
