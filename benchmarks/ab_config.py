@@ -20,7 +20,9 @@ ratio B / A. ``None`` as a config is the model uncompiled (fp32 eager). ``--mode
 MLP 2816; ``transformers``, random weights) on the same batch. ``--model encoder``: an
 unmasked ``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer`` (d 1024, 16 heads, GELU
 MLP 4096, pre-norm, dropout 0) between a token embedding and a per-token classifier, on the
-same batch. ``--scaled-softmax-unmatched a`` (or ``b``): that variant compiles with
+same batch. ``--model decoder``: a convolutional decoder with two stride-2
+``nn.ConvTranspose2d`` (:func:`_decoder`), batch 128, mean squared error to a random target.
+``--scaled-softmax-unmatched a`` (or ``b``): that variant compiles with
 ``passes.fuse_softmax`` blind to inductor's rewrite of a scaled softmax, as it was before it
 learned that form (an unmasked attention's forward softmax then stays unfused under
 inductor). On this shared 2-core machine whole runs drift by 10% and more from one run to the
@@ -71,6 +73,16 @@ def _encoder(layers: int) -> torch.nn.Module:
                                torch.nn.Linear(1024, 256))
 
 
+def _decoder() -> torch.nn.Module:
+    """A convolutional decoder (an autoencoder's or DCGAN's, at MNIST size): (B, 64, 7, 7)
+    latents, two stride-2 nn.ConvTranspose2d (kernel 4, padding 1: 64 -> 32 -> 16 channels,
+    7 -> 14 -> 28) with batch norm and ReLU, and a 3 x 3 convolution to one channel."""
+    nn = torch.nn
+    return nn.Sequential(nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 1, 3, padding=1))
+
+
 @contextlib.contextmanager
 def _scaled_softmax_unmatched(on: bool) -> Iterator[None]:
     """While ``on``: fuse_softmax matches a softmax only in the forms it knew before it matched
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", default="FQTConfig()", help="FQTConfig expression of variant A")
     ap.add_argument("--b", default="FQTConfig()", help="FQTConfig expression of variant B")
-    ap.add_argument("--model", choices=("gpt", "cnn", "llama", "encoder"), default="gpt")
+    ap.add_argument("--model", choices=("gpt", "cnn", "llama", "encoder", "decoder"), default="gpt")
     ap.add_argument("--layers", type=int, default=1, help="GPT or Llama blocks")
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each variant")
     ap.add_argument("--dropout-a", type=float, default=0.0, help="GPT attention dropout of variant A")
@@ -118,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     if args.model in ("gpt", "llama", "encoder"):
         x, y = torch.randint(0, 256, (8, 512), generator=g), torch.randint(0, 256, (8, 512), generator=g)
+    elif args.model == "decoder":  # latents -> images, a regression target
+        x, y = torch.randn(128, 64, 7, 7, generator=g), torch.randn(128, 1, 28, 28, generator=g)
     else:
         x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
     runs = {}
@@ -132,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             model = _llama(args.layers)
         elif args.model == "encoder":
             model = _encoder(args.layers)
+        elif args.model == "decoder":
+            model = _decoder()
         else:
             model = SmallCNN(in_ch=1, width=32, n_classes=10, blocks=2)
         if cfg is not None:
@@ -143,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         out = model(x)
         out = out.logits if hasattr(out, "logits") else out
-        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        if args.model == "decoder":
+            F.mse_loss(out, y).backward()
+        else:
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
         return time.perf_counter() - t0
