@@ -121,12 +121,13 @@ def _infer_addbmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha:
 
 
 def _infer_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                enable_gqa=False, *, spec: QSpec, mask_as_bias: bool = True) -> Tensor:
+                enable_gqa=False, *, spec: QSpec, mask_as_bias: bool = True,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     # fqt_sdpa's decomposition in eval (no dropout), on fake-quantized operands; mask_as_bias
     # is how the training graph applies a boolean or causal mask (sdpa="recompute" chooses it
     # per call): the same probabilities either way
     return sdpa_with(lambda a, b, which: _infer_matmul(a, b, spec=spec), query, key, value, attn_mask, 0.0,
-                     is_causal, scale, enable_gqa, mask_as_bias)
+                     is_causal, scale, enable_gqa, mask_as_bias, return_weights)
 
 
 def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True, recompute_id: int | None = None,
@@ -137,15 +138,13 @@ def _infer_mha(*args: Any, spec: QSpec, quantize_attention: bool = True, recompu
 
     def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, causal: bool,
                   need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        if quantize_attention or need_weights:
-            b = attn_spec if quantize_attention else None
-
-            def matmul(x: Tensor, y: Tensor, which: str) -> Tensor:
-                return _infer_matmul(x, y, spec=b) if b is not None else torch.matmul(x, y)
-
-            got = sdpa_with(matmul, q, k, v, mask, 0.0, causal, return_weights=need_weights)
-            return got if need_weights else (got, None)
-        return F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal), None
+        if quantize_attention:
+            got = _infer_sdpa(q, k, v, mask, 0.0, causal, spec=attn_spec, return_weights=need_weights)
+        elif need_weights:
+            got = sdpa_with(lambda a, b, which: torch.matmul(a, b), q, k, v, mask, 0.0, causal, return_weights=True)
+        else:
+            got = F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal)
+        return got if need_weights else (got, None)
 
     return mha_with(lambda x, w, b, which: _infer_linear(x, w, b, spec=spec), attention, *args, **kwargs)
 

@@ -446,7 +446,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
         return _match_mha(node)
 
     if node.op == "call_function" and target is torch.einsum:
-        return _match_einsum(gm, node, out_shape)
+        return _match_einsum(gm, node)
 
     if node.op == "call_function" and target is torch.tensordot:
         return _match_tensordot(gm, node)
@@ -488,11 +488,11 @@ def _match_tensordot(gm: fx.GraphModule, node: fx.Node) -> _Match:
     if equation is None:
         return _Match("tensordot", OpKind.MATMUL, None, False,
                       reason="tensordot whose dims or operand shapes are unknown is not covered")
-    m = _match_einsum(gm, node, None, equation=equation, operands=[a, b])
+    m = _match_einsum(gm, node, equation=equation, operands=[a, b])
     return dataclasses.replace(m, op="tensordot", reason=m.reason.replace("einsum", "tensordot (as einsum)", 1))
 
 
-def _match_einsum(gm: fx.GraphModule, node: fx.Node, out_shape: Any, *, equation: Any = None,
+def _match_einsum(gm: fx.GraphModule, node: fx.Node, *, equation: Any = None,
                   operands: list[Any] | None = None) -> _Match:
     """``torch.einsum`` of two operands that is one (batched) product (:func:`einsum_plan`):
     :func:`fqt_einsum`, with the operand that is a parameter (if one is) second, under the
