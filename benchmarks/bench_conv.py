@@ -8,9 +8,12 @@ inductor as the ``fqt`` backend does, in up to three variants:
 - ``im2col``: ``passes.lower_int_gemm`` with ``direct_conv=False`` -> channels-last im2col of
   the int8 codes, one ``torch._int_mm``, the float epilogue (scales, zero-point and padding
   corrections) and, for ``grad_input``, the col2im sum back to the input layout;
-- ``direct``: the default lowering where it applies (``output``, and ``grad_input`` at stride
-  1, on a CPU where ``gemm.conv_int8_available``): oneDNN's int8 convolution of the codes
+- ``direct``: the default lowering where it applies (``output`` and ``grad_input``, on a CPU
+  where ``gemm.conv_int8_available``): oneDNN's int8 convolution of the codes
   (``fqt::conv_int8``) and the same epilogue.
+
+A strided ``grad_input`` runs, in both lowered variants, as one stride-1 convolution per
+output phase (``lower_int_gemm._split_phases``), each an ``output`` GEMM lowered by its rule.
 
 All start from the same codes and give the same result (checked); the timings include
 everything each variant does. The rules in ``passes/lower_int_gemm.py`` are read off this
@@ -23,7 +26,7 @@ of the default config puts a scale on grad_weight's contracted axis, which stays
 The variants' calls are interleaved (medians of ``--reps`` rounds), with
 ``fqt_compile.keep_freed_memory()`` applied as in the training benchmarks.
 
-    python benchmarks/bench_conv.py [--reps 9] [--out PATH]
+    python benchmarks/bench_conv.py [--reps 9] [--strided] [--gemms grad_input] [--out PATH]
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ SHAPES = [  # (batch, in_ch, out_ch, side, kernel, stride, padding)
     (32, 64, 64, 56, 3, 1, 1),    # a ResNet stage-1 conv
     (32, 256, 256, 14, 3, 1, 1),  # a ResNet stage-3 conv
     (32, 256, 1024, 14, 1, 1, 0), # a 1x1 bottleneck conv
+    (32, 64, 128, 56, 3, 2, 1),   # a ResNet downsampling conv (stage 1 -> 2)
+    (32, 256, 512, 28, 1, 2, 0),  # a ResNet 1x1 stride-2 shortcut
+    (128, 32, 64, 28, 4, 2, 1),   # ab_config --model decoder's first ConvTranspose2d, as the conv it transposes
 ]
 
 
@@ -77,12 +83,13 @@ def _compiled(fn, args, lower: bool, direct: bool = False):
     return torch.compile(gm2, backend="inductor", dynamic=False), res
 
 
-def _default_kernel(fn, args) -> str:
-    """The kernel the default lowering (rules on, direct convolution allowed) picks."""
+def _default_kernel(fn, args, direct: bool = True) -> str:
+    """The kernel the default lowering (rules on, direct convolution allowed unless
+    ``direct`` is False) picks."""
     lower_mod.CONV_RULE = True
     try:
         gm = make_fx(fn, tracing_mode="fake")(*args)
-        return lower_int_gemm(gm, FQTConfig(), "bench").decisions[0].kernel
+        return lower_int_gemm(gm, FQTConfig(direct_conv=direct), "bench").decisions[0].kernel
     finally:
         lower_mod.CONV_RULE = False
 
@@ -91,6 +98,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conv.json"))
+    ap.add_argument("--strided", action="store_true", help="only the shapes with stride > 1")
+    ap.add_argument("--gemms", default="output,grad_input,grad_weight", help="comma-separated subset")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     fqt_compile.keep_freed_memory()  # as the training benchmarks: no page faults on each fresh output
@@ -100,6 +109,8 @@ def main(argv=None) -> int:
     print(f"{'B x C -> O, side, k, s':26s} {'gemm':12s} {'M x K x N':>20s} {'float ms':>9s} {'im2col ms':>10s} "
           f"{'ratio':>6s}  {'rule':5s} {'direct ms':>10s} {'ratio':>6s}  default")
     for b, c, o, side, k, s, p in SHAPES:
+        if args.strided and s == 1:
+            continue
         g = torch.Generator().manual_seed(0)
         x = torch.randn(b, c, side, side, generator=g)
         w = torch.randn(o, c, k, k, generator=g) * 0.1
@@ -120,13 +131,15 @@ def main(argv=None) -> int:
             "grad_weight": (lambda *t: fqt.qconv_grad_weight(*t, 8, 8, list(w.shape), *a, "bench:grad_weight"), (*gt, *xq)),
         }
         for gemm, (fn, inputs) in cases.items():
+            if gemm not in args.gemms.split(","):
+                continue
             torch._dynamo.reset()
             f_float, _ = _compiled(fn, inputs, lower=False)
             f_low, res = _compiled(fn, inputs, lower=True)
             f_dir, res_d = _compiled(fn, inputs, lower=True, direct=True)
             d = res.decisions[0]
-            if res_d.decisions[0].kernel != "fqt.conv_int8":
-                f_dir = None  # not applicable here (grad_weight, a strided grad_input, no VNNI)
+            if "fqt.conv_int8" not in res_d.decisions[0].kernel:
+                f_dir = None  # not applicable here (grad_weight, no VNNI)
             ref = f_float(*inputs)
             err = {}
             for name, f in (("im2col", f_low), ("direct", f_dir)):
@@ -145,13 +158,16 @@ def main(argv=None) -> int:
             rows.append(row)
             label = f"{b}x{c}->{o}, {side}, {k}, {s}"
             mkn = " x ".join(map(str, d.mkn))
-            rule = lower_mod._conv_rule(gemm, tuple(d.mkn), [s, s]) if len(d.mkn) == 3 else None
+            # a strided grad_input runs as its phases' stride-1 output GEMMs, each by its rule
+            rule = None if _default_kernel(fn, inputs, direct=False) != "simulated" else "float"
             row["rule_lowers"] = rule is None
-            if t_d is not None:
-                row["direct_rule_lowers"] = lower_mod._direct_rule(tuple(d.mkn)) is None
             kernel = _default_kernel(fn, inputs)
+            if t_d is not None:
+                row["direct_rule_lowers"] = "fqt.conv_int8" in kernel
             row["default_kernel"] = kernel
-            default = {"fqt.conv_int8": "direct", "simulated": "float"}.get(kernel, "im2col")
+            phases = kernel.startswith("phases+")
+            default = {"fqt.conv_int8": "direct", "simulated": "float"}.get(kernel.removeprefix("phases+"), "im2col")
+            default += " (phases)" if phases else ""
             direct = f"{t_d * 1e3:10.2f} {t_d / t_f:6.2f}" if t_d is not None else f"{'':10s} {'':6s}"
             print(f"{label:26s} {gemm:12s} {mkn:>20s} {t_f * 1e3:9.2f} {t_l * 1e3:10.2f} {t_l / t_f:6.2f}  "
                   f"{'lower' if rule is None else 'float':5s} {direct}  {default}", flush=True)

@@ -255,6 +255,12 @@ class FQTConfig:
     #: instead of im2col + an integer GEMM; the same integer sums and epilogue. False: im2col
     #: under the measured rule (docs/performance.md, Convolutions)
     direct_conv: bool = True
+    #: where the GEMMs are lowered: a strided convolution's grad_input (so also a strided
+    #: transposed convolution's output) runs as one stride-1 convolution per output phase of
+    #: the input (s^dims of them, on the gradient as it is), each an output GEMM under the
+    #: rules above, where every phase's rule lowers it. False: the zero-dilated gradient
+    #: (im2col), which the measured rule keeps float (docs/performance.md, Convolutions)
+    conv_phases: bool = True
     #: recompute a quantized linear layer's output and the activation after it in the backward
     #: (from the int8 codes of the layer's input and weight) instead of saving the activation's
     #: float input: GELU, SiLU, an activation written out as elementwise ops (HF GPT-2's
@@ -316,7 +322,7 @@ class FQTConfig:
             if not isinstance(o, Override):
                 raise TypeError(f"FQTConfig.overrides must hold Override objects, got {o!r}")
         object.__setattr__(self, "overrides", overrides)
-        for name in ("lower_int_gemm", "direct_conv", "recompute_mlp", "fuse_softmax", "fuse_gelu", "fuse_quantizers",
+        for name in ("lower_int_gemm", "direct_conv", "conv_phases", "recompute_mlp", "fuse_softmax", "fuse_gelu", "fuse_quantizers",
                      "counter_dropout"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FQTConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -37,6 +37,8 @@ own (``_direct_rule``: from 32 channels; ``FQTConfig.direct_conv``).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import math
 import operator
@@ -162,7 +164,10 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
     result = LowerResult()
     graph = gm.graph
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
-    conv_note: dict[fx.Node, tuple[GemmDecision, dict[str, Any]]] = {}
+    # qmm node of a lowered convolution -> (its decision, its sums, the decision of the
+    # strided grad_input it is one phase of, or None)
+    conv_note: dict[fx.Node, tuple[GemmDecision, dict[str, Any], GemmDecision | None]] = {}
+    phase_of: dict[int, tuple[int, list[GemmDecision], list[int]]] = {}  # id of such a grad_input's -> (count, phases lowered)
     for node in list(graph.nodes):
         gemm_kind = _QCONV_GEMM.get(node.target) if node.op == "call_function" else None
         if gemm_kind is None:
@@ -174,13 +179,27 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
         module, _, gemm = tag.rpartition(":")
         transposed = module.endswith(TRANSPOSED)
         reason, mkn, direct = _conv_why_not(node, cfg, gemm_kind, transposed)
+        phases: list[tuple[fx.Node, bool]] = []
+        stride = list(_conv_args(node).stride)
+        if reason is None and cfg.conv_phases and _phased(gemm_kind, _conv_args(node)):
+            try:
+                phases, reason = _split_phases(node, graph, fake_mode, cfg)
+            except Exception as e:
+                raise RuntimeError(f"fqt lower_int_gemm failed on node {node.format_node()}: {e}") from e
         if reason is not None and transposed:
             reason += f" (a transposed convolution's {gemm} GEMM, run as a convolution's {gemm_kind} GEMM)"
         d = GemmDecision(tag, module, gemm or gemm_kind, False, reason or "", "simulated", mkn, node.name)
         if reason is None:
             try:
-                mm, sums = _lower_conv(node, graph, fake_mode, gemm_kind, direct)
-                conv_note[mm] = (d, sums)
+                if phases:  # one output GEMM per phase, each lowered as its own; d gathers them
+                    phase_of[id(d)] = (len(phases), [], stride)
+                    shifted: dict[fx.Node, fx.Node] = {}  # the gradient's uint8 copy, made once
+                    for sub, sub_direct in phases:
+                        mm, sums = _lower_conv(sub, graph, fake_mode, "output", sub_direct, shifted)
+                        conv_note[mm] = (dataclasses.replace(d), sums, d)
+                else:
+                    mm, sums = _lower_conv(node, graph, fake_mode, gemm_kind, direct)
+                    conv_note[mm] = (d, sums, None)
             except Exception as e:
                 raise RuntimeError(f"fqt lower_int_gemm failed on node {node.format_node()}: {e}") from e
         else:
@@ -190,14 +209,21 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
         if node.op != "call_function" or node.target is not torch.ops.fqt.qmm.default:
             continue
         if node in conv_note:  # the GEMM of a lowered convolution (im2col)
-            d, sums = conv_note[node]
+            d, sums, whole = conv_note[node]
             _lower(node, graph, fake_mode, d, sums, conv=True)
             if d.kernel == "fqt.conv_int8":
                 d.reason = "lowered (direct int8 convolution, oneDNN)"
             else:
                 d.reason = "lowered (im2col)" if d.reason == "lowered" else d.reason.replace("lowered (", "lowered (im2col; ", 1)
                 d.kernel = "im2col+" + d.kernel
-            result.decisions.append(d)
+            if whole is None:
+                result.decisions.append(d)
+                continue
+            count, done, stride = phase_of[id(whole)]
+            done.append(d)
+            if len(done) == count:
+                _gather_phases(whole, done, stride)
+                result.decisions.append(whole)
             continue
         tag = node.args[8]
         module, _, gemm = tag.rpartition(":")
@@ -425,6 +451,8 @@ def _conv_why_not(node: fx.Node, cfg: FQTConfig, gemm: str,
                 if gemm == "grad_weight" and role == "gradient (Q_b2)":
                     why += "; a conv's grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers"
                 return why, mkn, False
+    if cfg.conv_phases and _phased(gemm, c):  # each phase is decided as the output GEMM it runs as (_split_phases)
+        return None, mkn, False
     if cfg.direct_conv and _direct_conv(gemm, c, vb, mkn[1]):
         why = _direct_rule(mkn) if CONV_RULE else None
         # a 1x1 kernel's grad_input columns are the gradient itself (no copy to pay for):
@@ -564,14 +592,21 @@ class _ConvEmitter:
         t = e(aten.permute.default, self.as4d(t), [0, 2, 3, 1])
         return e(aten.reshape.default, e(aten.expand.default, t, [self.B, self.Ho, self.Wo, 1]), [self.B * self.L, 1])
 
-    def direct(self, x4d: fx.Node, w4d: fx.Node, stride: list[int], padding: list[int], n: int) -> fx.Node:
+    def direct(self, x4d: fx.Node, w4d: fx.Node, stride: list[int], padding: list[int], n: int,
+               shifted: dict[fx.Node, fx.Node] | None = None) -> fx.Node:
         """``fqt::conv_int8`` of 4-D codes, as the (B*L, n) float32 product the im2col GEMM
         would give: its (B, Ho, Wo, n) result viewed as rows (b, ho, wo). The input goes in
         as ``gemm.shift_codes`` does it (codes + 128, uint8, channels last), a copy inductor
-        fuses into the kernel that makes the codes."""
+        fuses into the kernel that makes the codes. ``shifted``: such copies already made,
+        by codes node (a strided grad_input's phases share the gradient's)."""
         e = self.e
-        u = e(_convert, e(aten.add.Tensor, e(_convert, x4d, torch.int16), 128), torch.uint8)
-        u = e(aten.clone.default, e(aten.permute.default, u, [0, 2, 3, 1]), memory_format=torch.contiguous_format)
+        key = x4d.args[0] if self.one_d else x4d
+        u = (shifted or {}).get(key)
+        if u is None:
+            u = e(_convert, e(aten.add.Tensor, e(_convert, x4d, torch.int16), 128), torch.uint8)
+            u = e(aten.clone.default, e(aten.permute.default, u, [0, 2, 3, 1]), memory_format=torch.contiguous_format)
+            if shifted is not None:
+                shifted[key] = u
         out = e(torch.ops.fqt.conv_int8.default, u, w4d, stride, padding, [self.dh, self.dw])
         return e(aten.reshape.default, out, [self.B * self.L, n])
 
@@ -587,12 +622,14 @@ def _per_sample(e: Emitter, t: fx.Node, batch: int) -> fx.Node:
     return t if _val(t).dim() == 0 else e(aten.reshape.default, t, [batch, 1, 1])
 
 
-def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direct: bool) -> tuple[fx.Node, dict[str, Any]]:
+def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direct: bool,
+                shifted: dict[fx.Node, fx.Node] | None = None) -> tuple[fx.Node, dict[str, Any]]:
     """Replace a qconv node by im2col + a new fqt::qmm node (+ corrections); returns the qmm
     node (lowered afterwards like any other) and the row/column sums its epilogue can use
     (emitted before the qmm node, which they feed). ``direct``: ``sums["direct"]`` is the
     ``fqt::conv_int8`` of the codes, the same numbers as the qmm's integer product, which
-    ``_lower`` then takes instead of a GEMM of the columns (left dead)."""
+    ``_lower`` then takes instead of a GEMM of the columns (left dead); ``shifted``: see
+    ``_ConvEmitter.direct``."""
     c = _conv_args(node)
     f32 = torch.float32
     qmm = torch.ops.fqt.qmm.default
@@ -610,7 +647,7 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direc
             sums = {"a_rows": ce.cols_rowsum(x4)}
             if direct:
                 pt, _, pl, _ = ce.pads
-                sums["direct"] = ce.direct(x4, ce.as4d(w[0]), [ce.sh, ce.sw], [pt, pl], ce.O)
+                sums["direct"] = ce.direct(x4, ce.as4d(w[0]), [ce.sh, ce.sw], [pt, pl], ce.O, shifted)
             a_off = _zero(e, x[2]) if fix else ce.pos_rows(x[2])
             mm = e(qmm, cols, ce.pos_rows(x[1]), a_off, wt, ws, wo, c.a_bits, c.b_bits, c.tag)
             out = mm
@@ -701,6 +738,124 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direc
     node.replace_all_uses_with(result)
     graph.erase_node(node)
     return mm, sums
+
+
+# A strided convolution's grad_input, split by output phase. With stride s and dilation 1 along
+# a dim, input position h, padded position h + p = s*t + r, receives only the kernel taps
+# i = r + s*m: dX[h] = sum_m G[t - m] W[r + s*m]. The positions h = s*t' + r' of one phase r'
+# (r = (r' + p) % s, t = t' + (r' + p) // s) are a stride-1 convolution of G with the flipped
+# taps W[r::s][::-1], on G as it is (no zeros inserted): s^dims of them with the work of one.
+# They are output GEMMs (fqt::qconv, stride 1), decided and lowered as such (a phase that no
+# tap reaches is zeros), and their results interleave back into the input's positions.
+
+
+def _phased(gemm: str, c: _ConvArgs) -> bool:
+    """Whether this conv GEMM runs as its phases' stride-1 convolutions: a ``grad_input``
+    with a stride > 1 along some dim and dilation 1 along every strided dim."""
+    return (gemm == "grad_input" and any(s != 1 for s in c.stride)
+            and all(s == 1 or d == 1 for s, d in zip(c.stride, c.dilation)))
+
+
+def _flip(e: Emitter, t: fx.Node, dims: list[int]) -> fx.Node:
+    """``t`` reversed along ``dims`` (unit slices concatenated: inductor has no flip here)."""
+    for dim in dims:
+        n = _val(t).shape[dim]
+        if n > 1:
+            t = e(aten.cat.default, [e(aten.slice.Tensor, t, dim, i, i + 1) for i in reversed(range(n))], dim)
+    return t
+
+
+def _split_phases(node: fx.Node, graph: fx.Graph, fake_mode: Any,
+                  cfg: FQTConfig) -> tuple[list[tuple[fx.Node, bool]], str | None]:
+    """Replace a strided ``qconv_grad_input`` node by one stride-1 ``fqt::qconv`` per output
+    phase (see above) and their interleaving. Returns the phase nodes, each with whether it
+    lowers as the direct int8 convolution, and None; or, when a phase would not lower by its
+    own rule, no nodes and why, with the graph left as it was."""
+    c = _conv_args(node)
+    g, w = c.a, c.b
+    vg, vw = _val(g[0]), _val(w[0])
+    x_shape = [int(v) for v in (c.shape or ())]
+    B, C, sizes = x_shape[0], x_shape[1], x_shape[2:]
+    ks, g_sizes, nd = [int(k) for k in vw.shape[2:]], [int(v) for v in vg.shape[2:]], vw.dim() - 2
+    before = set(graph.nodes)
+    # along each dim, input position h = s*t' + r' (t' < ceil(n / s)) is padded position
+    # h + p = s*t + r with kernel-tap residue r = (r' + p) % s and t = t' + (r' + p) // s
+    spans = [-(-n // s) for s, n in zip(c.stride, sizes)]
+    phases: list[tuple[tuple[int, ...], fx.Node]] = []
+    ys: dict[tuple[int, ...], fx.Node] = {}
+    with graph.inserting_before(node):
+        e = Emitter(graph, fake_mode)
+        # the weight's scale: () or per in-channel, which is the phases' out-channel (dim 0)
+        ws, wo = (t if _val(t).numel() == 1 else e(aten.reshape.default, t, [C] + [1] * (nd + 1)) for t in w[1:])
+        for r in itertools.product(*(range(s) for s in c.stride)):
+            res = [(ri + p) % s for ri, s, p in zip(r, c.stride, c.padding)]
+            tlos = [(ri + p) // s for ri, s, p in zip(r, c.stride, c.padding)]
+            taps = [len(range(rr, k, s)) for rr, k, s in zip(res, ks, c.stride)]
+            if 0 in taps:  # a kernel narrower than its stride: no tap reaches this phase
+                ys[r] = e(aten.full.default, [B, *spans, C], 0.0, dtype=torch.float32, device=vg.device)
+                continue
+            sub_w = w[0]
+            for i, (rr, k, s) in enumerate(zip(res, ks, c.stride)):
+                if s != 1:
+                    sub_w = e(aten.slice.Tensor, sub_w, 2 + i, rr, k, s)
+            sub_w = e(aten.permute.default, _flip(e, sub_w, list(range(2, 2 + nd))), [1, 0, *range(2, 2 + nd)])
+            sub_w = e(aten.clone.default, sub_w, memory_format=torch.contiguous_format)  # (C, O, *taps)
+            pads, crop = [], []
+            for tlo, span, m, d, ho in zip(tlos, spans, taps, c.dilation, g_sizes):
+                # output u of the padded stride-1 convolution is t = u + reach - pad; t runs to
+                # tlo + span - 1, and past ho - 1 + reach every t is zero
+                reach = d * (m - 1)
+                pad = max(0, reach - tlo, min(reach, tlo + span - ho))
+                u0, length = tlo - (reach - pad), ho + 2 * pad - reach
+                pads.append(pad)
+                crop.append((-u0, span - (length - u0)))  # keep [u0, u0 + span), zeros past the end
+            sub = e(torch.ops.fqt.qconv.default, g[0], g[1], g[2], sub_w, ws, wo, c.a_bits, c.b_bits,
+                    [1] * nd, pads, list(c.dilation), 1, c.tag)
+            phases.append((r, sub))
+            # channels last (the lowered phase's rows: its NCHW result is a view of them), cropped
+            y = e(aten.permute.default, sub, [0, *range(2, 2 + nd), 1])
+            pad_arg = [0, 0] + [v for lr in reversed(crop) for v in lr]
+            ys[r] = e(aten.constant_pad_nd.default, y, pad_arg, 0.0) if any(pad_arg) else y
+
+        def stack(pieces: list[fx.Node], dim: int) -> fx.Node:
+            us = [e(aten.unsqueeze.default, p, dim) for p in pieces]
+            return us[0] if len(us) == 1 else e(aten.cat.default, us, dim)
+
+        # interleave channels last, whole channel rows at a time: (B, T, C) x s -> (B, T, s, C);
+        # (B, Th, Tw, C) x sh x sw -> (B, Th, sh, Tw, sw, C); then one transposing copy to NCHW
+        if nd == 1:
+            z = stack([ys[(r,)] for r in range(c.stride[0])], 2)
+        else:
+            sh, sw = c.stride
+            z = stack([stack([ys[(rh, rw)] for rw in range(sw)], 3) for rh in range(sh)], 2)
+        z = e(aten.reshape.default, z, [B, *(span * s for span, s in zip(spans, c.stride)), C])
+        pad_arg = [0, 0] + [v for span, s, n in reversed(list(zip(spans, c.stride, sizes))) for v in (0, n - span * s)]
+        z = e(aten.constant_pad_nd.default, z, pad_arg, 0.0) if any(pad_arg) else z  # the tail past n
+        z = e(aten.permute.default, z, [0, nd + 1, *range(1, nd + 1)])
+        result = e(aten.clone.default, z, memory_format=torch.contiguous_format)
+    assert list(_val(result).shape) == x_shape, (list(_val(result).shape), x_shape)
+    out = []
+    for r, sub in phases:
+        why, mkn, direct = _conv_why_not(sub, cfg, "output")
+        if why is not None:
+            for n in reversed(list(graph.nodes)):
+                if n not in before:
+                    graph.erase_node(n)
+            shape = " x ".join(map(str, mkn))
+            return [], (f"convolution: stride {list(c.stride)}, run as {len(ys)} stride-1 phase convolutions, of which "
+                        f"phase {list(r)} ({shape}) would not lower: {why.removeprefix('convolution: ')}")
+        out.append((sub, direct))
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
+    return out, None
+
+
+def _gather_phases(whole: GemmDecision, phases: list[GemmDecision], stride: list[int]) -> None:
+    """The decision of a strided grad_input from those of its lowered phases."""
+    whole.lowered = True
+    whole.kernel = "phases+" + "|".join(sorted({d.kernel for d in phases}))
+    how = "; ".join(sorted({d.reason.removeprefix("lowered (").removesuffix(")") for d in phases}))
+    whole.reason = f"lowered (stride {stride}: {len(phases)} stride-1 phase convolutions; {how})"
 
 
 def _unflattened(n: fx.Node) -> fx.Node:

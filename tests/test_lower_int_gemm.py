@@ -176,9 +176,10 @@ def test_conv_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, fwd
         # grad_input: per-sample / per-tensor Q_b1 (BHQ: its inverse mixes samples, which the
         # per-sample transposed convolution commutes with); per-column scales the out-channels
         assert got["grad_input"].lowered == (gi_kind != "column"), name
-        if got["grad_input"].lowered:  # the direct one needs stride 1 (no zero-dilated gradient)
-            one = direct and name in ("1d_dilated", "1x1")
-            assert got["grad_input"].kernel == ("fqt.conv_int8" if one else CPU_CONV_INT_MM), name
+        if got["grad_input"].lowered:  # a strided one runs as its phases' stride-1 output GEMMs
+            kernel = "fqt.conv_int8" if direct else CPU_CONV_INT_MM
+            strided = name in ("2d_s2_tail", "2d_asym")
+            assert got["grad_input"].kernel == ("phases+" if strided else "") + kernel, name
         # grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers
         assert got["grad_weight"].lowered == (gw_kind == "ptq"), name
         for d in got.values():
@@ -223,6 +224,71 @@ def test_conv_transpose_lowered_equals_simulated_with_the_same_draws(gi_kind, gw
             assert d.lowered or ("contracted axis" in d.reason and "transposed convolution" in d.reason), d.reason
 
 
+STRIDED = {  # name: (module, input shape, phases with kernel taps)
+    "k3_s2_tail": (lambda: nn.Conv2d(8, 6, 3, padding=1, stride=2), (3, 8, 10, 10), 4),
+    "k2_s3": (lambda: nn.Conv2d(8, 6, 2, stride=3), (3, 8, 11, 10), 4),  # 5 of 9 phases get no tap
+    "k4_s2_p3": (lambda: nn.Conv2d(8, 6, 4, padding=3, stride=2), (3, 8, 9, 12), 4),  # padding past the taps
+    "1d_k5_s2": (lambda: nn.Conv1d(8, 6, 5, padding=2, stride=2), (3, 8, 13), 2),
+    "s13_dil21": (lambda: nn.Conv2d(8, 6, 3, padding=(2, 1), stride=(1, 3), dilation=(2, 1)), (3, 8, 9, 13), 3),
+    "1x1_s2": (lambda: nn.Conv2d(8, 6, 1, stride=2), (3, 8, 9, 9), 1),
+    "transposed_outpad": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1), (3, 8, 5, 5), 4),
+}
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["im2col", "direct"])
+def test_strided_grad_input_runs_as_its_phase_convolutions(direct, monkeypatch):
+    """A strided grad_input (and so a strided transposed convolution's output) runs as one
+    stride-1 output GEMM per output phase of the input, on the gradient as it is (no zeros
+    inserted): each phase's integer convolution is in the graph, none of the zero-dilated
+    kind, and the result equals the simulated one from the same draws (tolerance as above)
+    over tails, kernels narrower than the stride, padding past the taps, 1-D, a stride along
+    one dim with dilation along the other, and output_padding."""
+    import fqt_compile.passes.lower_int_gemm as lig
+
+    if direct and not CONV_DIRECT:
+        pytest.skip("oneDNN's int8 convolution is not exact on this CPU (gemm.conv_int8_available)")
+    monkeypatch.setattr(lig, "CONV_RULE", False)  # these small shapes lower (the rule: below)
+    cfg = FQTConfig(grad_input=GradSpec("psq", 8), grad_weight=GradSpec("ptq", 8), compiler="eager", direct_conv=direct)
+    kernel = "fqt.conv_int8" if direct else CPU_CONV_INT_MM
+    for name, (make, shape, n_phases) in STRIDED.items():
+        torch.manual_seed(0)
+        base, x = make(), torch.randn(*shape, requires_grad=True)
+        rec, _ = _lowered_vs_simulated(base, x, cfg, name)
+        transposed = isinstance(base, nn.ConvTranspose2d)
+        kind = "forward" if transposed else "backward"
+        (d,) = [d for d in _lowering(rec, kind).decisions if d.gemm == ("output" if transposed else "grad_input")]
+        assert d.lowered and d.kernel == "phases+" + kernel, (name, d.kernel, d.reason)
+        assert f"{n_phases} stride-1 phase convolutions" in d.reason, (name, d.reason)
+        gm = getattr(rec, kind)
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert torch.ops.fqt.qconv_grad_input.default not in targets, name
+        int_convs = targets.count(torch.ops.fqt.conv_int8.default) + targets.count(torch.ops.fqt.mm_int8.default)
+        # the phases, plus the graph's other lowered conv GEMM (grad_weight; the transposed
+        # convolution's forward has only its output)
+        assert int_convs == n_phases + (0 if transposed else 1), (name, int_convs)
+
+
+def test_strided_grad_input_phases_follow_the_rule():
+    """With the measured rules on, a strided grad_input lowers when every phase lowers by the
+    output GEMM's rule (64 channels), and otherwise stays the float convolution with the reason
+    naming the phase that would not lower, its graph as it was (16 channels: N = 16)."""
+    cfg = FQTConfig(grad_input=GradSpec("psq", 8), grad_weight=GradSpec("ptq", 8), compiler="eager")
+    for ch, lowers in ((64, True), (16, False)):
+        torch.manual_seed(0)
+        base, x = nn.Conv2d(ch, ch, 3, padding=1, stride=2), torch.randn(2, ch, 8, 8, requires_grad=True)
+        rec, _ = _lowered_vs_simulated(base, x, cfg, f"{ch} channels")
+        (d,) = [d for d in _lowering(rec, "backward").decisions if d.gemm == "grad_input"]
+        assert d.lowered == lowers, (ch, d.reason)
+        targets = [n.target for n in rec.backward.graph.nodes if n.op == "call_function"]
+        assert targets.count(torch.ops.fqt.qconv_grad_input.default) == (0 if lowers else 1)
+        assert torch.ops.fqt.qconv.default not in targets  # no phase left behind
+        if lowers:
+            assert d.kernel.startswith("phases+") and "4 stride-1 phase convolutions" in d.reason, d.reason
+        else:
+            assert "run as 4 stride-1 phase convolutions, of which phase [0, 0]" in d.reason, d.reason
+            assert "N=16 <" in d.reason, d.reason
+
+
 def test_conv_rule_follows_the_measurements():
     """benchmarks/bench_conv.py (benchmarks/results/conv.json): the rule lowers exactly the
     GEMMs it measured faster, and keeps the float convolution where it measured a loss."""
@@ -234,7 +300,7 @@ def test_conv_rule_follows_the_measurements():
     assert lowers("output", (25088, 288, 64))  # stride-2, 64 channels: 0.57x
     assert not lowers("output", (100352, 576, 64))  # 56 MiB of columns at N = 64: 1.0-1.4x
     assert lowers("output", (6272, 2304, 256)) and lowers("output", (6272, 256, 1024))
-    assert not lowers("grad_input", (25088, 576, 32), stride=2)  # zero-dilated gradient: 3.9x
+    assert not lowers("grad_input", (25088, 576, 32), stride=2)  # zero-dilated gradient: 3.9x (now phases)
     assert lowers("grad_input", (6272, 2304, 256))
     assert not lowers("grad_weight", (8, 100352, 72)) and not lowers("grad_weight", (32, 100352, 9))
     assert lowers("grad_weight", (32, 100352, 288))
