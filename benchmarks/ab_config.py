@@ -22,6 +22,9 @@ unmasked ``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer`` (d 1024, 16
 MLP 4096, pre-norm, dropout 0) between a token embedding and a per-token classifier, on the
 same batch. ``--model decoder``: a convolutional decoder with two stride-2
 ``nn.ConvTranspose2d`` (:func:`_decoder`), batch 128, mean squared error to a random target.
+``--model resnet``: ResNet-18's 64 -> 128 and 128 -> 256 downsampling blocks on (32, 64, 56, 56)
+features that require grad (as an earlier layer's output would), a pooled 10-way classifier
+(:func:`_resnet`).
 ``--scaled-softmax-unmatched a`` (or ``b``): that variant compiles with
 ``passes.fuse_softmax`` blind to inductor's rewrite of a scaled softmax, as it was before it
 learned that form (an unmasked attention's forward softmax then stays unfused under
@@ -83,6 +86,31 @@ def _decoder() -> torch.nn.Module:
                          nn.Conv2d(16, 1, 3, padding=1))
 
 
+class _DownBlock(torch.nn.Module):
+    """A ResNet basic block that halves the resolution: a 3 x 3 stride-2 convolution, batch norm,
+    ReLU, a 3 x 3 convolution, batch norm, plus a 1 x 1 stride-2 shortcut with batch norm."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.short, self.bn_s = nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + self.bn_s(self.short(x)))
+
+
+def _resnet() -> torch.nn.Module:
+    """ResNet-18's two middle stage transitions at batch 32: (32, 64, 56, 56) features through
+    a 64 -> 128 and a 128 -> 256 downsampling block (:class:`_DownBlock`), then global average
+    pooling and a 10-way classifier."""
+    nn = torch.nn
+    return nn.Sequential(_DownBlock(64, 128), _DownBlock(128, 256), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(256, 10))
+
+
 @contextlib.contextmanager
 def _scaled_softmax_unmatched(on: bool) -> Iterator[None]:
     """While ``on``: fuse_softmax matches a softmax only in the forms it knew before it matched
@@ -111,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", default="FQTConfig()", help="FQTConfig expression of variant A")
     ap.add_argument("--b", default="FQTConfig()", help="FQTConfig expression of variant B")
-    ap.add_argument("--model", choices=("gpt", "cnn", "llama", "encoder", "decoder"), default="gpt")
+    ap.add_argument("--model", choices=("gpt", "cnn", "llama", "encoder", "decoder", "resnet"), default="gpt")
     ap.add_argument("--layers", type=int, default=1, help="GPT or Llama blocks")
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each variant")
     ap.add_argument("--dropout-a", type=float, default=0.0, help="GPT attention dropout of variant A")
@@ -132,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         x, y = torch.randint(0, 256, (8, 512), generator=g), torch.randint(0, 256, (8, 512), generator=g)
     elif args.model == "decoder":  # latents -> images, a regression target
         x, y = torch.randn(128, 64, 7, 7, generator=g), torch.randn(128, 1, 28, 28, generator=g)
+    elif args.model == "resnet":  # stage-1 features -> classes
+        x, y = torch.randn(32, 64, 56, 56, generator=g), torch.randint(0, 10, (32,), generator=g)
+        x.requires_grad_(True)  # features of earlier layers: the first block's grad_input GEMMs run
     else:
         x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
     runs = {}
@@ -148,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             model = _encoder(args.layers)
         elif args.model == "decoder":
             model = _decoder()
+        elif args.model == "resnet":
+            model = _resnet()
         else:
             model = SmallCNN(in_ch=1, width=32, n_classes=10, blocks=2)
         if cfg is not None:

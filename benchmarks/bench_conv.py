@@ -58,7 +58,7 @@ SHAPES = [  # (batch, in_ch, out_ch, side, kernel, stride, padding)
     (32, 256, 1024, 14, 1, 1, 0), # a 1x1 bottleneck conv
     (32, 64, 128, 56, 3, 2, 1),   # a ResNet downsampling conv (stage 1 -> 2)
     (32, 256, 512, 28, 1, 2, 0),  # a ResNet 1x1 stride-2 shortcut
-    (128, 32, 64, 28, 4, 2, 1),   # ab_config --model decoder's first ConvTranspose2d, as the conv it transposes
+    (128, 32, 64, 14, 4, 2, 1),   # ab_config --model decoder's first ConvTranspose2d, as the conv it transposes
 ]
 
 

@@ -749,6 +749,16 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direc
 # tap reaches is zeros), and their results interleave back into the input's positions.
 
 
+# Each phase lowers by its output GEMM's rule, and the phases together only where they are
+# large enough to repay their fixed costs (one weight prepacking and one epilogue each, and the
+# interleaving copy). Measured (docs/performance.md, Strided grad_input): alone
+# (benchmarks/bench_conv.py --strided), 67M multiply-adds per phase lost (1.07x the float
+# convolution: 32 -> 64 channels, 14 x 14, kernel 4) and 127M won (0.82-0.95x), but in the
+# step of SmallCNN, whose stride-2 convolution that is, the phases lost (1.02-1.03x the step,
+# three A/B runs); ResNet-18's downsampling blocks (205M-462M per phase) gained (0.95x the step).
+_PHASE_MIN_MACS = 150 * 10**6
+
+
 def _phased(gemm: str, c: _ConvArgs) -> bool:
     """Whether this conv GEMM runs as its phases' stride-1 convolutions: a ``grad_input``
     with a stride > 1 along some dim and dilation 1 along every strided dim."""
@@ -781,7 +791,7 @@ def _split_phases(node: fx.Node, graph: fx.Graph, fake_mode: Any,
     # along each dim, input position h = s*t' + r' (t' < ceil(n / s)) is padded position
     # h + p = s*t + r with kernel-tap residue r = (r' + p) % s and t = t' + (r' + p) // s
     spans = [-(-n // s) for s, n in zip(c.stride, sizes)]
-    phases: list[tuple[tuple[int, ...], fx.Node]] = []
+    phases: list[tuple[tuple[int, ...], fx.Node, list[int]]] = []
     ys: dict[tuple[int, ...], fx.Node] = {}
     with graph.inserting_before(node):
         e = Emitter(graph, fake_mode)
@@ -811,7 +821,7 @@ def _split_phases(node: fx.Node, graph: fx.Graph, fake_mode: Any,
                 crop.append((-u0, span - (length - u0)))  # keep [u0, u0 + span), zeros past the end
             sub = e(torch.ops.fqt.qconv.default, g[0], g[1], g[2], sub_w, ws, wo, c.a_bits, c.b_bits,
                     [1] * nd, pads, list(c.dilation), 1, c.tag)
-            phases.append((r, sub))
+            phases.append((r, sub, taps))
             # channels last (the lowered phase's rows: its NCHW result is a view of them), cropped
             y = e(aten.permute.default, sub, [0, *range(2, 2 + nd), 1])
             pad_arg = [0, 0] + [v for lr in reversed(crop) for v in lr]
@@ -834,20 +844,35 @@ def _split_phases(node: fx.Node, graph: fx.Graph, fake_mode: Any,
         z = e(aten.permute.default, z, [0, nd + 1, *range(1, nd + 1)])
         result = e(aten.clone.default, z, memory_format=torch.contiguous_format)
     assert list(_val(result).shape) == x_shape, (list(_val(result).shape), x_shape)
-    out = []
-    for r, sub in phases:
-        why, mkn, direct = _conv_why_not(sub, cfg, "output")
-        if why is not None:
-            for n in reversed(list(graph.nodes)):
-                if n not in before:
-                    graph.erase_node(n)
+    out, why, macs = [], None, 0
+    head = f"convolution: stride {list(c.stride)}, run as {_phase_count(len(phases))}"
+    one_by_one = all(m == 1 for _, _, taps in phases for m in taps)  # a strided 1 x 1 kernel
+    for r, sub, _ in phases:
+        sub_why, mkn, direct = _conv_why_not(sub, cfg, "output")
+        if direct and one_by_one and CONV_RULE and _conv_rule("output", mkn, [1]) is None:
+            direct = False  # its columns are the gradient itself: im2col, as for 1 x 1 kernels (measured)
+        macs += math.prod(mkn)
+        if sub_why is not None:
             shape = " x ".join(map(str, mkn))
-            return [], (f"convolution: stride {list(c.stride)}, run as {len(ys)} stride-1 phase convolutions, of which "
-                        f"phase {list(r)} ({shape}) would not lower: {why.removeprefix('convolution: ')}")
+            why = f"{head}, of which phase {list(r)} ({shape}) would not lower: {sub_why.removeprefix('convolution: ')}"
+            break
         out.append((sub, direct))
+    if why is None and CONV_RULE and macs < _PHASE_MIN_MACS * len(phases):
+        why = (f"{head} of {macs / len(phases) / 1e6:.0f}M multiply-adds each on average (< "
+               f"{_PHASE_MIN_MACS / 1e6:.0f}M), where their fixed costs measured slower than the float convolution "
+               "(benchmarks/bench_conv.py)")
+    if why is not None:
+        for n in reversed(list(graph.nodes)):
+            if n not in before:
+                graph.erase_node(n)
+        return [], why
     node.replace_all_uses_with(result)
     graph.erase_node(node)
     return out, None
+
+
+def _phase_count(n: int) -> str:
+    return f"{n} stride-1 phase convolution{'' if n == 1 else 's'}"
 
 
 def _gather_phases(whole: GemmDecision, phases: list[GemmDecision], stride: list[int]) -> None:
@@ -855,7 +880,7 @@ def _gather_phases(whole: GemmDecision, phases: list[GemmDecision], stride: list
     whole.lowered = True
     whole.kernel = "phases+" + "|".join(sorted({d.kernel for d in phases}))
     how = "; ".join(sorted({d.reason.removeprefix("lowered (").removesuffix(")") for d in phases}))
-    whole.reason = f"lowered (stride {stride}: {len(phases)} stride-1 phase convolutions; {how})"
+    whole.reason = f"lowered (stride {stride}: {_phase_count(len(phases))}; {how})"
 
 
 def _unflattened(n: fx.Node) -> fx.Node:

@@ -258,7 +258,7 @@ def test_strided_grad_input_runs_as_its_phase_convolutions(direct, monkeypatch):
         kind = "forward" if transposed else "backward"
         (d,) = [d for d in _lowering(rec, kind).decisions if d.gemm == ("output" if transposed else "grad_input")]
         assert d.lowered and d.kernel == "phases+" + kernel, (name, d.kernel, d.reason)
-        assert f"{n_phases} stride-1 phase convolutions" in d.reason, (name, d.reason)
+        assert f"{n_phases} stride-1 phase convolution" in d.reason, (name, d.reason)
         gm = getattr(rec, kind)
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         assert torch.ops.fqt.qconv_grad_input.default not in targets, name
@@ -269,24 +269,34 @@ def test_strided_grad_input_runs_as_its_phase_convolutions(direct, monkeypatch):
 
 
 def test_strided_grad_input_phases_follow_the_rule():
-    """With the measured rules on, a strided grad_input lowers when every phase lowers by the
-    output GEMM's rule (64 channels), and otherwise stays the float convolution with the reason
-    naming the phase that would not lower, its graph as it was (16 channels: N = 16)."""
+    """With the measured rules on, a strided grad_input lowers as its phases when every phase
+    lowers by the output GEMM's rule and the phases are large enough to repay their fixed
+    costs (64 channels, 32 x 64 x 64 inputs: 315M multiply-adds per phase); otherwise it stays
+    the float convolution, its graph as it was, and the reason names the phase that would not
+    lower (16 channels: N = 16) or the phases' size (64 channels on 2 x 8 x 8). A strided
+    1 x 1 kernel's one phase takes im2col."""
     cfg = FQTConfig(grad_input=GradSpec("psq", 8), grad_weight=GradSpec("ptq", 8), compiler="eager")
-    for ch, lowers in ((64, True), (16, False)):
+    for ch, shape, why in ((64, (32, 64, 64, 64), None), (16, (2, 16, 8, 8), "of which phase [0, 0]"),
+                           (64, (2, 64, 8, 8), "multiply-adds each on average (< 150M)")):
         torch.manual_seed(0)
-        base, x = nn.Conv2d(ch, ch, 3, padding=1, stride=2), torch.randn(2, ch, 8, 8, requires_grad=True)
+        base, x = nn.Conv2d(ch, ch, 3, padding=1, stride=2), torch.randn(*shape, requires_grad=True)
         rec, _ = _lowered_vs_simulated(base, x, cfg, f"{ch} channels")
         (d,) = [d for d in _lowering(rec, "backward").decisions if d.gemm == "grad_input"]
-        assert d.lowered == lowers, (ch, d.reason)
+        assert d.lowered == (why is None), (ch, d.reason)
         targets = [n.target for n in rec.backward.graph.nodes if n.op == "call_function"]
-        assert targets.count(torch.ops.fqt.qconv_grad_input.default) == (0 if lowers else 1)
+        assert targets.count(torch.ops.fqt.qconv_grad_input.default) == (0 if why is None else 1)
         assert torch.ops.fqt.qconv.default not in targets  # no phase left behind
-        if lowers:
-            assert d.kernel.startswith("phases+") and "4 stride-1 phase convolutions" in d.reason, d.reason
+        if why is None:
+            assert d.kernel == "phases+" + CPU_CONV_OUTPUT and "4 stride-1 phase convolutions" in d.reason, d.reason
         else:
-            assert "run as 4 stride-1 phase convolutions, of which phase [0, 0]" in d.reason, d.reason
-            assert "N=16 <" in d.reason, d.reason
+            assert d.reason.startswith("convolution: stride [2, 2], run as 4 stride-1 phase convolutions"), d.reason
+            assert why in d.reason, d.reason
+    # a strided 1 x 1 kernel (a ResNet shortcut): one phase, a 1 x 1 convolution of the gradient
+    # as it is, which takes im2col (its columns are the gradient) as a 1 x 1 kernel's grad_input does
+    base, x = nn.Conv2d(128, 256, 1, stride=2, bias=False), torch.randn(32, 128, 32, 32, requires_grad=True)
+    rec, _ = _lowered_vs_simulated(base, x, cfg, "1x1 stride 2")
+    (d,) = [d for d in _lowering(rec, "backward").decisions if d.gemm == "grad_input"]
+    assert d.kernel == "phases+" + CPU_CONV_INT_MM and "1 stride-1 phase convolution;" in d.reason, d.reason
 
 
 def test_conv_rule_follows_the_measurements():
