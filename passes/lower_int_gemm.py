@@ -755,7 +755,7 @@ def _lower_conv(node: fx.Node, graph: fx.Graph, fake_mode: Any, gemm: str, direc
 # (benchmarks/bench_conv.py --strided), 67M multiply-adds per phase lost (1.07x the float
 # convolution: 32 -> 64 channels, 14 x 14, kernel 4) and 127M won (0.82-0.95x), but in the
 # step of SmallCNN, whose stride-2 convolution that is, the phases lost (1.02-1.03x the step,
-# three A/B runs); ResNet-18's downsampling blocks (205M-462M per phase) gained (0.95x the step).
+# three A/B runs); ResNet-18's downsampling blocks (205M-462M per phase) gained (0.93x the step).
 _PHASE_MIN_MACS = 150 * 10**6
 
 
