@@ -352,7 +352,8 @@ class _FQTConvTranspose(torch.autograd.Function):
     ``fqt::qconv_grad_input``, ``grad_input = conv(Q_b1(G), W~)`` as ``fqt::qconv`` and
     ``grad_weight = correlate(Q_b2(G), X~)`` as ``fqt::qconv_grad_weight`` with X~ in the
     gradient's place. Per-channel weights are ranged per output channel of the transposed
-    convolution (dim 1 of W). GEMM tags are
+    convolution (dim 1 of W); symmetric ones fold their scales into ``grad_input``'s gradient
+    before Q_b1, as a convolution's do (:func:`folds_weight_scale`). GEMM tags are
     ``<module>[transposed]:<gemm>``, ``<gemm>`` the product's own GEMM (the lowering names the
     operands' roles from it; the inspection report drops the bracket)."""
 
@@ -376,10 +377,18 @@ class _FQTConvTranspose(torch.autograd.Function):
         xc, xs, xo, wc, ws, wo = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            g1, post, g_bits = _conv_grad_operand(grad_output, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
+            w_op = (wc, ws, wo)
+            g = grad_output
+            if folds_weight_scale(p):  # conv(Q_b1(G * s_w[channel]), C_w), see folds_weight_scale
+                # W's dim 1 is G's channel within its group: each group's channels take the scales
+                s_c = ws.reshape(-1).repeat(groups) if ws.dim() else ws
+                g = grad_output * s_c.reshape(1, -1, *([1] * (grad_output.dim() - 2)))
+                one = ws.new_ones(())
+                w_op = (wc, one, one * 0)
+            g1, post, g_bits = _conv_grad_operand(g, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
             # grad_input = conv(Q_b1(G), W~): a convolution acts on each sample with the same
             # weights, so a BHQ/Hadamard inverse commutes with it
-            gx = torch.ops.fqt.qconv(*g1, wc, ws, wo, g_bits, p.b_bits, stride, padding, dilation, groups,
+            gx = torch.ops.fqt.qconv(*g1, *w_op, g_bits, p.b_bits, stride, padding, dilation, groups,
                                      f"{p.name}[transposed]:grad_input")
             if post is not None:
                 gx = post(gx.reshape(gx.shape[0], -1)).reshape(gx.shape)

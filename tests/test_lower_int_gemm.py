@@ -197,12 +197,12 @@ TRANSPOSED_CONVS = {
 @pytest.mark.parametrize("gi_kind, gw_kind", [("ptq", "ptq"), ("psq", "column")])
 def test_conv_transpose_lowered_equals_simulated_with_the_same_draws(gi_kind, gw_kind, weight, monkeypatch):
     """A transposed convolution's GEMMs are a convolution's with the roles exchanged: its output
-    runs as a grad_input GEMM (im2col of the zero-dilated input, or the direct convolution at
-    stride 1), its grad_input as an output GEMM, its grad_weight as a grad_weight GEMM with the
-    input in the gradient's place. Lowered against simulated with the same draws (the im2col
-    speed rule off), per-tensor and per-output-channel (symmetric) weights; the tags name the
-    product's GEMMs, and a GEMM that stays simulated says which scale is on the contracted
-    axis."""
+    runs as a grad_input GEMM (its phases' stride-1 convolutions where strided, else im2col or
+    the direct convolution), its grad_input as an output GEMM, its grad_weight as a grad_weight
+    GEMM with the input in the gradient's place. Lowered against simulated with the same draws
+    (the im2col speed rule off), per-tensor and per-output-channel (symmetric, folded into
+    grad_input's gradient) weights; the tags name the product's GEMMs, and a GEMM that stays
+    simulated says which scale is on the contracted axis."""
     import fqt_compile.passes.lower_int_gemm as lig
 
     monkeypatch.setattr(lig, "CONV_RULE", False)
@@ -216,8 +216,9 @@ def test_conv_transpose_lowered_equals_simulated_with_the_same_draws(gi_kind, gw
         assert set(got) == {"output", "grad_input", "grad_weight"} and all(d.module == "[transposed]" for d in got.values())
         # output: the weight's per-output-channel scales are the GEMM's columns
         assert got["output"].lowered, (name, got["output"].reason)
-        # grad_input contracts over the output channels: per-channel weights stay simulated
-        assert got["grad_input"].lowered == (weight == "tensor"), (name, got["grad_input"].reason)
+        # grad_input contracts over the output channels: per-channel (symmetric) weights fold
+        # their scales into the gradient before Q_b1, as a convolution's do, and lower
+        assert got["grad_input"].lowered, (name, got["grad_input"].reason)
         # grad_weight contracts over samples and positions: only a per-tensor Q_b2 lowers
         assert got["grad_weight"].lowered == (gw_kind == "ptq"), (name, got["grad_weight"].reason)
         for d in got.values():
