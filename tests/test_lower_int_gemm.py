@@ -555,6 +555,8 @@ _INDUCTOR_CONVS = [
     ((2, 3, 10, 10), (4, 3, 3, 3), [2, 2], [1, 1], [1, 1]),
     ((2, 3, 7, 6), (4, 3, 2, 3), [2, 1], [0, 3], [1, 1]),
     ((2, 3, 11), (4, 3, 3), [1], [2], [2]),
+    ((2, 3, 11, 10), (4, 3, 2, 2), [3, 3], [0, 0], [1, 1]),  # phases no tap reaches: zeros
+    ((2, 3, 13), (4, 3, 3), [2], [2], [2]),  # stride with dilation: the zero-dilated gradient
 ]
 
 
@@ -581,8 +583,9 @@ def _conv_gemms(*ts):
 
 @needs_inductor_torch
 def test_conv_lowering_compiles_with_inductor_and_matches(monkeypatch):
-    """The lowered conv graphs (unfold with steps, negative pads, the flipped kernel, the
-    zero-dilated gradient) through inductor's code generation: same values as the ops."""
+    """The lowered conv graphs (unfold with steps, negative pads, the flipped kernel, a strided
+    grad_input's phases and their interleaving, the zero-dilated gradient) through inductor's
+    code generation: same values as the ops."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     from fqt_compile.passes.decompose_fqt import decompose_fqt
@@ -595,6 +598,8 @@ def test_conv_lowering_compiles_with_inductor_and_matches(monkeypatch):
     ref = gm(*args)
     res = lig.lower_int_gemm(gm, FQTConfig())
     assert len(res.lowered) == len(res.decisions) == 3 * len(_INDUCTOR_CONVS)
+    phased = [d.kernel.startswith("phases+") for d in res.decisions if d.gemm == "grad_input"]
+    assert phased == [True, True, False, True, False], phased
     compiled = compile_fx_inner(decompose_fqt(gm)[0], args)
     for a, b in zip(ref, compiled(list(args))):
         _close(b, a, f"inductor {tuple(a.shape)}")
