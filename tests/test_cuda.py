@@ -4,13 +4,15 @@ Run on a lent GPU through benchmarks/gpu_check.sh."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fqt_compile
-from fqt_compile import FQTConfig
+from fqt_compile import FQTConfig, GradSpec
 from fqt_compile.models import TransformerBlock
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -49,6 +51,47 @@ def test_lowered_step_matches_simulated_on_cuda(compiler):
     assert sum(len(r.lowered) for r in low) == 6 + 12
     if compiler == "eager":  # same draws only where the seeds come from the same generator
         torch.testing.assert_close(g_l, g_s, rtol=1e-3, atol=1e-4)
+
+
+def _conv_lowered_vs_simulated(make, shape, device):
+    """One convolution module run with lowering on and off from the same seeds (one product
+    per graph, so both draw the same codes); returns the decisions of the lowered run, after
+    checking that the output and every gradient agree to 1e-5 of each tensor's scale."""
+    cfg = FQTConfig(grad_input=GradSpec("psq", 8), grad_weight=GradSpec("ptq", 8), compiler="eager")
+    torch.manual_seed(0)
+    base, x = make().to(device), torch.randn(*shape, device=device)
+    runs = []
+    for c in (cfg, dataclasses.replace(cfg, lower_int_gemm=False)):
+        m, xi = copy.deepcopy(base), x.clone().requires_grad_()
+        fqt_compile.compile(m, c)
+        torch.manual_seed(5)
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.shape[-1], device=device)).sum().backward()
+        runs.append([y.detach(), xi.grad, *(p.grad for p in m.parameters()), fqt_compile.records(m)[-1]])
+    for a, b in zip(runs[0][:-1], runs[1][:-1]):
+        assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) < 1e-5
+    rec = runs[0][-1]
+    return [d for k in ("forward", "backward") for name, r in rec.aten_passes[k] if name == "lower_int_gemm"
+            for d in r.decisions]
+
+
+def test_conv_lowering_matches_simulated_on_cuda(monkeypatch):
+    """Convolutions on CUDA lower through im2col + fqt::int_mm (oneDNN's direct int8
+    convolution is CPU only), a strided grad_input (a stride-2 transposed convolution's output)
+    as its phases' stride-1 convolutions: the same values as the simulated float convolutions
+    (TF32 off) from the same codes. The speed rules are off, as these shapes are small."""
+    import fqt_compile.passes.lower_int_gemm as lig
+
+    monkeypatch.setattr(lig, "CONV_RULE", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    for make, shape in ((lambda: nn.Conv2d(8, 6, 3, padding=1, stride=2), (3, 8, 10, 10)),
+                        (lambda: nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1), (3, 8, 5, 5))):
+        decisions = _conv_lowered_vs_simulated(make, shape, "cuda")
+        assert len(decisions) == 3 and all(d.lowered for d in decisions), [(d.gemm, d.reason) for d in decisions]
+        kernels = {d.gemm: d.kernel for d in decisions}
+        strided = "output" if isinstance(make(), nn.ConvTranspose2d) else "grad_input"
+        assert kernels[strided] == "phases+im2col+fqt.int_mm", kernels
+        assert all(k == "im2col+fqt.int_mm" for g, k in kernels.items() if g != strided), kernels
 
 
 def test_counter_dropout_on_cuda_matches_the_cpu_mask_and_saves_a_seed():
