@@ -59,6 +59,7 @@ def test_value_errors_name_field_value_and_choices(make, match):
         (lambda: FQTConfig(overrides=["fc"]), r"FQTConfig\.overrides must hold Override objects, got 'fc'"),
         (lambda: FQTConfig(lower_int_gemm=1), r"FQTConfig\.lower_int_gemm must be a bool, got 1"),
         (lambda: FQTConfig(counter_dropout="no"), r"FQTConfig\.counter_dropout must be a bool, got 'no'"),
+        (lambda: FQTConfig(conv_phases="off"), r"FQTConfig\.conv_phases must be a bool, got 'off'"),
         (lambda: Override("fc", weight=GradSpec()), r"Override\.weight must be a ForwardSpec or None"),
     ],
 )
