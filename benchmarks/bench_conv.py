@@ -13,7 +13,9 @@ inductor as the ``fqt`` backend does, in up to three variants:
   (``fqt::conv_int8``) and the same epilogue.
 
 A strided ``grad_input`` runs, in both lowered variants, as one stride-1 convolution per
-output phase (``lower_int_gemm._split_phases``), each an ``output`` GEMM lowered by its rule.
+output phase (``lower_int_gemm._split_phases``), each an ``output`` GEMM lowered by its rule;
+the phases' size threshold (``_PHASE_MIN_MACS``) is read off those rows (``--strided``) and
+the training-step A/Bs of ``ab_config.py`` (docs/performance.md, Strided grad_input).
 
 All start from the same codes and give the same result (checked); the timings include
 everything each variant does. The rules in ``passes/lower_int_gemm.py`` are read off this
@@ -101,6 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--strided", action="store_true", help="only the shapes with stride > 1")
     ap.add_argument("--gemms", default="output,grad_input,grad_weight", help="comma-separated subset")
     args = ap.parse_args(argv)
+    unknown = set(args.gemms.split(",")) - {"output", "grad_input", "grad_weight"}
+    if unknown:
+        ap.error(f"--gemms: unknown GEMM(s) {sorted(unknown)}; choose from output, grad_input, grad_weight")
     warnings.filterwarnings("ignore")
     fqt_compile.keep_freed_memory()  # as the training benchmarks: no page faults on each fresh output
     lower_mod.CONV_RULE = False  # time the lowering on every shape; the rule is what this measures
