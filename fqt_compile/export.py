@@ -39,7 +39,8 @@ from torch import Tensor
 from .backend import resolve_config, torch_version
 from .config import FQTConfig, Mode
 from .functional import (QSpec, activations_spec, addmm_with, einsum_with, fqt_addbmm, fqt_addmm, fqt_conv, fqt_conv_transpose,
-                         fqt_einsum, fqt_linear, fqt_matmul, fqt_multi_head_attention, fqt_sdpa, mha_with, sdpa_with)
+                         fqt_einsum, fqt_linear, fqt_matmul, fqt_multi_head_attention, fqt_sdpa, matvec_with, mha_with,
+                         sdpa_with)
 from .passes.insert_qdq import _CHECKPOINT_HOP, InsertResult, _higher_order_name, insert_qdq
 
 __all__ = ["export", "export_onnx", "inference_graph", "ONNX_OPSET", "FQTExportError"]
@@ -103,9 +104,10 @@ def _infer_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padd
 
 
 def _infer_matmul(a: Tensor, b: Tensor, *, spec: QSpec) -> Tensor:
-    # output = A~ @ B~ (both operands ranged over their last dim when per-channel)
-    return torch.matmul(_fq(a, spec.a_bits, spec.a_scheme, spec.a_gran, -1),
-                        _fq(b, spec.b_bits, spec.b_scheme, spec.b_gran, -1))
+    # output = A~ @ B~ (both operands ranged over their last dim when per-channel; a vector as
+    # the one-row or one-column matrix the training form quantizes)
+    return matvec_with(lambda x, y: torch.matmul(_fq(x, spec.a_bits, spec.a_scheme, spec.a_gran, -1),
+                                                 _fq(y, spec.b_bits, spec.b_scheme, spec.b_gran, -1)), a, b)
 
 
 def _infer_addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: float = 1, alpha: float = 1, spec: QSpec) -> Tensor:

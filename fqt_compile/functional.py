@@ -521,11 +521,23 @@ class _FQTMatmul(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
+def matvec_with(matmul: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """``torch.matmul(a, b)`` through ``matmul`` of operands with at least 2 dims: a vector
+    operand as a one-row (first) or one-column (second) matrix, that dim removed from the
+    result, as ``torch.matmul`` does. Two vectors (a dot product) are not covered."""
+    if a.dim() < 2 and b.dim() < 2:
+        raise NotImplementedError("fqt: the dot product of two vectors is not covered")
+    if b.dim() == 1:
+        return matmul(a, b.unsqueeze(-1)).squeeze(-1)
+    if a.dim() == 1:
+        return matmul(a.unsqueeze(0), b).squeeze(-2)
+    return matmul(a, b)
+
+
 def fqt_matmul(a: Tensor, b: Tensor, *, spec: QSpec = QSpec()) -> Tensor:
-    """``torch.matmul`` for operands with at least 2 dims, with FQT numerics."""
-    if a.dim() < 2 or b.dim() < 2:
-        raise NotImplementedError("fqt_matmul: 1-D operands (vector products) are not covered")
-    return _FQTMatmul.apply(a, b, spec)
+    """``torch.matmul`` (and ``torch.mv``) with FQT numerics: a vector operand is a one-row or
+    one-column matrix (:func:`matvec_with`), so a vector weight has one scale."""
+    return matvec_with(lambda x, y: _FQTMatmul.apply(x, y, spec), a, b)
 
 
 def addmm_with(matmul: Callable[[Tensor, Tensor], Tensor], bias: Tensor, a: Tensor, b: Tensor,

@@ -58,8 +58,9 @@ _LINEAR_FNS = {F.linear, torch._C._nn.linear}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _CONV_TRANSPOSE_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3,
                        torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
-_MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.mm}
-_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+_MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.mv, torch.Tensor.matmul, torch.Tensor.bmm,
+               torch.Tensor.mm, torch.Tensor.mv}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "mv", "__matmul__"}
 _ADDMM_FNS = {torch.addmm, torch.baddbmm, torch.addbmm, torch.Tensor.addmm, torch.Tensor.baddbmm, torch.Tensor.addbmm}
 _ADDMM_METHODS = {"addmm", "baddbmm", "addbmm"}
 _SDPA_FNS = {F.scaled_dot_product_attention}
@@ -77,14 +78,14 @@ _FULL_PRECISION_FNS: dict[Any, str] = {
     torch.chain_matmul: "chain_matmul is not covered",
     torch.kron: "kron is not covered",
     **{getattr(torch, name): f"{name} (a vector product) is not covered"
-       for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
+       for name in ("inner", "outer", "ger", "addmv", "addr", "dot", "vdot")},
     **{getattr(torch, name): "recurrent layer (LSTM/GRU/RNN) is not covered"
        for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
 }
 _FULL_PRECISION_METHODS: dict[str, str] = {
     "softmax": "softmax",
     **{name: f"{name} (a vector product) is not covered"
-       for name in ("inner", "outer", "ger", "mv", "addmv", "addr", "dot", "vdot")},
+       for name in ("inner", "outer", "ger", "addmv", "addr", "dot", "vdot")},
 }
 _FULL_PRECISION_MODULES: dict[type, str] = {
     nn.Embedding: "embedding (a lookup, not a matmul)",
@@ -395,8 +396,8 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | str | None:
         a, b = node.args[0], node.args[1]
         op = {"__matmul__": "matmul"}.get(getattr(target, "__name__", str(target)), getattr(target, "__name__", str(target)))
         sa, sb = _shape(a), _shape(b)
-        if sa is not None and sb is not None and (len(sa) < 2 or len(sb) < 2):
-            return _Match(op, OpKind.MATMUL, None, False, reason="1-D operand (vector product) is not covered")
+        if sa is not None and sb is not None and len(sa) < 2 and len(sb) < 2:
+            return _Match(op, OpKind.MATMUL, None, False, reason="the dot product of two vectors is not covered")
         b_param = _is_param(gm, b)
         kind = OpKind.LINEAR if b_param else OpKind.MATMUL
 

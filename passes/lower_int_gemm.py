@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch._prims_common import make_contiguous_strides_for
 
 from .. import amx
 from ..config import FQTConfig
@@ -883,6 +884,11 @@ def _gather_phases(whole: GemmDecision, phases: list[GemmDecision], stride: list
     whole.reason = f"lowered (stride {stride}: {_phase_count(len(phases))}; {how})"
 
 
+def _row_major(t: torch.Tensor) -> bool:
+    """``t``'s strides are the row-major ones of its shape, size-1 dims included."""
+    return tuple(t.stride()) == tuple(make_contiguous_strides_for(t.shape))
+
+
 def _unflattened(n: fx.Node) -> fx.Node:
     """The input of ``n`` when ``n`` is a reshape of a tensor of more than 2 dims to a matrix
     (an im2col's columns), else ``n``."""
@@ -915,7 +921,10 @@ def _lower(node: fx.Node, graph: fx.Graph, fake_mode: Any, d: GemmDecision, sums
         # unless the consuming op asks for strides (the layout tags of fqt::mm_int8 and
         # fqt::bmm_int8; aten._int_mm asks for none).
         static_k = isinstance(k, int) and k <= max_k
-        row_major = lambda x: x if _val(x).is_contiguous() else e(aten.clone.default, x, memory_format=torch.contiguous_format)  # noqa: E731
+        # "Contiguous" is not enough: a transposed vector, shape (1, n) with strides (1, 1), is
+        # contiguous, and oneDNN's _int_mm on torch 2.13 reads such an operand wrongly (a
+        # matrix-vector product's grad_input or grad_weight); it gets the copy too.
+        row_major = lambda x: x if _row_major(_val(x)) else e(aten.clone.default, x, memory_format=torch.contiguous_format)  # noqa: E731
         vb = _val(b_codes)
         sizes = [_static(s) for s in (*va.shape, vb.shape[-1])]  # ([B,] M, K, N), -1 if symbolic
         bmkn = ([1] if va.dim() == 2 else []) + sizes

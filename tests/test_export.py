@@ -74,8 +74,21 @@ class _Einsums(torch.nn.Module):
         return torch.einsum("bhij,bhjd->bhid", p, v)
 
 
+class _MatVec(torch.nn.Module):
+    """A linear layer, then a product with a vector weight (a one-column matrix: one scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+        self.v = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) @ self.v
+
+
 # (model, input shape without batch, quantized products, quantized operands)
 CASES = {
+    "matvec": (_MatVec, (4, 16), 2, 4),
     "einsum": (_Einsums, (5, 16), 4, 8),
     "conv_transpose": (lambda: torch.nn.Sequential(
         torch.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1), torch.nn.ReLU(),

@@ -195,16 +195,22 @@ def test_matmul_with_parameter_is_linear_kind_and_activation_products_are_matmul
     assert x.grad is not None
 
 
-def test_vector_products_are_skipped_with_reason():
+def test_matrix_vector_products_are_quantized_and_dot_products_skipped_with_reason():
+    """A product with one vector operand is the matrix product of a one-row or one-column
+    matrix (functional.matvec_with); the dot product of two vectors stays in float, said so."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
     def f(a, b):
         return torch.matmul(a, b)
 
-    gm = fx.symbolic_trace(f)
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    ShapeProp(gm).propagate(torch.randn(4, 3), torch.randn(3))
-    res = insert_qdq(gm, FQTConfig())
-    assert res.quantized == [] and "1-D operand" in res.skipped[0].reason
+    for shapes, quantized in ((((4, 3), (3,)), True), (((3,), (2, 3, 5)), True), (((3,), (3,)), False)):
+        gm = fx.symbolic_trace(f)
+        ShapeProp(gm).propagate(*(torch.randn(s) for s in shapes))
+        res = insert_qdq(gm, FQTConfig())
+        if quantized:
+            assert [d.op for d in res.quantized] == ["matmul"] and res.skipped == [], shapes
+        else:
+            assert res.quantized == [] and res.skipped[0].reason == "the dot product of two vectors is not covered"
 
 
 def test_module_path_normalization():
@@ -521,15 +527,16 @@ def test_products_dynamo_keeps_whole_are_listed_in_full_precision():
     """bilinear, tensordot, multi_dot, addbmm and the vector products were run in float with no
     decision at all; each is now a full-precision decision naming the op (and
     nn.MultiheadAttention, one F.multi_head_attention_forward call in dynamo's graph, is
-    quantized: the tests below; tensordot too, as the einsum it is, and addbmm, as one product
-    over the batch and the contraction)."""
+    quantized: the tests below; tensordot too, as the einsum it is, addbmm, as one product
+    over the batch and the contraction, and mv, as the product with a one-column matrix)."""
     rec = compile_and_step(_UncoveredProducts(), torch.randn(2, 4, 16), FQTConfig(compiler="eager"))
     assert [(d.module, d.op) for d in rec.insert.quantized] == [("fc", "linear"), ("mha", "multi_head_attention"),
-                                                                ("", "tensordot"), ("", "addbmm")]
+                                                                ("", "tensordot"), ("", "addbmm"), ("", "mv"),
+                                                                ("", "mv")]
     noted = Counter(d.op for d in rec.insert.skipped)
-    assert noted == Counter({"linalg_multi_dot": 1, "bilinear": 1, "inner": 1, "outer": 1, "mv": 2})
+    assert noted == Counter({"linalg_multi_dot": 1, "bilinear": 1, "inner": 1, "outer": 1})
     reasons = {d.op: d.reason for d in rec.insert.skipped}
-    assert reasons["mv"] == "full precision: mv (a vector product) is not covered"
+    assert reasons["inner"] == "full precision: inner (a vector product) is not covered"
     assert all(d.kind is None and "is not covered" in d.reason for d in rec.insert.skipped)
 
 

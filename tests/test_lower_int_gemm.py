@@ -69,6 +69,17 @@ class Bmm(nn.Module):
         return torch.matmul(x, self.p)
 
 
+class MatVec(nn.Module):
+    """A matrix-vector product with a vector weight: x @ w, w of 24."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(24))
+
+    def forward(self, x):
+        return (x @ self.w).reshape(-1, 4)  # (9, 4): the test weights the output's last dim
+
+
 FORWARD = {
     "affine8": ForwardSpec(8),
     "symmetric8": ForwardSpec(8, symmetric=True),
@@ -79,7 +90,7 @@ FORWARD = {
 
 @pytest.mark.parametrize("fwd", sorted(FORWARD))
 @pytest.mark.parametrize("gi_kind, gw_kind", [("ptq", "ptq"), ("psq", "column"), ("bhq", "column"), ("hadamard", "psq"), ("column", "bhq")])
-@pytest.mark.parametrize("model", ["linear", "bmm"])
+@pytest.mark.parametrize("model", ["linear", "bmm", "matvec"])
 def test_lowered_equals_simulated_with_the_same_draws(model, gi_kind, gw_kind, fwd):
     """One product per graph, so both runs see the same upstream gradient G and draw the same
     codes; in a deeper network a float-rounding difference upstream can move a stochastic
@@ -88,6 +99,8 @@ def test_lowered_equals_simulated_with_the_same_draws(model, gi_kind, gw_kind, f
     torch.manual_seed(0)
     if model == "linear":
         base, x = nn.Linear(24, 40), torch.randn(12, 24, requires_grad=True)
+    elif model == "matvec":  # x @ w with a vector weight: N = 1, and grad_input's K = 1
+        base, x = MatVec(), torch.randn(3, 12, 24, requires_grad=True)
     else:
         base, x = Bmm(), torch.randn(2, 8, 16, requires_grad=True)
     cfg = FQTConfig(
@@ -103,8 +116,8 @@ def test_lowered_equals_simulated_with_the_same_draws(model, gi_kind, gw_kind, f
     # Q_b1 puts a scale on the contracted axis.
     gi_mm = {"ptq": True, "psq": True, "bhq": True, "hadamard": True, "column": False}[gi_kind]
     gi_bmm = gi_mm and gi_kind not in ("bhq", "hadamard")
-    if model == "linear":
-        assert by_gemm[("grad_input", "linear")] == {gi_mm}
+    if model in ("linear", "matvec"):  # a matrix-vector product's G has one column: one scale
+        assert by_gemm[("grad_input", model)] == {gi_mm or model == "matvec"}
     # grad_weight: per-tensor / per-column Q_b2 lowers; per-row (psq) scales the contracted
     # axis; BHQ's inverse mixes it.
     gw = {"ptq": True, "column": True, "psq": False, "bhq": False}[gw_kind]
