@@ -252,6 +252,19 @@ def _conv_forward_end(ctx: Any, out: Tensor, x: Tensor, weight: Tensor, bias: Te
     return out.to(x.dtype)
 
 
+def _fold_weight_scale(grad_output: Tensor, w_op: tuple[Tensor, Tensor, Tensor], p: QSpec,
+                       groups: int = 1) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """A convolution's ``grad_input`` operands: (G, the weight's codes, scale, offset), or,
+    where :func:`folds_weight_scale`, G with its channels scaled by the weight's per-channel
+    scales (repeated ``groups`` times) and the weight's codes with scale 1 and offset 0."""
+    if not folds_weight_scale(p):
+        return grad_output, w_op
+    wc, ws, _ = w_op
+    s_c = ws.reshape(-1).repeat(groups)
+    one = ws.new_ones(())
+    return grad_output * s_c.reshape(1, -1, *([1] * (grad_output.dim() - 2))), (wc, one, one * 0)
+
+
 def _channel_sum(grad_output: Tensor) -> Tensor:
     """A convolution's bias gradient: the output gradient summed over all but the channels."""
     return grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1])
@@ -276,12 +289,8 @@ class _FQTConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         # Gradient rows are samples: G viewed as (batch, C_out * spatial).
         if ctx.needs_input_grad[0]:
-            w_op = (wc, ws, wo)
-            g = grad_output
-            if folds_weight_scale(p):  # conv_transpose(Q_b1(G * s_w[channel]), C_w), see folds_weight_scale
-                g = grad_output * ws.reshape(1, -1, *([1] * (grad_output.dim() - 2)))
-                one = ws.new_ones(())
-                w_op = (wc, one, one * 0)
+            # conv_transpose(Q_b1(G * s_w[channel]), C_w) where the scales fold
+            g, w_op = _fold_weight_scale(grad_output, (wc, ws, wo), p)
             g1, post, g_bits = _conv_grad_operand(g, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
             # grad_input = conv_transpose(Q_b1(G), W~)
             gx = torch.ops.fqt.qconv_grad_input(*g1, *w_op, g_bits, p.b_bits, list(xc.shape), stride,
@@ -377,14 +386,9 @@ class _FQTConvTranspose(torch.autograd.Function):
         xc, xs, xo, wc, ws, wo = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_op = (wc, ws, wo)
-            g = grad_output
-            if folds_weight_scale(p):  # conv(Q_b1(G * s_w[channel]), C_w), see folds_weight_scale
-                # W's dim 1 is G's channel within its group: each group's channels take the scales
-                s_c = ws.reshape(-1).repeat(groups) if ws.dim() else ws
-                g = grad_output * s_c.reshape(1, -1, *([1] * (grad_output.dim() - 2)))
-                one = ws.new_ones(())
-                w_op = (wc, one, one * 0)
+            # conv(Q_b1(G * s_w[channel]), C_w) where the scales fold; W's dim 1 is G's channel
+            # within its group, so each group's channels take the scales
+            g, w_op = _fold_weight_scale(grad_output, (wc, ws, wo), p, groups)
             g1, post, g_bits = _conv_grad_operand(g, p.gi_kind, p.gi_bits, p.gi_block, allow_post=True)
             # grad_input = conv(Q_b1(G), W~): a convolution acts on each sample with the same
             # weights, so a BHQ/Hadamard inverse commutes with it

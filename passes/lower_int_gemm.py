@@ -181,8 +181,8 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
         transposed = module.endswith(TRANSPOSED)
         reason, mkn, direct = _conv_why_not(node, cfg, gemm_kind, transposed)
         phases: list[tuple[fx.Node, bool]] = []
-        stride = list(_conv_args(node).stride)
-        if reason is None and cfg.conv_phases and _phased(gemm_kind, _conv_args(node)):
+        c = _conv_args(node)
+        if reason is None and cfg.conv_phases and _phased(gemm_kind, c):
             try:
                 phases, reason = _split_phases(node, graph, fake_mode, cfg)
             except Exception as e:
@@ -193,7 +193,7 @@ def lower_int_gemm(gm: fx.GraphModule, cfg: FQTConfig, kind: str = "") -> LowerR
         if reason is None:
             try:
                 if phases:  # one output GEMM per phase, each lowered as its own; d gathers them
-                    phase_of[id(d)] = (len(phases), [], stride)
+                    phase_of[id(d)] = (len(phases), [], list(c.stride))
                     shifted: dict[fx.Node, fx.Node] = {}  # the gradient's uint8 copy, made once
                     for sub, sub_direct in phases:
                         mm, sums = _lower_conv(sub, graph, fake_mode, "output", sub_direct, shifted)
